@@ -1,0 +1,376 @@
+"""Typed configuration for every stage.
+
+One pydantic model per stage, each field documented by its docstring (pydantic turns the attribute
+docstrings into field descriptions, which `ga-ray config --help-fields` prints). Configs load from
+YAML, take `--set section.key=value` overrides from the CLI, and are saved into the run directory.
+Unknown keys are errors that name the key and list the allowed ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says what and where."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Ray cluster to join (e.g. `auto` or `ray://host:10001`). None starts a local Ray in-process."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray (None: all of this machine's)."""
+    execution_no_progress_timeout_s: float = 600.0
+    """Ray Data raises instead of hanging when a pipeline makes no progress for this long."""
+
+
+class DataConfig(Section):
+    path: str | None = None
+    """Training documents: a JSONL file, a Parquet file or folder, or a `datasets.save_to_disk` folder."""
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    """Input format; `auto` decides from the path."""
+    messages_column: str = "messages"
+    """Column holding chat turns as a list of {role, content}."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt, used when there is no messages column."""
+    response_column: str = "response"
+    """Column holding the response, used when there is no messages column."""
+    id_column: str = "id"
+    """Column used as `doc_id` when present (integers); otherwise the row's position in the source."""
+    system_prompt: str | None = None
+    """System message prepended to prompt/response rows (None: none)."""
+    max_length: int = 512
+    """Documents longer than this many tokens are truncated (and counted)."""
+    skip_bad_rows: bool = False
+    """Write bad rows to `data/rejected.jsonl` with their reason instead of stopping at the first one."""
+    num_blocks: int | None = None
+    """Ray Data blocks for tokenisation (None: Ray decides)."""
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Base causal LM: a local folder in transformers format."""
+    tokenizer: str | None = None
+    """Tokenizer folder (None: the model folder)."""
+    adapter: str | None = None
+    """PEFT LoRA adapter folder to analyse (None: the run's own `adapter/` from the finetune stage)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off unless you trust the folder."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: `auto` is bfloat16 on GPU and float32 on CPU."""
+
+
+class LoraConfig(Section):
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the scale is alpha/r (alpha/sqrt(r) with rsLoRA)."""
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    """Module names that get LoRA adapters."""
+    dropout: float = 0.0
+    """LoRA dropout during fine-tuning (always inactive during analysis)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling."""
+
+
+class FinetuneConfig(Section):
+    enabled: bool = True
+    """Run the finetune stage. Off when you bring your own adapter (`model.adapter`)."""
+    lora: LoraConfig = LoraConfig()
+    """The adapter to train."""
+    epochs: float = 3.0
+    """Passes over the data."""
+    learning_rate: float = 2e-3
+    """AdamW peak learning rate (linear warm-up, cosine decay)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_fraction: float = 0.05
+    """Share of the steps spent warming up."""
+    batch_size: int = 32
+    """Documents per optimiser step, summed over workers."""
+    num_workers: int = 1
+    """Ray Train workers (DDP; gloo on CPU, NCCL on GPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Train worker (fractional is fine beside Ray Data on a small machine)."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Train on GPUs: `auto` when CUDA is available."""
+    eval_prompts: int = 100
+    """Held-out prompts per family / behaviour for the format table at the end (demo world only)."""
+    max_new_tokens: int = 96
+    """Greedy decoding length for the format table."""
+    format_eval_set: str | None = None
+    """A demo world's held-out prompt folder; when set, the stage ends with the format table."""
+
+
+class FactorsConfig(Section):
+    fisher: Literal["true", "empirical"] = "true"
+    """`true`: labels sampled from the model at response positions (seeded by doc_id); `empirical`: the data's."""
+    eigenvalues: Literal["ekfac", "kfac"] = "ekfac"
+    """Rank and scale by the EKFAC-corrected Λ, or by λ_S·λ_A (what the paper's code did)."""
+    top_k: int = 50
+    """Eigen-pairs (i, j) kept per LoRA block; D = blocks × top_k."""
+    epsilon: float = 1e-6
+    """Damping added to the eigenvalues before the square root."""
+    batch_size: int = 16
+    """Documents per forward/backward pass."""
+    num_workers: int = 1
+    """Ray Train workers; blocks' eigendecompositions are spread over them."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Train worker."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Use GPUs: `auto` when CUDA is available."""
+    lambda_max_docs: int | None = None
+    """Estimate Λ on a seeded subsample of this many documents (None: all)."""
+    reduction: Literal["sum", "mean"] = "sum"
+    """Per-document loss: sum over response tokens (the paper's) or mean."""
+    seed: int = 0
+    """Seed of the true-Fisher label draws."""
+
+
+class GradientsConfig(Section):
+    batch_size: int = 16
+    """Maximum documents per forward/backward pass."""
+    max_tokens_per_batch: int = 4096
+    """Token budget per batch (padded length × documents); batches are length-bucketed."""
+    num_actors: int = 1
+    """Actors in the Ray Data pool; each holds the model, adapter and factors once."""
+    num_gpus: Literal["auto"] | float = "auto"
+    """GPUs per actor: `auto` is 1 when CUDA is available, else 0."""
+    cpus_per_actor: float = 1.0
+    """CPUs per actor."""
+    store_raw: bool = False
+    """Also write the raw LoRA-space gradient (float16) for small models."""
+    reduction: Literal["sum", "mean"] = "sum"
+    """Per-document loss: sum over response tokens (the paper's) or mean."""
+
+
+class DictionaryConfig(Section):
+    backend: Literal["torch", "sklearn"] = "torch"
+    """`torch`: our distributed online learner; `sklearn`: the paper's exact MiniBatchDictionaryLearning call."""
+    n_atoms: int = 500
+    """Dictionary size K."""
+    alpha: float = 0.1
+    """L1 penalty α of scikit-learn's objective."""
+    batch_size: int = 256
+    """Rows per online step."""
+    max_epochs: float = 20.0
+    """Upper bound on passes over the data."""
+    tol: float = 1e-4
+    """Stop when the held-out objective improves by less than this (relative) over `patience` checks."""
+    patience: int = 3
+    """Held-out checks without improvement before stopping."""
+    heldout_fraction: float = 0.05
+    """Share of rows kept aside to measure the objective for stopping."""
+    lasso_tol: float = 1e-6
+    """Tolerance of the sparse coder (max KKT violation)."""
+    lasso_max_iter: int = 500
+    """Iterations cap of the sparse coder per batch."""
+    init: Literal["data", "svd"] = "data"
+    """Initial dictionary: random data rows or a randomized SVD."""
+    num_workers: int = 1
+    """Ray actors coding blocks in parallel."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Code on GPU when available."""
+    checkpoint_every: int = 20
+    """Online steps between checkpoints."""
+    seed: int = 42
+    """Seed of initialisation, shuffling and resampling."""
+    n_seeds: int = 1
+    """Fit this many seeds and report atom stability (Hungarian matching)."""
+    kmeans_clusters: int | None = 14
+    """k-means baseline clusters (dask-ml); None skips the baseline."""
+
+
+class CoherenceConfig(Section):
+    top_docs: int = 20
+    """Documents per atom used for coherence and shown in the report."""
+    batch_size: int = 16
+    """Documents per gradient pass."""
+    num_actors: int = 1
+    """Actors recomputing raw gradients."""
+    num_gpus: Literal["auto"] | float = "auto"
+    """GPUs per actor: `auto` is 1 when CUDA is available, else 0."""
+    label_endpoint: str | None = None
+    """OpenAI-compatible base URL used to name atoms from their excerpts (None: keywords only)."""
+    label_model: str | None = None
+    """Model name sent to `label_endpoint`."""
+    label_column: str | None = "task"
+    """Sidecar label column used only for the discovery score (None or absent: no score)."""
+
+
+class ReportConfig(Section):
+    top_atoms: int = 50
+    """Atoms in the report's table."""
+
+
+class DemoConfig(Section):
+    n_docs: int = 5000
+    """Instruction documents in the synthetic mixture."""
+    n_base_docs: int = 6000
+    """Documents of the base (pre-training) split."""
+    seed: int = 0
+    """Seed of everything the demo world makes."""
+    vocab_size: int = 2048
+    """BPE vocabulary size."""
+    hidden_size: int = 128
+    """Llama hidden size."""
+    n_layers: int = 4
+    """Llama layers."""
+    n_heads: int = 4
+    """Attention heads."""
+    intermediate_size: int = 384
+    """MLP width."""
+    pretrain_epochs: float = 2.0
+    """Passes over the base split when pre-training."""
+    pretrain_batch_size: int = 32
+    """Documents per pre-training step."""
+    pretrain_learning_rate: float = 3e-3
+    """Pre-training peak learning rate."""
+    cache_dir: str | None = None
+    """Where the world is cached (None: $GA_RAY_CACHE or ~/.cache/ga_ray/demo)."""
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """A name for the run (shown in the report)."""
+    seed: int = 0
+    """Global seed."""
+    ray: RayConfig = RayConfig()
+    """Ray connection."""
+    demo: DemoConfig = DemoConfig()
+    """The embedded demo world (used by `ga-ray demo`)."""
+    data: DataConfig = DataConfig()
+    """prepare stage."""
+    model: ModelConfig = ModelConfig()
+    """Base model and adapter."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """finetune stage."""
+    factors: FactorsConfig = FactorsConfig()
+    """factors stage (EKFAC)."""
+    gradients: GradientsConfig = GradientsConfig()
+    """gradients stage."""
+    dictionary: DictionaryConfig = DictionaryConfig()
+    """atoms stage (dictionary learning)."""
+    coherence: CoherenceConfig = CoherenceConfig()
+    """coherence stage and characterisation."""
+    report: ReportConfig = ReportConfig()
+    """report stage."""
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that owns the field at `loc` (used to list allowed keys)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _section_at(loc)
+            allowed = _allowed_keys(owner)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  unknown key '{dotted}'.{hint} Allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (['section', 'key'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set dictionary.n_atoms=1000")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path, or the name of a packaged config (`demo`, `paper`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    packaged = PACKAGED_CONFIGS / (p.name if p.suffix else f"{p.name}.yaml")
+    if packaged.exists():
+        return packaged
+    names = sorted(x.stem for x in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config {str(path)!r} not found (not a file, nor a packaged config: {', '.join(names)})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = resolve_config_path(path)
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def section_fingerprint_data(cfg: RunConfig, *sections: str) -> dict[str, Any]:
+    """The parts of the config a stage depends on, for its input fingerprint."""
+    dumped = cfg.model_dump(mode="json")
+    return {s: dumped[s] for s in sections}

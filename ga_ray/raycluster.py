@@ -1,0 +1,54 @@
+"""Starting or joining Ray, and resource decisions that must not hang on a CPU machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ga_ray.config import RayConfig
+
+log = logging.getLogger("ga_ray")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken CUDA: treat as no GPU
+        return False
+
+
+def resolve_num_gpus(value: str | float) -> float:
+    """`auto` → 1 when CUDA is visible here, else 0 (asking Ray for a GPU it lacks hangs silently)."""
+    if value == "auto":
+        return 1.0 if cuda_available() else 0.0
+    return float(value)
+
+
+def resolve_use_gpu(value: str | bool) -> bool:
+    if value == "auto":
+        return cuda_available()
+    return bool(value)
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join `cfg.address`, or start a local Ray in-process; idempotent."""
+    import ray
+    import ray.data
+
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        kwargs: dict = {"log_to_driver": True, "include_dashboard": False}
+        if cfg.address:
+            kwargs["address"] = cfg.address
+        elif cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.verbose_progress = False
+    try:  # name of the option in Ray 2.60's DataContext
+        ctx.execution_no_progress_timeout_s = cfg.execution_no_progress_timeout_s  # type: ignore[attr-defined]
+    except Exception:  # older Ray without the option: nothing to set
+        pass

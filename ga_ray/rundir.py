@@ -1,0 +1,178 @@
+"""The run directory: one folder per stage, `config.yaml`, and `manifest.json`.
+
+Every artifact is written atomically: to a temporary sibling first, then renamed into place, so a
+killed run never leaves a half-written file or folder that a later stage would trust. The manifest
+records, per stage, its status, the fingerprint of its inputs, wall time, versions and host; a stage
+is skipped when it finished before with the same input fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def fingerprint_path(path: Path) -> str:
+    """Content hash of a file, or of a folder's files (names, sizes and bytes), ignoring temp files."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+        root = path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        root = path
+    else:
+        return "missing"
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_obj(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("ga-ray", "ray", "torch", "transformers", "peft", "scikit-learn", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    """A run directory and its manifest."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"stages": {}}
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        return self.read_manifest()["stages"].get(stage)
+
+    def update_stage(self, stage: str, **fields: Any) -> None:
+        m = self.read_manifest()
+        rec = m["stages"].setdefault(stage, {})
+        rec.update(fields)
+        self.write_manifest(m)
+
+    def is_done(self, stage: str, fingerprint: str) -> bool:
+        rec = self.stage_record(stage)
+        return bool(rec and rec.get("status") == "done" and rec.get("fingerprint") == fingerprint)
+
+    def mark_running(self, stage: str, fingerprint: str, inputs: dict[str, Any]) -> float:
+        self.update_stage(
+            stage,
+            status="running",
+            fingerprint=fingerprint,
+            inputs=inputs,
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            host=socket.gethostname(),
+            versions=package_versions(),
+        )
+        return time.perf_counter()
+
+    def mark_done(self, stage: str, t0: float, summary: dict[str, Any]) -> None:
+        self.update_stage(
+            stage,
+            status="done",
+            wall_time_s=round(time.perf_counter() - t0, 3),
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            summary=summary,
+            error=None,
+        )
+
+    def mark_failed(self, stage: str, t0: float, error: str) -> None:
+        self.update_stage(stage, status="failed", wall_time_s=round(time.perf_counter() - t0, 3), error=error)
+
+    def invalidate(self, stage: str) -> None:
+        m = self.read_manifest()
+        if stage in m["stages"]:
+            m["stages"][stage]["status"] = "stale"
+            self.write_manifest(m)
