@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -113,8 +113,13 @@ class FinetuneConfig(Section):
     """A demo world's held-out prompt folder; when set, the stage ends with the format table."""
 
 
+def _yaml_bool_to_word(v: Any) -> Any:
+    """YAML reads `fisher: true` as a boolean; the option is the word."""
+    return "true" if v is True else v
+
+
 class FactorsConfig(Section):
-    fisher: Literal["true", "empirical"] = "true"
+    fisher: Annotated[Literal["true", "empirical"], BeforeValidator(_yaml_bool_to_word)] = "true"
     """`true`: labels sampled from the model at response positions (seeded by doc_id); `empirical`: the data's."""
     eigenvalues: Literal["ekfac", "kfac"] = "ekfac"
     """Rank and scale by the EKFAC-corrected Λ, or by λ_S·λ_A (what the paper's code did)."""

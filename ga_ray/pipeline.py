@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ class StageContext:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    target: str  # "module:function"
+    target: str | Callable[[StageContext], dict[str, Any]]  # "module:function", or the function itself
     out_dir: str  # folder inside the run directory
     config_sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
@@ -62,6 +61,8 @@ class Stage:
     enabled: Callable[[RunConfig], bool] = field(default=lambda cfg: True)
 
     def load(self) -> Callable[[StageContext], dict[str, Any]]:
+        if callable(self.target):
+            return self.target
         module, fn = self.target.split(":")
         return getattr(importlib.import_module(module), fn)
 
@@ -126,31 +127,31 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def get_stage(name: str) -> Stage:
-    for s in STAGES:
+def get_stage(name: str, registry: tuple[Stage, ...] = STAGES) -> Stage:
+    for s in registry:
         if s.name == name:
             return s
     raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
 
 
-def available_stages() -> list[Stage]:
+def available_stages(registry: tuple[Stage, ...] = STAGES) -> list[Stage]:
     """Stages whose module is present in this build (later issues add more)."""
     out = []
-    for s in STAGES:
-        module = s.target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
+    for s in registry:
+        if callable(s.target) or importlib.util.find_spec(s.target.split(":")[0]) is not None:
             out.append(s)
     return out
 
 
-def _fingerprint(stage: Stage, cfg: RunConfig, run_dir: RunDir) -> tuple[str, dict[str, Any]]:
+def _fingerprint(stage: Stage, cfg: RunConfig, run_dir: RunDir, registry: tuple[Stage, ...]) -> tuple[str, dict[str, Any]]:
     manifest = run_dir.read_manifest()["stages"]
     upstream = {}
     for u in stage.upstream:
         rec = manifest.get(u)
-        if rec is None and not get_stage(u).enabled(cfg):
+        if rec is None and not get_stage(u, registry).enabled(cfg):
             continue
-        upstream[u] = rec.get("fingerprint") if rec else None
+        # the finish time too: a forced re-run of an upstream stage invalidates what reads it
+        upstream[u] = f"{rec.get('fingerprint')}@{rec.get('finished_at')}" if rec else None
     external = {p: fingerprint_path(Path(p)) for p in stage.external(cfg) if p}
     inputs = {"config": section_fingerprint_data(cfg, *stage.config_sections), "upstream": upstream, "files": external}
     return fingerprint_obj(inputs), {"upstream": upstream, "files": external}
@@ -162,20 +163,24 @@ def run_pipeline(
     stages: list[str] | None = None,
     force: str | None = None,
     on_summary: Callable[[str, str], None] | None = None,
+    registry: tuple[Stage, ...] = STAGES,
 ) -> dict[str, Any]:
     """Run the named stages (default: all available) in order; returns {stage: summary}."""
     atomic_write_text(run_dir.root / "config.yaml", dump_config(cfg))
-    chosen = [s for s in available_stages() if s.enabled(cfg) and (stages is None or s.name in stages)]
+    available = available_stages(registry)
+    if force is not None and force not in {s.name for s in registry}:
+        raise StageError(f"--force {force!r}: unknown stage; stages are: {', '.join(s.name for s in registry)}")
     if stages:
-        missing = [n for n in stages if n not in {s.name for s in available_stages()}]
+        missing = [n for n in stages if n not in {s.name for s in available}]
         if missing:
-            raise StageError(f"stage(s) {', '.join(missing)} not available; available: {', '.join(s.name for s in available_stages())}")
+            raise StageError(f"stage(s) {', '.join(missing)} not available; available: {', '.join(s.name for s in available)}")
+    chosen = [s for s in available if s.enabled(cfg) and (stages is None or s.name in stages)]
     forcing = False
     results: dict[str, Any] = {}
     for stage in chosen:
         if force is not None and stage.name == force:
             forcing = True
-        fp, inputs = _fingerprint(stage, cfg, run_dir)
+        fp, inputs = _fingerprint(stage, cfg, run_dir, registry)
         if not forcing and run_dir.is_done(stage.name, fp):
             rec = run_dir.stage_record(stage.name) or {}
             results[stage.name] = rec.get("summary", {})
@@ -200,6 +205,3 @@ def run_pipeline(
             on_summary(stage.name, f"done in {rec.get('wall_time_s', 0):.1f}s: {summary.get('line', '')}")
     return results
 
-
-def now() -> float:
-    return time.perf_counter()
