@@ -56,6 +56,12 @@ class DataConfig(Section):
     """Write bad rows to `data/rejected.jsonl` with their reason instead of stopping at the first one."""
     num_blocks: int | None = None
     """Ray Data blocks for tokenisation (None: Ray decides)."""
+    split: str | None = None
+    """Split to prepare when data.path is a saved `datasets.DatasetDict` (None: its only split, or `train`)."""
+    num_actors: int | None = None
+    """Tokeniser actors in the Ray Data pool, one CPU each (None: up to the cluster's CPUs, at most one per block)."""
+    batch_size: int = 256
+    """Documents per tokeniser call in the Ray Data pool."""
 
 
 class ModelConfig(Section):
@@ -141,6 +147,13 @@ class FactorsConfig(Section):
     """Per-document loss: sum over response tokens (the paper's) or mean."""
     seed: int = 0
     """Seed of the true-Fisher label draws."""
+    covariance_dtype: Literal["float32", "float64"] = "float32"
+    """dtype of each batch's covariance token sums (accumulated across batches in float64 either way)."""
+    save_covariances: bool = True
+    """Also store C_A and C_S in factors.safetensors (not needed to project; large for big models)."""
+    save_from: Literal["worker", "driver"] = "worker"
+    """Who writes factors/: rank 0 worker (run directory on a filesystem every node sees, as the other
+    stages need too) or the driver (factors returned through Ray; for clusters without a shared filesystem)."""
 
 
 class GradientsConfig(Section):
@@ -158,6 +171,10 @@ class GradientsConfig(Section):
     """Also write the raw LoRA-space gradient (float16) for small models."""
     reduction: Literal["sum", "mean"] = "sum"
     """Per-document loss: sum over response tokens (the paper's) or mean."""
+    window_docs: int = 1024
+    """Documents per Ray Data batch handed to an actor; each window is sorted by length and cut into token-budget batches (bigger: less padding, more work redone if an actor dies)."""
+    max_retries: int = 3
+    """Times Ray restarts a dead actor and retries its window (crash, OOM kill, preemption) before the stage fails."""
 
 
 class DictionaryConfig(Section):
@@ -202,6 +219,8 @@ class CoherenceConfig(Section):
     """Documents per atom used for coherence and shown in the report."""
     batch_size: int = 16
     """Documents per gradient pass."""
+    max_tokens_per_batch: int = 4096
+    """Token budget per gradient pass (padded length × documents); batches are length-bucketed."""
     num_actors: int = 1
     """Actors recomputing raw gradients."""
     num_gpus: Literal["auto"] | float = "auto"
@@ -212,11 +231,35 @@ class CoherenceConfig(Section):
     """Model name sent to `label_endpoint`."""
     label_column: str | None = "task"
     """Sidecar label column used only for the discovery score (None or absent: no score)."""
+    cpus_per_actor: float = 1.0
+    """CPUs per coherence actor."""
+    group_memory_mb: float = 1024.0
+    """Memory for the per-atom gradient sums of one work item (atoms per item × P × 4 bytes); bounds each actor."""
+    dtype: Literal["float32", "model"] = "float32"
+    """Weights dtype when recomputing raw gradients: float32 (exact cosines) or the model's `model.dtype`."""
+    examples_per_atom: int = 5
+    """Top documents per atom kept with prompt/response excerpts in atoms/characterisation.json."""
+    excerpt_chars: int = 300
+    """Characters kept of each prompt and response excerpt."""
+    n_keywords: int = 8
+    """Characteristic words per atom (log-odds against the whole data set)."""
+    background_docs: int = 20000
+    """Responses decoded as the background of the characteristic words (a seeded sample above this)."""
+    label_top_atoms: int = 50
+    """Most coherent atoms sent to `label_endpoint` for a label."""
+    label_timeout_s: float = 30.0
+    """Timeout of one label request, in seconds."""
+    label_api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (sent as a Bearer token when set)."""
 
 
 class ReportConfig(Section):
     top_atoms: int = 50
     """Atoms in the report's table."""
+    examples_per_atom: int = 2
+    """Example documents shown per atom in the table."""
+    excerpt_chars: int = 160
+    """Characters shown of each example's prompt and response."""
 
 
 class DemoConfig(Section):
@@ -242,6 +285,15 @@ class DemoConfig(Section):
     """Documents per pre-training step."""
     pretrain_learning_rate: float = 3e-3
     """Pre-training peak learning rate."""
+    pretrain_seq_len: int = 128
+    """Tokens per packed pre-training block (base documents are concatenated, then cut)."""
+    pretrain_instruction_docs: int = 0
+    """Chat-formatted instruction documents from a SEPARATE pool (another seed, same training templates) added
+    to the base split; 0 keeps pre-training free of chat-formatted text (the fine-tune teaches the chat format)."""
+    eval_prompts_per_family: int = 100
+    """Held-out prompts written per deterministic family for the format table (behaviour sets are always 100 = 60 + 40)."""
+    torch_threads: int | None = None
+    """Torch threads while building the world (None: all cores of this machine)."""
     cache_dir: str | None = None
     """Where the world is cached (None: $GA_RAY_CACHE or ~/.cache/ga_ray/demo)."""
 

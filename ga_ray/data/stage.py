@@ -1,0 +1,228 @@
+"""The prepare stage: read → validate → tokenise on a Ray Data actor pool → `data/` Parquet.
+
+Layers: `readers` (I/O and row validation on the driver, which reads the file anyway and so knows
+every row's file and line), `tokenize` (pure templating and masks), and this module (the Ray
+wiring and the atomic write). Output, built in a temporary sibling folder and swapped into place:
+
+- `data/part-NNNNN.parquet`: `doc_id` int64, `input_ids` list<int32>, `loss_mask` list<int8>,
+  `n_tokens` int32, then the sidecar columns untouched; rows in `doc_id` order across the files
+  in name order.
+- `data/rejected.jsonl`: one line per rejected row (`file`, `line` or `row_index`, `doc_id`,
+  `kind`, `reason`, and the `row` as read, or the raw `text` of a line that is not JSON). Empty
+  when nothing was rejected.
+- `data/prepare.json`: the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ga_ray.data.errors import BadRow, count_by_kind, format_bad_rows
+from ga_ray.data.readers import PROMPT_RESPONSE, Source, read_source
+from ga_ray.data.tokenize import COL_FILE, COL_KIND, COL_MESSAGES, COL_POS, COL_REASON, COL_TRUNCATED, COL_WHERE, INTERNAL_PREFIX, tokenize_table
+from ga_ray.model.loading import load_tokenizer
+from ga_ray.pipeline import StageContext, StageError
+from ga_ray.raycluster import init_ray
+from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
+
+_DOCS_PER_BLOCK = 2000
+_MAX_BLOCKS = 256
+
+
+class TokenizeBatch:
+    """Ray Data callable class: the tokenizer is deserialised once per actor, then used on every batch."""
+
+    def __init__(self, tokenizer_ref: list[Any], max_length: int):
+        import ray
+
+        self.tokenizer = ray.get(tokenizer_ref[0])
+        self.max_length = max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return tokenize_table(self.tokenizer, batch, self.max_length)
+
+
+def _block_stats(batch: pa.Table) -> pa.Table:
+    good = pc.is_null(batch.column(COL_KIND))
+    kept = batch.filter(good)
+    flat_mask = pc.list_flatten(kept.column("loss_mask"))
+    return pa.table(
+        {
+            "documents": [kept.num_rows],
+            "tokens": [int(pc.sum(kept.column("n_tokens")).as_py() or 0)],
+            "response_tokens": [int(pc.sum(pc.cast(flat_mask, pa.int64())).as_py() or 0)],
+            "truncated": [int(pc.sum(pc.cast(kept.column(COL_TRUNCATED), pa.int64())).as_py() or 0)],
+            "max_tokens": [int(pc.max(kept.column("n_tokens")).as_py() or 0)],
+        }
+    )
+
+
+def _bad_rows_only(batch: pa.Table) -> pa.Table:
+    bad = batch.filter(pc.invert(pc.is_null(batch.column(COL_KIND))))
+    return bad.drop_columns(["input_ids", "loss_mask"])
+
+
+def _good_rows_only(batch: pa.Table) -> pa.Table:
+    good = batch.filter(pc.is_null(batch.column(COL_KIND)))
+    return good.drop_columns([c for c in good.column_names if c.startswith(INTERNAL_PREFIX)])
+
+
+def _default_blocks(n_rows: int, configured: int | None) -> int:
+    if configured is not None:
+        return max(1, min(configured, n_rows))
+    return max(1, min(_MAX_BLOCKS, math.ceil(n_rows / _DOCS_PER_BLOCK)))
+
+
+def _pool_size(n_blocks: int, configured: int | None) -> int:
+    import ray
+
+    if configured is not None:
+        return max(1, configured)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_blocks, cpus))
+
+
+def _rejected_row(rec: dict[str, Any], source: Source, cfg: Any) -> dict[str, Any]:
+    """The row of a tokeniser-rejected document, rebuilt in the source's own field names."""
+    msgs = rec[COL_MESSAGES]
+    if source.mode == PROMPT_RESPONSE:
+        row: dict[str, Any] = {cfg.prompt_column: msgs[-2]["content"], cfg.response_column: msgs[-1]["content"]}
+    else:
+        row = {cfg.messages_column: msgs}
+    if source.id_column:
+        row[source.id_column] = rec["doc_id"]
+    for name in source.sidecars:
+        row[name] = rec.get(name)
+    return row
+
+
+def _write_ordered_parts(ds: Any, folder: Path) -> list[str]:
+    """Write with Ray, then name the files part-00000… in doc_id order (and check the order)."""
+    staging = folder / "_ray_parts"
+    ds.write_parquet(str(staging))
+    files = []
+    for f in sorted(staging.glob("*.parquet")):
+        ids = pq.read_table(f, columns=["doc_id"]).column("doc_id").to_numpy()
+        if len(ids) == 0:
+            continue
+        files.append((int(ids[0]), int(ids[-1]), f, ids))
+    files.sort(key=lambda x: x[0])
+    previous = None
+    for first, _, f, ids in files:
+        if (len(ids) > 1 and not (ids[1:] > ids[:-1]).all()) or (previous is not None and first <= previous):
+            raise RuntimeError(f"internal error: Ray Data wrote rows out of doc_id order in {f.name}")
+        previous = int(ids[-1])
+    names = []
+    for i, (_, _, f, _) in enumerate(files):
+        name = f"part-{i:05d}.parquet"
+        os.replace(f, folder / name)
+        names.append(name)
+    for leftover in staging.iterdir():
+        leftover.unlink()
+    staging.rmdir()
+    return names
+
+
+def run_prepare(ctx: StageContext) -> dict[str, Any]:
+    import ray
+    import ray.data
+
+    init_ray(ctx.cfg.ray)
+    cfg = ctx.cfg.data
+    if cfg.max_length < 2:
+        raise StageError(f"data.max_length is {cfg.max_length}; it must be at least 2 (a prompt token and a response token)")
+    tokenizer = load_tokenizer(ctx.cfg.model)
+    tok_path = ctx.cfg.model.tokenizer or ctx.cfg.model.path
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError(
+            f"the tokenizer at {tok_path} has no chat template; prepare needs one to build prompts and "
+            f"response masks. Save one with tokenizer.chat_template = ...; tokenizer.save_pretrained(...)"
+        )
+    source = read_source(cfg)
+    table = source.table
+
+    stats = {"documents": 0, "tokens": 0, "response_tokens": 0, "truncated": 0, "max_tokens": 0}
+    worker_bad: list[BadRow] = []
+    good_ds = None
+    data_ctx = ray.data.DataContext.get_current()
+    old_order = data_ctx.execution_options.preserve_order
+    data_ctx.execution_options.preserve_order = True
+    try:
+        if table.num_rows:
+            n_blocks = _default_blocks(table.num_rows, cfg.num_blocks)
+            step = math.ceil(table.num_rows / n_blocks)
+            slices = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+            tok_ref = ray.put(tokenizer)
+            tokenised = ray.data.from_arrow(slices).map_batches(
+                TokenizeBatch,
+                fn_constructor_kwargs={"tokenizer_ref": [tok_ref], "max_length": cfg.max_length},
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(len(slices), cfg.num_actors)),
+                batch_format="pyarrow",
+                batch_size=cfg.batch_size,
+                num_cpus=1,
+                udf_modifying_row_count=False,
+            )
+            tokenised = tokenised.materialize()
+            for row in tokenised.map_batches(_block_stats, batch_format="pyarrow", batch_size=None).take_all():
+                for k in stats:
+                    stats[k] = max(stats[k], int(row[k])) if k == "max_tokens" else stats[k] + int(row[k])
+            for rec in tokenised.map_batches(_bad_rows_only, batch_format="pyarrow", batch_size=None).take_all():
+                worker_bad.append(
+                    BadRow(
+                        int(rec[COL_POS]),
+                        rec[COL_FILE],
+                        rec[COL_WHERE],
+                        rec[COL_KIND],
+                        rec[COL_REASON],
+                        doc_id=int(rec["doc_id"]),
+                        row=_rejected_row(rec, source, cfg),
+                    )
+                )
+            good_ds = tokenised.map_batches(_good_rows_only, batch_format="pyarrow", batch_size=None)
+
+        bad = sorted(source.bad + worker_bad, key=lambda b: b.pos)
+        if bad and not cfg.skip_bad_rows:
+            raise StageError(format_bad_rows(bad, source.description))
+        if stats["documents"] == 0:
+            raise StageError(format_bad_rows(bad, source.description, footer="No document is left to prepare: fix these rows."))
+
+        with atomic_dir(ctx.out) as tmp:
+            files = _write_ordered_parts(good_ds, tmp)
+            atomic_write_text(tmp / "rejected.jsonl", "".join(json.dumps(b.record(), default=str) + "\n" for b in bad))
+            rejected = count_by_kind(bad)
+            report = {
+                "source": source.description,
+                "format": source.format,
+                "mode": source.mode,
+                "doc_ids": f"column '{source.id_column}'" if source.id_column else "row position",
+                "tokenizer": str(tok_path),
+                "max_length": cfg.max_length,
+                "rows_read": source.n_rows,
+                **stats,
+                "rejected": len(bad),
+                "rejected_by_reason": rejected,
+                "skip_bad_rows": cfg.skip_bad_rows,
+                "sidecars": source.sidecars,
+                "files": files,
+            }
+            atomic_write_json(tmp / "prepare.json", report)
+    finally:
+        data_ctx.execution_options.preserve_order = old_order
+
+    line = (
+        f"{stats['documents']:,} documents, {stats['tokens']:,} tokens ({stats['response_tokens']:,} response), "
+        f"{stats['truncated']:,} truncated to {cfg.max_length}, {len(bad):,} rejected"
+    )
+    if bad:
+        line += " (see data/rejected.jsonl)"
+    summary = {k: v for k, v in report.items() if k != "files"}
+    summary["line"] = line
+    return summary

@@ -1,0 +1,259 @@
+"""Online dictionary learning (Mairal et al. 2010) with scikit-learn's exact update rules.
+
+Pure torch: no Ray, no files. The learner keeps the sufficient statistics
+
+    A = Σ_t w_t C_tᵀC_t / n_t      (K × K)
+    B = Σ_t w_t X_tᵀC_t / n_t      (P × K; stored transposed as Bt, K × P)
+
+with scikit-learn's forgetting weights (`MiniBatchDictionaryLearning._update_inner_stats`) and
+updates the atoms by one Gauss–Seidel sweep of block-coordinate descent per mini-batch
+(scikit-learn's `_update_dict`):  d_k ← d_k + (B_k − A_k D)/A_kk,  d_k ← d_k / max(‖d_k‖, 1).
+
+The sweep is computed in blocks of atoms: for a block J the residuals B_J − A_J D are one GEMM
+against the current dictionary, and inside the block each atom corrects its residual for the atoms of
+the block already updated (a small GEMV). Same result as the atom-by-atom loop, at GEMM speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ga_ray.dictionary.lasso import gram
+
+#: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
+DEAD_THRESHOLD = 1e-6
+
+
+def forgetting_beta(step: int, batch_size: int) -> float:
+    """scikit-learn's forgetting factor for mini-batch `step` (0-based) of `batch_size` rows.
+
+    `A ← beta·A + CᵀC / batch_size` with
+    theta = (step+1)·batch_size if step < batch_size − 1 else batch_size² + step + 1 − batch_size,
+    beta = (theta + 1 − batch_size) / (theta + 1)   (`batch_size` is the size of *this* batch).
+    """
+    if step < batch_size - 1:
+        theta = (step + 1) * batch_size
+    else:
+        theta = batch_size**2 + step + 1 - batch_size
+    return (theta + 1 - batch_size) / (theta + 1)
+
+
+@dataclass
+class OnlineState:
+    """Everything the learner carries from one mini-batch to the next."""
+
+    D: torch.Tensor
+    """Dictionary, K × P, rows of norm ≤ 1."""
+    A: torch.Tensor
+    """Σ w CᵀC / n, K × K."""
+    Bt: torch.Tensor
+    """(Σ w XᵀC / n)ᵀ, K × P."""
+    step: int = 0
+    """Mini-batches seen (scikit-learn's `step`)."""
+    n_dead_resampled: int = 0
+    n_dup_resampled: int = 0
+
+    @classmethod
+    def from_dictionary(cls, D: torch.Tensor) -> "OnlineState":
+        K, P = D.shape
+        return cls(D=D.clone(), A=torch.zeros(K, K, dtype=D.dtype, device=D.device), Bt=torch.zeros(K, P, dtype=D.dtype, device=D.device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"dictionary": self.D, "A": self.A, "Bt": self.Bt}
+
+    def counters(self) -> dict[str, int]:
+        return {"step": self.step, "n_dead_resampled": self.n_dead_resampled, "n_dup_resampled": self.n_dup_resampled}
+
+    @classmethod
+    def restore(cls, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> "OnlineState":
+        return cls(D=tensors["dictionary"], A=tensors["A"], Bt=tensors["Bt"], **{k: int(v) for k, v in counters.items()})
+
+
+def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
+    """scikit-learn's `_update_inner_stats` for one batch (any size, incl. a last smaller one)."""
+    n = X.shape[0]
+    beta = forgetting_beta(state.step, n)
+    state.A.mul_(beta).addmm_(C.T, C, alpha=1.0 / n)
+    state.Bt.mul_(beta).addmm_(C.T, X, alpha=1.0 / n)
+    return beta
+
+
+def update_dictionary(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 64, skip: torch.Tensor | None = None) -> None:
+    """One Gauss–Seidel BCD sweep over the atoms, in place (scikit-learn's `_update_dict` with A, B).
+
+    Atoms with A_kk ≤ DEAD_THRESHOLD (or flagged in `skip`) are left unchanged (the caller resamples
+    dead atoms before the sweep, as scikit-learn replaces them during it).
+    """
+    K = D.shape[0]
+    diag = A.diagonal().tolist()
+    skipped = skip.tolist() if skip is not None else [False] * K
+    for j0 in range(0, K, block):
+        j1 = min(K, j0 + block)
+        R = torch.addmm(Bt[j0:j1], A[j0:j1], D, alpha=-1.0)  # B_J − A_J D with the current D
+        delta = torch.zeros_like(R)  # changes of the block's atoms so far
+        for i in range(j1 - j0):
+            k = j0 + i
+            akk = diag[k]
+            if akk <= DEAD_THRESHOLD or skipped[k]:
+                continue
+            r = R[i]
+            if i:
+                r = r - A[k, j0:k] @ delta[:i]
+            old = D[k].clone()
+            d = old + r / akk
+            d = d / torch.clamp(torch.linalg.vector_norm(d), min=1.0)
+            D[k] = d
+            delta[i] = d - old
+
+
+def update_dictionary_reference(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> None:
+    """The plain atom-by-atom loop (slow; the reference for tests)."""
+    for k in range(D.shape[0]):
+        if A[k, k] <= DEAD_THRESHOLD:
+            continue
+        d = D[k] + (Bt[k] - A[k] @ D) / A[k, k]
+        D[k] = d / max(float(torch.linalg.vector_norm(d)), 1.0)
+
+
+def duplicate_atoms(G: torch.Tensor, usage: torch.Tensor, threshold: float = 0.99) -> torch.Tensor:
+    """Indices of atoms to resample because another atom has |cos| > threshold with them.
+
+    Of each such pair the less used atom (smaller A_kk) goes; each atom is dropped at most once.
+    """
+    norms = G.diagonal().clamp_min(1e-24).sqrt()
+    cos = (G / norms[:, None] / norms[None, :]).abs()
+    cos.fill_diagonal_(0)
+    alive = G.diagonal() > 1e-12
+    cos = cos * alive[:, None] * alive[None, :]
+    if not bool((cos > threshold).any()):
+        return torch.zeros(0, dtype=torch.long, device=G.device)
+    ii, jj = torch.nonzero(torch.triu(cos > threshold, diagonal=1), as_tuple=True)
+    drop: list[int] = []
+    dropped: set[int] = set()
+    u = usage.tolist()
+    for i, j in zip(ii.tolist(), jj.tolist()):
+        if i in dropped or j in dropped:
+            continue
+        k = i if u[i] < u[j] or (u[i] == u[j] and i > j) else j
+        drop.append(k)
+        dropped.add(k)
+    return torch.tensor(sorted(drop), dtype=torch.long, device=G.device)
+
+
+def resample_atoms(
+    state: OnlineState, atoms: torch.Tensor, X: torch.Tensor, residual: torch.Tensor, used_rows: set[int] | None = None
+) -> list[int]:
+    """Replace `atoms` by the worst-reconstructed rows of X (largest residual), one row per atom.
+
+    The atoms' statistics (row/column of A, row of Bt) are reset to zero. Rows already used (passed
+    in `used_rows`) are skipped. Returns the atoms actually replaced (fewer when rows run out).
+    """
+    if atoms.numel() == 0:
+        return []
+    used = used_rows if used_rows is not None else set()
+    order = torch.argsort(residual, descending=True, stable=True).tolist()
+    rows = [r for r in order if r not in used and float(residual[r]) > 0][: atoms.numel()]
+    done = atoms[: len(rows)]
+    if not rows:
+        return []
+    x = X[rows]
+    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    state.D[done] = x.to(state.D.dtype)
+    state.A[done, :] = 0
+    state.A[:, done] = 0
+    state.Bt[done] = 0
+    used.update(rows)
+    return done.tolist()
+
+
+def init_dictionary_from_rows(rows: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
+    """K unit atoms from data rows; random unit vectors (seeded) when there are fewer rows than K."""
+    P = rows.shape[1]
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    keep = norms.squeeze(1) > 0
+    rows = rows[keep] / norms[keep]
+    if rows.shape[0] >= n_atoms:
+        return rows[:n_atoms].clone()
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randn(n_atoms - rows.shape[0], P, generator=g, dtype=torch.float64).to(rows.dtype).to(rows.device)
+    extra = extra / torch.linalg.vector_norm(extra, dim=1, keepdim=True)
+    return torch.cat([rows, extra], 0)
+
+
+def init_dictionary_svd(rows: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
+    """Top right singular vectors of a sample (randomized SVD), completed with data rows."""
+    torch.manual_seed(seed)
+    q = min(n_atoms, rows.shape[0], rows.shape[1])
+    _, S, V = torch.svd_lowrank(rows.to(torch.float32) if rows.dtype == torch.float16 else rows, q=q, niter=4)
+    keep = S > S.max() * 1e-6 if S.numel() else S.bool()
+    atoms = V.T[keep].to(rows.dtype)
+    if atoms.shape[0] < n_atoms:
+        atoms = torch.cat([atoms, init_dictionary_from_rows(rows, n_atoms - atoms.shape[0], seed)], 0)
+    return atoms[:n_atoms].contiguous()
+
+
+@dataclass
+class StepResult:
+    """What one online step did (for logs and tests)."""
+
+    batch_cost: float
+    beta: float
+    n_rows: int
+    dead_resampled: list[int] = field(default_factory=list)
+    dup_resampled: list[int] = field(default_factory=list)
+
+
+def online_step(
+    state: OnlineState,
+    X: torch.Tensor,
+    C: torch.Tensor,
+    rec: torch.Tensor,
+    l1: torch.Tensor,
+    *,
+    block: int = 64,
+    dup_threshold: float | None = 0.99,
+) -> tuple[StepResult, torch.Tensor]:
+    """Update statistics and dictionary from one coded batch; returns (result, new Gram matrix).
+
+    X: the batch rows (normalised), C: their codes against `state.D`, rec/l1: per-row ½‖x − cD‖² and
+    α‖c‖₁. Order: statistics (forgetting weights), dead atoms (A_kk ≤ 1e-6) replaced by the worst
+    reconstructed rows, one BCD sweep, then atoms duplicating another (|cos| > dup_threshold) replaced.
+    """
+    n = X.shape[0]
+    cost = float((rec.sum() + l1.sum()) / n)
+    beta = update_stats(state, X, C)
+    used: set[int] = set()
+    dead = torch.nonzero(state.A.diagonal() <= DEAD_THRESHOLD).squeeze(1)
+    dead_done = resample_atoms(state, dead, X, rec, used)
+    update_dictionary(state.D, state.A, state.Bt, block=block)
+    G = gram(state.D)
+    dup_done: list[int] = []
+    if dup_threshold is not None:
+        dups = duplicate_atoms(G, state.A.diagonal(), dup_threshold)
+        dup_done = resample_atoms(state, dups, X, rec, used)
+        if dup_done:
+            idx = torch.tensor(dup_done, device=G.device)
+            rows = state.D[idx] @ state.D.T
+            G[idx, :] = rows
+            G[:, idx] = rows.T
+    state.step += 1
+    state.n_dead_resampled += len(dead_done)
+    state.n_dup_resampled += len(dup_done)
+    return StepResult(cost, beta, n, dead_done, dup_done), G
+
+
+def mutual_coherence(D: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """max and p99 of |cos| between distinct (nonzero) atoms."""
+    D = torch.as_tensor(D, dtype=torch.float64)
+    norms = torch.linalg.vector_norm(D, dim=1)
+    Dn = D[norms > 0] / norms[norms > 0, None]
+    k = Dn.shape[0]
+    if k < 2:
+        return {"max": 0.0, "p99": 0.0}
+    cos = (Dn @ Dn.T).abs()
+    iu = torch.triu_indices(k, k, offset=1)
+    vals = cos[iu[0], iu[1]]
+    return {"max": float(vals.max()), "p99": float(torch.quantile(vals.float(), 0.99)) if vals.numel() < 16_000_000 else float(np.percentile(vals.numpy(), 99))}

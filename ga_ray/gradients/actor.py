@@ -1,0 +1,283 @@
+"""What one gradients actor does: per-document LoRA gradients, projected at once, batch by batch.
+
+Two layers, kept apart:
+- `GradientComputer` (pure compute, no Ray, no files): holds the model, its LoRA blocks and the
+  projector; `run(columns)` takes one window of documents, buckets it into token-budget batches
+  (`batching.plan_batches`), and for each batch runs ONE forward and ONE backward pass
+  (`per_document_gradients`), projects the batch's raw gradients at once, keeps the norms, and drops
+  the raw gradients before the next batch. Memory is bounded by one batch, never by the window.
+- `GradientsActor` (the Ray Data callable class): loads model + adapter + factors ONCE per actor
+  (re-done only if Ray restarts the actor), writes the finite rows of each window to its own Parquet
+  file in the stage's temporary folder, and returns only small per-document metadata (doc id, loss,
+  norm, finite flag, padded length, file name) to the driver, which keeps exactly the files that the
+  rows it received point to (see `stage.py`): that is what makes the output exactly-once even when an
+  actor dies after writing a file but before Ray recorded its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ga_ray.gradients.batching import PaddingStats, plan_batches
+
+# Fault injection for the tests: "<when>:<flag file>" with when = "before" (die before computing) or
+# "after_write" (die after writing the window's file, before returning it). Only the first window
+# seen by any incarnation of any actor dies: the flag file is created atomically first.
+FAULT_ENV = "GA_RAY_GRADIENTS_FAULT"
+
+META_COLUMNS = ("doc_id", "n_tokens", "loss", "grad_norm", "finite", "padded_len", "file", "compute_s", "peak_mem_mb")
+
+
+def _peak_mem_mb(device: Any) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+@dataclass
+class WindowResult:
+    """Per-document results of one window, in the window's row order."""
+
+    doc_id: np.ndarray  # int64 [n]
+    n_tokens: np.ndarray  # int32 [n]
+    loss: np.ndarray  # float32 [n]
+    grad_norm: np.ndarray  # float32 [n] (NaN/Inf for non-finite documents)
+    finite: np.ndarray  # bool [n]: loss, raw gradient and z all finite
+    padded_len: np.ndarray  # int32 [n]: padded length of the batch the document was in
+    z: np.ndarray  # float32 [n, D]
+    raw: np.ndarray | None  # float16 [n, P] when store_raw
+    compute_s: float = 0.0
+    padding: PaddingStats = field(default_factory=lambda: PaddingStats(0, 0, 0))
+
+
+class GradientComputer:
+    """Projected per-document gradients for windows of documents (no Ray, no files)."""
+
+    def __init__(
+        self,
+        model: Any,
+        blocks: list[Any],
+        projector: Any,
+        *,
+        max_docs: int,
+        max_tokens: int,
+        reduction: str = "sum",
+        store_raw: bool = False,
+        autocast_dtype: Any = None,
+        pad_id: int | None = None,
+    ):
+        import torch
+
+        self.model = model
+        self.blocks = blocks
+        self.projector = projector
+        self.max_docs = int(max_docs)
+        self.max_tokens = int(max_tokens)
+        self.reduction = reduction
+        self.store_raw = store_raw
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
+        if pad_id is None:
+            pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.pad_id = int(pad_id) if pad_id is not None else 0
+        self.D = int(projector.D)
+        self.P = int(sum(b.numel for b in blocks))
+        self._torch = torch
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return self._torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def run(self, columns: Mapping[str, Any]) -> WindowResult:
+        """One window: columns `doc_id`, `input_ids`, `loss_mask` (lists per row), as Ray Data gives them."""
+        from ga_ray.data.collate import collate
+        from ga_ray.gradients.per_document import per_document_gradients
+
+        torch = self._torch
+        doc_ids = np.asarray(columns["doc_id"], dtype=np.int64)
+        n = len(doc_ids)
+        input_ids = columns["input_ids"]
+        loss_mask = columns["loss_mask"]
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
+
+        out = WindowResult(
+            doc_id=doc_ids,
+            n_tokens=lengths.astype(np.int32),
+            loss=np.zeros(n, np.float32),
+            grad_norm=np.zeros(n, np.float32),
+            finite=np.zeros(n, bool),
+            padded_len=np.zeros(n, np.int32),
+            z=np.zeros((n, self.D), np.float32),
+            raw=np.zeros((n, self.P), np.float16) if self.store_raw else None,
+        )
+        batches = plan_batches(lengths, self.max_docs, self.max_tokens)
+        t0 = time.perf_counter()
+        for idx in batches:
+            rows = [{"doc_id": int(doc_ids[i]), "input_ids": input_ids[i], "loss_mask": loss_mask[i]} for i in idx]
+            batch = collate(rows, pad_id=self.pad_id).to(self.device)
+            with self._autocast():
+                res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction=self.reduction)
+            grads = {name: g.float() for name, g in res.grads.items()}  # projections accumulate in float32
+            del res.grads
+            z = self.projector.project(grads)
+            sq = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
+            ok = torch.ones(len(idx), dtype=torch.bool, device=self.device)
+            for g in grads.values():
+                flat = g.flatten(1)
+                ok &= torch.isfinite(flat).all(dim=1)
+                sq += flat.double().pow(2).sum(dim=1)
+            loss = res.loss.detach().float()
+            ok &= torch.isfinite(z).all(dim=1) & torch.isfinite(loss)
+            out.z[idx] = z.cpu().numpy()
+            out.grad_norm[idx] = sq.sqrt().float().cpu().numpy()
+            out.loss[idx] = loss.cpu().numpy()
+            out.finite[idx] = ok.cpu().numpy()
+            out.padded_len[idx] = int(batch.input_ids.shape[1])
+            if out.raw is not None:
+                out.raw[idx] = torch.cat([grads[b.name].flatten(1) for b in self.blocks], dim=1).half().cpu().numpy()
+            del grads, z, batch  # nothing raw survives the batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out.compute_s = time.perf_counter() - t0
+        out.padding = PaddingStats(len(batches), int(lengths.sum()), int(sum(len(b) * out.padded_len[b[0]] for b in batches)))
+        return out
+
+
+def load_computer(
+    model_cfg: Any,
+    adapter_path: str | Path,
+    factors_dir: str | Path,
+    *,
+    device: str,
+    max_docs: int,
+    max_tokens: int,
+    reduction: str = "sum",
+    store_raw: bool = False,
+) -> GradientComputer:
+    """Load model + adapter + factors onto `device` and check that their LoRA blocks agree."""
+    import torch
+
+    from ga_ray.ekfac.projection import Factors, Projector
+    from ga_ray.model.loading import load_lora_model
+    from ga_ray.model.lora_blocks import find_lora_blocks
+
+    dev = torch.device(device)
+    model = load_lora_model(model_cfg, adapter_path, device=dev, dtype=None)
+    blocks = find_lora_blocks(model)
+    factors = Factors.load(factors_dir)
+    names = [b.name for b in blocks]
+    fnames = list(factors.block_names)
+    if names != fnames:
+        missing = sorted(set(fnames) - set(names))[:3]
+        extra = sorted(set(names) - set(fnames))[:3]
+        raise RuntimeError(
+            f"the factors in {factors_dir} were computed for other LoRA blocks than the adapter {adapter_path} has "
+            f"(factors only: {missing}, adapter only: {extra}, or a different order): re-run the factors stage"
+        )
+    projector = Projector(factors, dev)
+    autocast = torch.bfloat16 if dev.type == "cuda" and next(model.parameters()).dtype != torch.float32 else None
+    return GradientComputer(
+        model, blocks, projector, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw, autocast_dtype=autocast
+    )
+
+
+def write_window(result: WindowResult, out_dir: str | Path) -> str:
+    """The finite rows of a window as one Parquet file (atomic rename); returns its name ('' if none)."""
+    import pyarrow.parquet as pq
+
+    from ga_ray.gradients.io import gradients_table
+
+    keep = np.flatnonzero(result.finite)
+    if len(keep) == 0:
+        return ""
+    table = gradients_table(
+        result.doc_id[keep],
+        result.z[keep],
+        result.grad_norm[keep],
+        result.loss[keep],
+        result.n_tokens[keep],
+        raw=None if result.raw is None else result.raw[keep],
+    )
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_dir / name)
+    return name
+
+
+def _maybe_fault(spec: str | None, stage: str) -> None:
+    """Test hook: die (os._exit, as a crash or an OOM kill would) on the first window ever seen."""
+    if not spec:
+        return
+    when, _, flag = spec.partition(":")
+    if when != stage or not flag:
+        return
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # an earlier incarnation already died once
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(17)
+
+
+class GradientsActor:
+    """Ray Data callable class: `map_batches(GradientsActor, compute=ActorPoolStrategy(...))`."""
+
+    def __init__(
+        self,
+        model_cfg: Any,
+        adapter_path: str,
+        factors_dir: str,
+        out_dir: str,
+        *,
+        max_docs: int,
+        max_tokens: int,
+        reduction: str = "sum",
+        store_raw: bool = False,
+        device: str = "cpu",
+        torch_threads: int | None = None,
+        fault: str | None = None,
+    ):
+        import torch
+
+        if torch_threads and device == "cpu":
+            torch.set_num_threads(max(1, int(torch_threads)))
+        self.computer = load_computer(
+            model_cfg, adapter_path, factors_dir, device=device, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw
+        )
+        self.out_dir = out_dir
+        self.fault = fault
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        _maybe_fault(self.fault, "before")
+        result = self.computer.run(batch)
+        name = write_window(result, self.out_dir)
+        _maybe_fault(self.fault, "after_write")
+        n = len(result.doc_id)
+        return {
+            "doc_id": result.doc_id,
+            "n_tokens": result.n_tokens,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "finite": result.finite,
+            "padded_len": result.padded_len,
+            "file": np.array([name if f else "" for f in result.finite], dtype=object),
+            "compute_s": np.full(n, result.compute_s / max(n, 1), dtype=np.float64),
+            "peak_mem_mb": np.full(n, _peak_mem_mb(self.computer.device), dtype=np.float32),
+        }

@@ -1,0 +1,298 @@
+"""Exact per-document gradients of every LoRA weight from ONE forward and ONE backward pass.
+
+Pure compute: tensors in, tensors out; no Ray, no files.
+
+How. PEFT computes a LoRA layer as `h = W0 x + lora_B(lora_A(dropout(x))) * s`. Hooking the two
+`nn.Linear` submodules gives, per token t, exactly the quantities of DESIGN.md:
+- `lora_A`: input `a_t = x_t` (dropout is the identity in eval), output gradient
+  `δ_t = ∂L/∂(A x_t) = s·Bᵀ g_t`  (the scale enters through the chain rule),
+- `lora_B`: input `a_t = A x_t`, output gradient `δ_t = ∂L/∂(B A x_t) = s·g_t`,
+so the gradient of a weight is `Σ_t δ_t a_tᵀ`. A forward hook stores each submodule's input and
+registers a tensor hook on its output; in the backward pass the tensor hook receives `δ` for the
+whole batch and forms `G_n = Σ_{t ∈ doc n, non-pad} δ_t a_tᵀ` for every document with one batched
+matmul, then drops the stored input. The backward pass is `torch.autograd.grad(Σ_n L_n, lora
+weights)`: documents of a batch do not interact (attention is per sequence, padding masked), so
+`∂(Σ_m L_m)/∂h_t = ∂L_n/∂h_t` at every position t of document n. Nothing is written to `param.grad`.
+
+Memory: the stored inputs are the tensors autograd keeps for the weight gradients anyway; the
+output is `B × Σ_blocks d_out·d_in` floats, bounded by the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ga_ray.data.collate import Batch
+from ga_ray.model.lora_blocks import LoraBlock, block_modules, block_parameters
+
+IGNORE = -100
+
+
+@dataclass
+class PerDocResult:
+    grads: dict[str, torch.Tensor]
+    """Block name → `[B, d_out, d_in]` per-document gradients, float32 (float64 for a float64 model);
+    empty with `per_doc=False`."""
+    loss: torch.Tensor
+    """`[B]` float32 per-document loss (with the labels used: data's or sampled)."""
+    n_tokens: torch.Tensor
+    """`[B]` long: non-pad tokens per document."""
+    n_targets: torch.Tensor
+    """`[B]` long: response targets per document (the terms of the loss)."""
+    targets: torch.Tensor
+    """`[B, T]` long: the label of token position t (predicted from t-1), IGNORE where not a target."""
+    aat: dict[str, torch.Tensor] | None = None
+    """With `covariances=True`: block → `Σ a aᵀ` over the batch's non-pad tokens, `[d_in, d_in]`."""
+    ddt: dict[str, torch.Tensor] | None = None
+    """With `covariances=True`: block → `Σ δ δᵀ` over the batch's non-pad tokens, `[d_out, d_out]`."""
+    n_tok: int | None = None
+    """With `covariances=True`: non-pad tokens in the batch (the covariances' denominator)."""
+    extras: dict = field(default_factory=dict)
+
+
+def doc_seed(seed: int, doc_id: int) -> int:
+    """A 63-bit seed that depends only on (seed, doc_id): stable across processes, shards, batches."""
+    h = hashlib.blake2b(f"ga-ray:{int(seed)}:{int(doc_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def doc_uniforms(seed: int, doc_id: int, length: int) -> torch.Tensor:
+    """`length` float64 uniforms in [0, 1) for the positions 0..length-1 of one document (CPU)."""
+    g = torch.Generator().manual_seed(doc_seed(seed, doc_id))
+    return torch.rand(int(length), generator=g, dtype=torch.float64)
+
+
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Inverse-CDF draws: row r gets the first k with `cdf_r[k] > u_r · cdf_r[-1]` (u in [0,1)).
+
+    `logits [R, V]`, `u [R]` → labels `[R]` long. A label with zero probability is never drawn.
+    """
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    V = logits.shape[-1]
+    for s in range(0, logits.shape[0], chunk_rows):
+        rows = logits[s : s + chunk_rows].detach().float()
+        cdf = torch.softmax(rows, dim=-1).cumsum_(dim=-1)
+        v = u[s : s + chunk_rows].to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]
+        idx = torch.searchsorted(cdf, v.unsqueeze(1), right=True).squeeze(1)
+        out[s : s + chunk_rows] = idx.clamp_(max=V - 1)
+    return out
+
+
+class _Capture:
+    """Forward hooks on the LoRA `nn.Linear` submodules; tensor hooks on their outputs."""
+
+    def __init__(self, blocks: Sequence[LoraBlock], modules: Sequence[nn.Module], token_mask: torch.Tensor, per_doc: bool, covariances: bool, cov_dtype: torch.dtype):
+        self.blocks = list(blocks)
+        self.modules = list(modules)
+        self.mask_f = token_mask.to(torch.float32)  # [B, T]
+        self.mask_b = token_mask.bool()
+        self.per_doc = per_doc
+        self.covariances = covariances
+        self.cov_dtype = cov_dtype
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.aat: dict[int, torch.Tensor] = {}
+        self.ddt: dict[int, torch.Tensor] = {}
+        self.fired: set[int] = set()
+        self.handles: list = []
+
+    def __enter__(self) -> _Capture:
+        for i, m in enumerate(self.modules):
+            self.handles.append(m.register_forward_hook(self._forward_hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.inputs.clear()
+
+    def _forward_hook(self, i: int):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return None
+            if i in self.fired:
+                raise RuntimeError(
+                    f"{self.blocks[i].module_name} ran twice in one forward pass (gradient checkpointing or a shared module); "
+                    "per-document gradients need each LoRA module to run once: disable gradient checkpointing"
+                )
+            self.fired.add(i)
+            a = args[0].detach()
+            if a.dim() != 3 or a.shape[:2] != self.mask_b.shape:
+                raise RuntimeError(f"{self.blocks[i].module_name}: expected input [B, T, d], got {tuple(a.shape)}")
+            if self.covariances:
+                af = a[self.mask_b].to(self.cov_dtype)  # [N_tok, d_in] non-pad tokens
+                self.aat[i] = af.T @ af
+            if self.per_doc or self.covariances:
+                self.inputs[i] = a
+                output.register_hook(self._grad_hook(i))
+            return None
+
+        return hook
+
+    def _grad_hook(self, i: int):
+        def hook(g: torch.Tensor):
+            a = self.inputs.pop(i)
+            if self.per_doc:
+                dt = torch.promote_types(a.dtype, torch.float32)  # float32 (float64 for a float64 model)
+                gm = g.to(dt) * self.mask_f.to(dt).unsqueeze(-1)  # [B, T, d_out], pad positions zeroed
+                self.grads[i] = torch.bmm(gm.transpose(1, 2), a.to(dt))  # [B, d_out, d_in]
+            if self.covariances:
+                gf = g[self.mask_b].to(self.cov_dtype)
+                self.ddt[i] = gf.T @ gf
+            return None
+
+        return hook
+
+
+def per_document_gradients(
+    model: nn.Module,
+    blocks: Sequence[LoraBlock],
+    batch: Batch,
+    *,
+    labels: Literal["empirical", "true"] = "empirical",
+    seed: int = 0,
+    reduction: Literal["sum", "mean"] = "sum",
+    covariances: bool = False,
+    per_doc: bool = True,
+    cov_dtype: torch.dtype = torch.float32,
+) -> PerDocResult:
+    """Every document's gradient of every LoRA block, from one forward and one backward pass.
+
+    `batch` is right-padded (`ga_ray.data.collate`), on the model's device. The loss of document n
+    is `L_n = Σ_{t≥1} loss_mask[t]·CE(logits[t-1], y_t)` (`mean`: divided by Σ loss_mask), with
+    `y` the data's tokens (`labels="empirical"`) or draws from the model's own next-token
+    distribution (`labels="true"`), the draw at position t of document n depending only on
+    `(seed, doc_id, t)`. Returns float32 `G_n` per block `[B, d_out, d_in]`; with
+    `covariances=True` also the batch's token sums `Σ a aᵀ`, `Σ δ δᵀ` over non-pad tokens (in
+    `cov_dtype`) for EKFAC. `per_doc=False` skips the per-document gradients (covariance pass).
+    The model must be in eval mode (dropout off); `param.grad` is never touched.
+    """
+    if labels not in ("empirical", "true"):
+        raise ValueError(f"labels must be 'empirical' or 'true', got {labels!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if model.training:
+        raise ValueError("per_document_gradients needs the model in eval mode (dropout must be off): call model.eval()")
+    blocks = list(blocks)
+    modules = block_modules(model, blocks)
+    params = block_parameters(model, blocks)
+    device = params[0].device if params else batch.input_ids.device
+    ids = batch.input_ids.to(device)
+    attn = batch.attention_mask.to(device)
+    lmask = batch.loss_mask.to(device)
+    B, T = ids.shape
+
+    # targets: token t (t ≥ 1) predicted from position t-1, where loss_mask[t] = 1 on a real token
+    tmask = (lmask[:, 1:] > 0) & (attn[:, 1:] > 0)  # [B, T-1]
+    b_idx, p_idx = tmask.nonzero(as_tuple=True)  # p_idx: predicting position; target at p_idx + 1
+    n_targets = tmask.sum(1)
+    n_tokens = attn.sum(1)
+
+    saved_flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad(), _Capture(blocks, modules, attn, per_doc, covariances, cov_dtype) as cap:
+            out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            rows = logits[b_idx, p_idx]  # [R, V], the predicting positions only
+            if labels == "empirical":
+                y = ids[b_idx, p_idx + 1]
+            else:
+                u = _uniforms_for_rows(batch.doc_ids, n_tokens, b_idx, p_idx + 1, seed)
+                y = sample_from_logits(rows, u)
+            rows = rows if rows.dtype == torch.float64 else rows.float()
+            ce = F.cross_entropy(rows, y, reduction="none")
+            loss = torch.zeros(B, dtype=ce.dtype, device=device).index_add(0, b_idx, ce)
+            if reduction == "mean":
+                loss = loss / n_targets.clamp(min=1).to(loss.dtype)
+            total = loss.sum()
+            if params and total.requires_grad:
+                torch.autograd.grad(total, params, allow_unused=True)
+            grads: dict[str, torch.Tensor] = {}
+            if per_doc:
+                for i, blk in enumerate(blocks):
+                    G = cap.grads.get(i)
+                    grads[blk.name] = G if G is not None else torch.zeros((B, *blk.shape), dtype=torch.promote_types(params[i].dtype, torch.float32), device=device)
+            aat = ddt = None
+            n_tok = None
+            if covariances:
+                aat, ddt = {}, {}
+                for i, blk in enumerate(blocks):
+                    aat[blk.name] = cap.aat.get(i, torch.zeros((blk.d_in, blk.d_in), dtype=cov_dtype, device=device))
+                    ddt[blk.name] = cap.ddt.get(i, torch.zeros((blk.d_out, blk.d_out), dtype=cov_dtype, device=device))
+                n_tok = int(n_tokens.sum().item())
+    finally:
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+
+    targets = torch.full((B, T), IGNORE, dtype=torch.long, device=device)
+    targets[b_idx, p_idx + 1] = y.detach()
+    return PerDocResult(
+        grads=grads,
+        loss=loss.detach(),
+        n_tokens=n_tokens.detach(),
+        n_targets=n_targets.detach(),
+        targets=targets,
+        aat=aat,
+        ddt=ddt,
+        n_tok=n_tok,
+    )
+
+
+def _uniforms_for_rows(doc_ids: torch.Tensor, n_tokens: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """The uniform of each target row: document `doc_ids[b]`'s stream at position t (CPU float64)."""
+    b_cpu = b_idx.cpu()
+    t_cpu = t_idx.cpu()
+    lengths = n_tokens.cpu().tolist()
+    ids = doc_ids.cpu().tolist()
+    u = torch.empty(b_cpu.shape[0], dtype=torch.float64)
+    for b in torch.unique(b_cpu).tolist():
+        sel = b_cpu == b
+        stream = doc_uniforms(seed, ids[b], lengths[b])
+        u[sel] = stream[t_cpu[sel]]
+    return u
+
+
+def one_document_gradients_reference(
+    model: nn.Module,
+    blocks: Sequence[LoraBlock],
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    targets: torch.Tensor | None = None,
+    reduction: Literal["sum", "mean"] = "sum",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The slow obvious reference: one unpadded document, `torch.autograd.grad` on the LoRA weights.
+
+    `input_ids [T]`, `loss_mask [T]`; `targets [T]` (IGNORE off-target) overrides the labels (used to
+    replay true-Fisher draws). Returns ({block: [d_out, d_in]}, loss). Used by the tests and by the
+    benchmark's one-backward-per-document loop.
+    """
+    params = block_parameters(model, blocks)
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            ids = input_ids.unsqueeze(0)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            m = loss_mask[1:].to(torch.bool)
+            y = input_ids[1:] if targets is None else targets[1:]
+            ce = F.cross_entropy(logits[m], y[m], reduction="sum")
+            if reduction == "mean":
+                ce = ce / m.sum().clamp(min=1)
+            gs = torch.autograd.grad(ce, params, allow_unused=True)
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+    return {b.name: (g.detach() if g is not None else torch.zeros(b.shape, dtype=p.dtype)) for b, g, p in zip(blocks, gs, params)}, ce.detach()

@@ -1,0 +1,255 @@
+"""gradients stage: per-document projected gradients, streamed by a Ray Data actor pool.
+
+Ray wiring (thin): `read_parquet(data/)` → `map_batches(GradientsActor, compute=ActorPoolStrategy)`
+with an integer batch size (`window_docs`), `num_gpus` per actor, and actor restarts + task retries
+so that a dead actor's window is recomputed. Each actor writes the finite rows of each window to its
+own Parquet file in a temporary sibling of `gradients/` and streams back only per-document metadata.
+The driver then keeps exactly the files that the metadata it received names (a file written by an
+attempt that died before Ray recorded its result is an orphan and is deleted), checks that every
+input document appears exactly once (written, or excluded as non-finite), renames the files in
+doc-id order, writes `gradients.json`, and swaps the folder into place atomically.
+
+Why the actors write the files rather than `Dataset.write_parquet`: the driver must learn which
+documents were excluded (non-finite) and the padding and memory figures, in the same single pass.
+(Checked on Ray 2.60: a UDF returning numpy `z` makes `write_parquet` store Ray's own
+`ray.data.arrow_tensor_v2` extension, which plain pyarrow reads as `large_list<float>`; returning a
+pyarrow table with a native `FixedShapeTensorArray` keeps the native type. We write with
+`ga_ray.gradients.io.gradients_table`, i.e. the native type, in any case.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
+from ga_ray.gradients.batching import PaddingStats, naive_batches, padding_stats
+from ga_ray.pipeline import StageContext, StageError
+from ga_ray.raycluster import init_ray, resolve_num_gpus
+from ga_ray.rundir import atomic_dir, atomic_write_json
+
+log = logging.getLogger("ga_ray")
+
+SUMMARY_MAX_IDS = 20
+"""Excluded doc ids quoted in the manifest summary (all of them are in gradients.json)."""
+
+
+def _data_files(data_dir: Path) -> list[Path]:
+    files = sorted(p for p in data_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise StageError(f"no Parquet documents in {data_dir}: run the prepare stage first (`ga-ray prepare`)")
+    return files
+
+
+def _read_columns(files: list[Path], columns: list[str]) -> pa.Table:
+    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+
+
+def _factors_D(factors_dir: Path) -> int | None:
+    info_path = factors_dir / "factors.json"
+    if not info_path.exists():
+        raise StageError(f"no EKFAC factors in {factors_dir}: run the factors stage first (`ga-ray factors`)")
+    info = json.loads(info_path.read_text())
+    d = info.get("D")
+    return int(d) if d is not None else None
+
+
+def _json_float(x: float) -> float | str:
+    """A float for JSON: non-finite values as the strings 'nan', 'inf', '-inf' (JSON has no NaN)."""
+    x = float(x)
+    return x if np.isfinite(x) else str(x)
+
+
+def _check_config(gc: Any) -> None:
+    for key in ("batch_size", "max_tokens_per_batch", "num_actors", "window_docs"):
+        if getattr(gc, key) < 1:
+            raise StageError(f"gradients.{key} must be >= 1 (got {getattr(gc, key)})")
+    if gc.window_docs < gc.batch_size:
+        raise StageError(f"gradients.window_docs ({gc.window_docs}) must be >= gradients.batch_size ({gc.batch_size})")
+
+
+def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, num_gpus: float, device: str) -> Any:
+    """The actor pool over the documents; each call gets one window of `window_docs` rows."""
+    import ray.data
+
+    return ds.map_batches(
+        GradientsActor,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model,
+            "adapter_path": str(adapter),
+            "factors_dir": str(factors_dir),
+            "out_dir": str(out_dir),
+            "max_docs": gc.batch_size,
+            "max_tokens": gc.max_tokens_per_batch,
+            "reduction": gc.reduction,
+            "store_raw": gc.store_raw,
+            "device": device,
+            "torch_threads": max(1, int(gc.cpus_per_actor)),
+            "fault": os.environ.get(FAULT_ENV),
+        },
+        batch_size=gc.window_docs,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=gc.num_actors),
+        num_cpus=gc.cpus_per_actor,
+        num_gpus=num_gpus,
+        max_restarts=gc.max_retries,
+        max_task_retries=gc.max_retries,
+    )
+
+
+def _collect(ds: Any, n_docs: int) -> dict[str, np.ndarray]:
+    """Drive the pipeline; gather the actors' per-document metadata (small) with a progress bar."""
+    from tqdm.auto import tqdm
+
+    parts: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=n_docs, desc="gradients", unit="doc") as bar:
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for k, v in b.items():
+                parts.setdefault(k, []).append(np.asarray(v))
+            bar.update(len(b["doc_id"]))
+    if not parts:
+        return {}
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _finalise_files(tmp: Path, meta: dict[str, np.ndarray]) -> tuple[list[str], int]:
+    """Delete orphans, check the kept files hold each finite document once, rename in doc-id order."""
+    referenced = {str(f) for f, ok in zip(meta["file"], meta["finite"]) if ok}
+    orphans = 0
+    for p in list(tmp.iterdir()):
+        if p.name not in referenced:
+            p.unlink()
+            orphans += 1
+    firsts = []
+    seen: list[np.ndarray] = []
+    for name in referenced:
+        ids = pq.read_table(tmp / name, columns=["doc_id"]).column("doc_id").to_numpy()
+        seen.append(ids)
+        firsts.append((int(ids.min()), name))
+    written = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+    expected = np.sort(meta["doc_id"][meta["finite"]])
+    if len(written) != len(expected) or not np.array_equal(np.sort(written), expected):
+        raise RuntimeError(
+            f"gradients: the written files hold {len(written)} rows but {len(expected)} finite documents were reported; "
+            "this is a bug (please report it with the run directory)"
+        )
+    names = []
+    for i, (_, name) in enumerate(sorted(firsts)):
+        final = f"part-{i:05d}.parquet"
+        os.replace(tmp / name, tmp / final)
+        names.append(final)
+    return names, orphans
+
+
+def run_gradients(ctx: StageContext) -> dict[str, Any]:
+    import ray.data
+
+    cfg = ctx.cfg
+    gc = cfg.gradients
+    _check_config(gc)
+    init_ray(cfg.ray)
+
+    files = _data_files(ctx.data_dir)
+    factors_dir = ctx.stage_dir("factors")
+    D = _factors_D(factors_dir)
+    adapter = Path(ctx.adapter_path())
+    if not adapter.exists():
+        raise StageError(f"adapter folder {adapter} not found: run the finetune stage, or set model.adapter")
+
+    index = _read_columns(files, ["doc_id", "n_tokens"])
+    doc_ids = index.column("doc_id").to_numpy().astype(np.int64)
+    n_docs = len(doc_ids)
+    if n_docs == 0:
+        raise StageError(f"{ctx.data_dir} holds no documents: check the prepare stage's report (data/prepare.json)")
+    uniq, counts = np.unique(doc_ids, return_counts=True)
+    if len(uniq) != n_docs:
+        raise StageError(f"data/ has duplicate doc_id values (e.g. {uniq[counts > 1][:5].tolist()}): re-run prepare")
+    lengths = index.column("n_tokens").to_numpy().astype(np.int64)
+    naive = padding_stats(lengths, naive_batches(n_docs, gc.batch_size))
+
+    num_gpus = resolve_num_gpus(gc.num_gpus)
+    device = "cuda" if num_gpus > 0 else "cpu"
+    t0 = time.perf_counter()
+    with atomic_dir(ctx.out) as tmp:
+        ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["doc_id", "input_ids", "loss_mask"])
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_restarts / max_task_retries only through **ray_remote_args, which it
+            # flags as deprecated (to be replaced by named parameters in 2.64).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, num_gpus, device)
+        meta = _collect(out, n_docs)
+        wall = time.perf_counter() - t0
+
+        got = meta.get("doc_id", np.zeros(0, np.int64)).astype(np.int64)
+        got_u, got_c = np.unique(got, return_counts=True)
+        if len(got) != n_docs or not np.array_equal(got_u, uniq):
+            dup = got_u[got_c > 1][:5].tolist()
+            missing = np.setdiff1d(uniq, got_u)[:5].tolist()
+            raise RuntimeError(f"gradients: {len(got)} results for {n_docs} documents (duplicated: {dup}, missing: {missing}); this is a bug")
+
+        finite = meta["finite"].astype(bool)
+        meta["finite"] = finite
+        bad = np.flatnonzero(~finite)
+        excluded = sorted(({"doc_id": int(meta["doc_id"][i]), "loss": _json_float(meta["loss"][i])} for i in bad), key=lambda r: r["doc_id"])
+        if len(bad) == n_docs:
+            raise StageError(
+                f"every one of the {n_docs} documents has a non-finite gradient (e.g. losses {[r['loss'] for r in excluded[:3]]}): "
+                "the model or adapter is broken (NaN weights?) or the dtype overflows; try model.dtype=float32"
+            )
+        if len(bad):
+            log.warning("gradients: %d document(s) with a non-finite gradient excluded: %s", len(bad), [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]])
+        part_files, orphans = _finalise_files(tmp, meta)
+
+        n_written = int(finite.sum())
+        real_tokens = int(meta["n_tokens"].sum())
+        bucketed = PaddingStats(0, real_tokens, int(meta["padded_len"].astype(np.int64).sum()))
+        if D is None:
+            D = int(pq.read_schema(tmp / part_files[0]).field("z").type.shape[0])
+        info = {
+            "N": n_written,
+            "D": D,
+            "n_documents": n_docs,
+            "n_excluded_nonfinite": int(len(bad)),
+            "excluded_nonfinite": excluded,
+            "padding_fraction": round(bucketed.padding_fraction, 6),
+            "padding_fraction_naive": round(naive.padding_fraction, 6),
+            "real_tokens": real_tokens,
+            "padded_tokens": bucketed.padded_tokens,
+            "labels": "empirical",
+            "reduction": gc.reduction,
+            "store_raw": gc.store_raw,
+            "batch_size": gc.batch_size,
+            "max_tokens_per_batch": gc.max_tokens_per_batch,
+            "window_docs": gc.window_docs,
+            "num_actors": gc.num_actors,
+            "num_gpus_per_actor": num_gpus,
+            "device": device,
+            "wall_time_s": round(wall, 3),
+            "docs_per_s": round(n_docs / wall, 3) if wall > 0 else None,
+            "tokens_per_s": round(real_tokens / wall, 3) if wall > 0 else None,
+            "actor_compute_s": round(float(meta["compute_s"].sum()), 3),
+            "peak_mem_mb_per_actor": round(float(meta["peak_mem_mb"].max()), 1),
+            "files": part_files,
+            "orphan_files_removed": orphans,
+        }
+        atomic_write_json(tmp / "gradients.json", info)
+
+    summary = {k: v for k, v in info.items() if k not in ("excluded_nonfinite", "files")}
+    summary["excluded_doc_ids"] = [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]]
+    summary["n_files"] = len(part_files)
+    summary["line"] = (
+        f"{n_written} documents → z[{D}] ({len(bad)} non-finite excluded), "
+        f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s on {gc.num_actors} actor(s) ({device}), "
+        f"padding {100 * bucketed.padding_fraction:.1f}% (naive {100 * naive.padding_fraction:.1f}%)"
+    )
+    return summary
