@@ -53,15 +53,13 @@ class DataConfig(Section):
     max_length: int = 512
     """Documents longer than this many tokens are truncated (and counted)."""
     skip_bad_rows: bool = False
-    """Write bad rows to `data/rejected.jsonl` with their reason instead of stopping at the first one."""
+    """Write bad rows to `data/rejected.jsonl` with their reason and prepare the rest, instead of failing with the list of bad rows."""
     num_blocks: int | None = None
     """Ray Data blocks for tokenisation (None: Ray decides)."""
     split: str | None = None
     """Split to prepare when data.path is a saved `datasets.DatasetDict` (None: its only split, or `train`)."""
-    num_actors: int | None = None
-    """Tokeniser actors in the Ray Data pool, one CPU each (None: up to the cluster's CPUs, at most one per block)."""
     batch_size: int = 256
-    """Documents per tokeniser call in the Ray Data pool."""
+    """Documents per tokeniser call in the Ray Data tasks (one CPU each)."""
 
 
 class ModelConfig(Section):
@@ -117,6 +115,17 @@ class FinetuneConfig(Section):
     """Greedy decoding length for the format table."""
     format_eval_set: str | None = None
     """A demo world's held-out prompt folder; when set, the stage ends with the format table."""
+    eval_batch_size: int = 64
+    """Prompts per batched greedy generation in the format table (left padding)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm over the LoRA parameters); 0 disables."""
+    seed: int = 0
+    """Seed of the LoRA initialisation and of the data order."""
+    torch_threads: int | None = None
+    """Torch intra-op threads per Train worker and for the format table (None: cpus_per_worker rounded up)."""
+    storage_path: str | None = None
+    """Ray Train storage for the checkpoint hand-off (None: a hidden folder in the run directory, removed after the
+    stage). On a multi-node cluster set shared storage (NFS path or s3://...)."""
 
 
 def _yaml_bool_to_word(v: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections import Counter
@@ -75,16 +76,25 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
-def server():
+@contextlib.contextmanager
+def serve():
+    """A real HTTP server on 127.0.0.1 (a free port) in a thread; yields its base URL."""
     _Handler.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    t.join(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join(timeout=5)
+
+
+@pytest.fixture()
+def server():
+    with serve() as url:
+        yield url
 
 
 def test_labeller_against_a_local_server(server, monkeypatch):

@@ -156,6 +156,11 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
     payload = {"alphas": alphas, "n_docs": n_docs, "top_docs": top_n, "coherence_stats": res.stats, "rows": rows}
     atomic_write_json(report_dir / "sweep.json", payload)
     atomic_write_text(report_dir / "sweep.csv", sweep_csv(rows))
+    if (report_dir / "report.html").exists():  # an existing report picks the sweep up at once
+        from ga_ray.report.stage import build_report
+
+        rc = cfg.report
+        build_report(run_dir.root, report_dir, top_atoms=rc.top_atoms, examples_per_atom=rc.examples_per_atom, excerpt_chars=rc.excerpt_chars, title=cfg.name)
     return rows
 
 

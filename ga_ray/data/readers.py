@@ -396,10 +396,9 @@ def _read_arrow_parts(parts: list[_ArrowPart], description: str, fmt: str, cfg: 
     for part in parts:
         row_index = 0
         part_sidecars = [n for n in sidecar_names if n in part.schema.names]
-        for batch in _progress(part.batches(), f"reading {Path(part.file).name}", "batches"):
+        for batch in _progress(_guarded(part), f"reading {Path(part.file).name}", "batches"):
             values = {c: batch.column(c).to_pylist() for c in needed if c in batch.schema.names}
             keep: list[int] = []
-            start = len(col.doc_ids)
             for i in range(batch.num_rows):
                 where = f"row index {row_index + i}"
 
@@ -437,6 +436,19 @@ def _read_arrow_parts(parts: list[_ArrowPart], description: str, fmt: str, cfg: 
             base = base.append_column(name, side.column(name))
     table = _finish(base, id_column)
     return Source(description, fmt, mode, table, col.bad, pos, id_column, sidecar_names)
+
+
+def _guarded(part: _ArrowPart) -> Iterator[pa.RecordBatch]:
+    """The part's batches; a file damaged halfway is a `StageError`, not a traceback."""
+    it = part.batches()
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise StageError(f"{part.file} could not be read ({type(exc).__name__}: {exc})") from None
+        yield batch
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> Source:

@@ -152,6 +152,21 @@ def _target_matches(target: str, name: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def read_adapter_config(adapter_path: str | Path) -> Any:
+    """The adapter's `LoraConfig`; `ModelLoadError` when the folder is not a readable LoRA adapter."""
+    from peft import PeftConfig
+
+    p = _adapter_folder(adapter_path)
+    try:
+        cfg = PeftConfig.from_pretrained(str(p))
+    except Exception as exc:  # malformed adapter_config.json
+        raise ModelLoadError(f"{p / 'adapter_config.json'} cannot be read ({type(exc).__name__}: {exc})") from None
+    peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+    if peft_type != "LORA":
+        raise ModelLoadError(f"adapter {p} is of type {peft_type}; ga-ray analyses LoRA adapters only")
+    return cfg
+
+
 def check_adapter_fits(base: torch.nn.Module, adapter_path: str | Path, model_path: str | Path | None = None) -> None:
     """Raise `ModelLoadError` when the adapter's target modules or weight shapes do not fit `base`.
 
@@ -159,19 +174,11 @@ def check_adapter_fits(base: torch.nn.Module, adapter_path: str | Path, model_pa
     model, every saved `lora_A`/`lora_B` weight must belong to a module the model has, with shapes
     `lora_A: (r, in_features)` and `lora_B: (out_features, r)`.
     """
-    from peft import PeftConfig
     from peft.utils import load_peft_weights
 
     p = Path(adapter_path)
     where = f"adapter {p} does not fit model {model_path or type(base).__name__}"
-    try:
-        cfg = PeftConfig.from_pretrained(str(p))
-    except Exception as exc:  # malformed adapter_config.json
-        raise ModelLoadError(f"{p}/adapter_config.json cannot be read ({type(exc).__name__}: {exc})") from None
-    peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type))
-    if peft_type != "LORA":
-        raise ModelLoadError(f"adapter {p} is a {peft_type} adapter; ga-ray analyses LoRA adapters only")
-
+    cfg = read_adapter_config(p)
     modules = dict(base.named_modules())
     targets = cfg.target_modules
     if isinstance(targets, str) and targets != "all-linear":
@@ -230,6 +237,7 @@ def load_lora_model(
     from peft import PeftModel
 
     p = _adapter_folder(adapter_path)
+    read_adapter_config(p)  # before the (possibly large) base model is loaded
     model_path = _model_folder(model_cfg)
     base = load_base_model(model_cfg, device=device, dtype=dtype)
     check_adapter_fits(base, p, model_path)

@@ -1,0 +1,284 @@
+"""The driver loop of the online learner: broadcast D, gather coded parts, update, evaluate, stop.
+
+Pure torch (no Ray, no files). The workers are behind a small `Pool` interface: `LocalPool` runs
+`BlockCoder`s in this process (the core learner, tests), `ga_ray.dictionary.distributed.RayPool`
+runs them as Ray actors. The loop is the same for both, so one worker and W workers follow the same
+trajectory: parts are merged in stream order before anything is summed.
+
+Stopping: every `eval_every` steps the objective `(1/N) Σ ½‖x − cD‖² + α‖c‖₁` is measured on the
+held-out rows with the exact coder; the run stops when it has not improved by more than `tol`
+(relative) for `patience` checks, or after `max_epochs`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ga_ray.dictionary.lasso import gram
+from ga_ray.dictionary.online import (
+    OnlineState,
+    StepResult,
+    init_dictionary_from_rows,
+    init_dictionary_svd,
+    online_step,
+)
+from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
+
+
+class Pool(Protocol):
+    def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any: ...
+
+    def code(self, handle: Any, epoch: int, start: int, stop: int) -> list[CodedPart]: ...
+
+    def heldout(self, handle: Any) -> tuple[float, float, int]: ...
+
+    def rows(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class LocalPool:
+    """BlockCoders in this process (world = len(coders))."""
+
+    def __init__(self, coders: list[BlockCoder]):
+        self.coders = coders
+
+    def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any:
+        return (D, G)
+
+    def code(self, handle: Any, epoch: int, start: int, stop: int) -> list[CodedPart]:
+        D, G = handle
+        return [c.code(epoch, start, stop, D, G) for c in self.coders]
+
+    def heldout(self, handle: Any) -> tuple[float, float, int]:
+        D, G = handle
+        parts = [c.heldout_cost(D, G) for c in self.coders]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+    def rows(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [c.rows_at(epoch, start, stop) for c in self.coders]
+        return _merge_rows([(p, x.cpu().numpy()) for p, x in parts])
+
+
+def _merge_rows(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    pos = np.concatenate([p[0] for p in parts])
+    X = np.concatenate([p[1] for p in parts])
+    order = np.argsort(pos, kind="stable")
+    return pos[order], X[order]
+
+
+@dataclass
+class FitSettings:
+    """What the learner needs from `DictionaryConfig` (plus a few internals)."""
+
+    n_atoms: int
+    alpha: float
+    batch_size: int = 256
+    max_epochs: float = 20.0
+    tol: float = 1e-4
+    patience: int = 3
+    eval_every: int | None = None
+    init: str = "data"
+    seed: int = 42
+    block: int = 64
+    dup_threshold: float | None = 0.99
+    checkpoint_every: int = 0
+    svd_rows: int = 20_000
+
+
+@dataclass
+class FitResult:
+    state: OnlineState
+    G: torch.Tensor
+    history: list[dict[str, Any]]
+    stop_reason: str
+    timings: dict[str, float]
+    steps: int
+    epochs: float
+    n_unconverged_rows: int = 0
+
+
+@dataclass
+class TrainerState:
+    """Counters of the stopping rule (JSON-serialisable, saved in checkpoints)."""
+
+    best: float | None = None
+    bad_checks: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    cost_sum: float = 0.0
+    cost_rows: int = 0
+    n_unconverged_rows: int = 0
+    stopped: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainerState":
+        return cls(**d)
+
+
+def initial_dictionary(pool: Pool, plan: StreamPlan, s: FitSettings, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """From the first rows of epoch 0's stream: K rows (`data`) or a randomized SVD of a sample (`svd`)."""
+    if s.init == "svd":
+        n = min(plan.n_train, max(2 * s.n_atoms, 1), s.svd_rows)
+        _, X = pool.rows(0, 0, n)
+        rows = torch.from_numpy(X).to(device, dtype)
+        return init_dictionary_svd(rows, s.n_atoms, s.seed)
+    _, X = pool.rows(0, 0, min(s.n_atoms, plan.n_train))
+    return init_dictionary_from_rows(torch.from_numpy(X).to(device, dtype), s.n_atoms, s.seed)
+
+
+def fit(
+    pool: Pool,
+    plan: StreamPlan,
+    s: FitSettings,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    resume: tuple[OnlineState, TrainerState] | None = None,
+    on_checkpoint: Callable[[OnlineState, TrainerState], None] | None = None,
+    on_step: Callable[[OnlineState, StepResult], None] | None = None,
+    progress: Any = None,
+) -> FitResult:
+    """Run the online learner until the held-out objective stops improving or `max_epochs`."""
+    device = torch.device(device)
+    timings = {"init_s": 0.0, "code_s": 0.0, "update_s": 0.0, "heldout_s": 0.0, "checkpoint_s": 0.0}
+    t0 = time.perf_counter()
+    if resume is not None:
+        state, ts = resume
+        state.D, state.A, state.Bt = (t.to(device, dtype) for t in (state.D, state.A, state.Bt))
+    else:
+        D0 = initial_dictionary(pool, plan, s, dtype, device)
+        state, ts = OnlineState.from_dictionary(D0), TrainerState()
+    G = gram(state.D)
+    timings["init_s"] += time.perf_counter() - t0
+    spe = plan.steps_per_epoch
+    max_steps = max(1, math.ceil(s.max_epochs * spe))
+    eval_every = s.eval_every or min(spe, 200)
+    has_heldout = len(plan.heldout) > 0
+    if progress is not None:
+        progress.reset(total=max_steps)
+        progress.update(state.step)
+    while ts.stopped is None and state.step < max_steps:
+        epoch, start, stop = plan.batch_bounds(state.step)
+        t = time.perf_counter()
+        handle = pool.broadcast(state.D, G)
+        parts = pool.code(handle, epoch, start, stop)
+        timings["code_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        X, C, rec, l1, unconv = _merge_parts(parts, device, dtype)
+        ts.n_unconverged_rows += unconv
+        result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold)
+        ts.cost_sum += result.batch_cost * result.n_rows
+        ts.cost_rows += result.n_rows
+        timings["update_s"] += time.perf_counter() - t
+        if on_step is not None:
+            on_step(state, result)
+        if progress is not None:
+            progress.update(1)
+        last = state.step >= max_steps
+        if state.step % eval_every == 0 or last:
+            t = time.perf_counter()
+            train_cost = ts.cost_sum / max(ts.cost_rows, 1)
+            if has_heldout:
+                rec_s, l1_s, n_h = pool.heldout(pool.broadcast(state.D, G))
+                obj = (rec_s + l1_s) / max(n_h, 1)
+            else:
+                obj = train_cost
+            ts.history.append({"step": state.step, "epoch": round(state.step / spe, 4), "objective": obj, "train_batch_cost": train_cost})
+            ts.cost_sum, ts.cost_rows = 0.0, 0
+            if ts.best is None or obj < ts.best - s.tol * abs(ts.best):
+                ts.best, ts.bad_checks = obj, 0
+            else:
+                ts.bad_checks += 1
+                if ts.bad_checks >= s.patience:
+                    ts.stopped = "converged"
+            if progress is not None:
+                progress.set_postfix(objective=f"{obj:.5f}")
+            timings["heldout_s"] += time.perf_counter() - t
+        if ts.stopped is None and state.step >= max_steps:
+            ts.stopped = "max_epochs"
+        if on_checkpoint is not None and s.checkpoint_every and (state.step % s.checkpoint_every == 0) and ts.stopped is None:
+            t = time.perf_counter()
+            on_checkpoint(state, ts)
+            timings["checkpoint_s"] += time.perf_counter() - t
+    if ts.stopped is None:
+        ts.stopped = "max_epochs"
+    return FitResult(
+        state=state,
+        G=G,
+        history=ts.history,
+        stop_reason=ts.stopped,
+        timings=timings,
+        steps=state.step,
+        epochs=state.step / spe,
+        n_unconverged_rows=ts.n_unconverged_rows,
+    )
+
+
+def _merge_parts(parts: list[CodedPart], device: torch.device, dtype: torch.dtype):
+    parts = [p for p in parts if len(p.positions)]
+    pos = np.concatenate([p.positions for p in parts])
+    order = np.argsort(pos, kind="stable")
+    if len(parts) == 1:
+        X, C, rec, l1 = parts[0].X, parts[0].C, parts[0].rec, parts[0].l1
+    else:
+        X = np.concatenate([p.X for p in parts])[order]
+        C = np.concatenate([p.C for p in parts])[order]
+        rec = np.concatenate([p.rec for p in parts])[order]
+        l1 = np.concatenate([p.l1 for p in parts])[order]
+    unconv = sum(p.n_unconverged for p in parts)
+
+    def t(a):
+        return torch.as_tensor(a).to(device, dtype) if not isinstance(a, torch.Tensor) else a.to(device, dtype)
+
+    return t(X), t(C), torch.as_tensor(rec, dtype=torch.float64), torch.as_tensor(l1, dtype=torch.float64), unconv
+
+
+def learn_dictionary(
+    Z: np.ndarray | torch.Tensor,
+    s: FitSettings,
+    *,
+    heldout_fraction: float = 0.05,
+    heldout_max_rows: int = 10_000,
+    window_rows: int | None = None,
+    piece_rows: int = 4096,
+    lasso_tol: float = 1e-6,
+    lasso_max_iter: int = 500,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    world: int = 1,
+    **fit_kwargs: Any,
+) -> FitResult:
+    """The core learner on an in-memory matrix Z (rows are normalised here): no Ray, no files.
+
+    `world` > 1 splits the rows over that many in-process coders (same trajectory as 1).
+    """
+    from ga_ray.dictionary.stream import even_pieces, tensor_reader
+
+    Z = Z.detach().cpu().numpy() if isinstance(Z, torch.Tensor) else np.asarray(Z)
+    n = Z.shape[0]
+    pieces = even_pieces(n, piece_rows)
+    plan = StreamPlan(
+        piece_rows=tuple(pieces),
+        batch_size=min(s.batch_size, max(n, 1)),
+        window_rows=window_rows or max(n, 1),
+        seed=s.seed,
+        heldout_fraction=heldout_fraction,
+        heldout_max_rows=heldout_max_rows,
+    )
+    reader = tensor_reader(Z, pieces)
+    coders = [
+        BlockCoder(reader, plan, r, world, s.alpha, lasso_tol=lasso_tol, lasso_max_iter=lasso_max_iter, device=device, dtype=dtype)
+        for r in range(world)
+    ]
+    return fit(LocalPool(coders), plan, s, dtype=dtype, device=device, **fit_kwargs)
