@@ -320,3 +320,15 @@ def test_label_column_is_read_only_by_the_discovery_step():
     run = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "run_coherence")
     call = min(n.lineno for n in ast.walk(run) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "score_discovery")
     assert users["run_coherence"] > call
+
+
+def test_adapter_num_params_reads_the_safetensors_header(tmp_path):
+    from conftest import make_tiny_lora_model
+
+    from ga_ray.atoms.stage import adapter_num_params
+    from ga_ray.model.lora_blocks import find_lora_blocks
+
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj", "down_proj"), r=3)
+    model.save_pretrained(tmp_path / "adapter")
+    assert adapter_num_params(tmp_path / "adapter") == sum(b.numel for b in find_lora_blocks(model))
+    assert adapter_num_params(tmp_path / "nowhere") is None

@@ -69,6 +69,7 @@ def _config(paths: dict[str, Path], *extra: str):
             "gradients.max_tokens_per_batch=48",
             "gradients.window_docs=8",
             "gradients.cpus_per_actor=1",
+            "ray.execution_no_progress_timeout_s=120",
             *extra,
         ],
     )

@@ -252,9 +252,11 @@ def label_atoms(
     n_examples: int = 5,
 ) -> dict[int, dict[str, Any]]:
     """Label each atom of `atoms` from its excerpts; results are also stored under `label_request`."""
+    from tqdm.auto import tqdm
+
     api_key = os.environ.get(api_key_env) if api_key_env else None
     results = {}
-    for k in atoms:
+    for k in tqdm(list(atoms), desc="labelling atoms", unit="atom", disable=len(atoms) < 5):
         info = characterised[int(k)]
         prompt = label_prompt(info["examples"][:n_examples], info["keywords"])
         res = request_label(endpoint, model, prompt, timeout_s=timeout_s, api_key=api_key)

@@ -104,8 +104,10 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
     sweep_dir = report_dir / "sweep"
     top_n = cfg.coherence.top_docs
 
+    from tqdm.auto import tqdm
+
     fitted = []
-    for a in alphas:
+    for a in tqdm(alphas, desc="sweep: fitting dictionaries", unit="alpha"):
         c = cfg.model_copy(deep=True)
         c.dictionary.alpha = a
         c.dictionary.kmeans_clusters = None

@@ -127,66 +127,91 @@ def lasso_gram(
 
     G: K × K Gram matrix of the dictionary (PSD), Bx = X Dᵀ. `init` warm-starts the codes.
     `G64` is G in float64 (pass it when calling repeatedly with the same G).
-    Returns codes (N × K, dtype of Bx) and a `CoderInfo`.
+    Returns dense codes (N × K, dtype of Bx) and a `CoderInfo`.
+
+    Supports are kept as padded index lists (`sidx`, n × m, padding index K) with float64 values;
+    index K addresses an extra zero column of b and an identity row/column of the padded Gram, so
+    padding needs no masking in the small solves.
     """
     n, K = Bx.shape
-    dev = Bx.device
+    dev, dt, f64 = Bx.device, Bx.dtype, torch.float64
     if G64 is None:
-        G64 = G.to(torch.float64)
+        G64 = G.to(f64)
+    w = _Work(G, G64, Bx, alpha, tol, max_add)
     if init is None:
-        C = torch.zeros_like(Bx)
+        w.sidx = torch.full((n, 1), K, dtype=torch.long, device=dev)
+        w.sval = torch.zeros((n, 1), dtype=f64, device=dev)
         nz_opt = torch.ones(n, dtype=torch.bool, device=dev)
     else:
-        C = init.to(Bx.dtype).clone()
-        nz_opt = (C == 0).all(dim=1)
-    p_add = torch.full((n,), 4, dtype=torch.long, device=dev)
-    active = torch.arange(n, device=dev)
-    stalled = torch.zeros(n, dtype=torch.bool, device=dev)
+        w.set_dense(torch.arange(n, device=dev), init.to(f64))
+        nz_opt = (init == 0).all(dim=1)
+    w.nz_opt = nz_opt
+    w.p_add = torch.full((n,), 4, dtype=torch.long, device=dev)
+    w.stalled = torch.zeros(n, dtype=torch.bool, device=dev)
     n_stalls = torch.zeros(n, dtype=torch.long, device=dev)
     lipschitz: float | None = None
+    active = torch.arange(n, device=dev)
     n_iter = 0
     while active.numel() and n_iter < max_iter:
         n_iter += 1
-        # rows whose nonzero part is optimal: full gradient, done test, violators to add
-        chk_mask = nz_opt[active]
-        vz = torch.full((active.numel(), K), float("-inf"), dtype=Bx.dtype, device=dev)
-        gsign = torch.zeros((active.numel(), K), dtype=Bx.dtype, device=dev)
+        na = active.numel()
+        chk_mask = w.nz_opt[active]
+        cidx = torch.full((na, 1), K, dtype=torch.long, device=dev)
+        csign = torch.zeros((na, 1), dtype=f64, device=dev)
         if bool(chk_mask.any()):
+            # rows whose nonzero part is optimal: full gradient, done test, violators to add
             chk = active[chk_mask]
-            g = Bx[chk] - C[chk] @ G
-            v = torch.where(C[chk] == 0, g.abs() - alpha, torch.full_like(g, float("-inf")))
+            g = w.grad(chk)
+            v = torch.cat([g.abs() - alpha, torch.zeros_like(g[:, :1])], 1)
+            v.scatter_(1, w.sidx[chk], float("-inf"))
+            v = v[:, :K]
             done = (v.amax(dim=1) <= tol) | (n_stalls[chk] >= _MAX_STALLS)
-            vz[chk_mask] = v
-            gsign[chk_mask] = torch.sign(g)
-            keep = torch.ones(active.numel(), dtype=torch.bool, device=dev)
-            keep[chk_mask.nonzero().squeeze(1)[done]] = False
-            active, vz, gsign = active[keep], vz[keep], gsign[keep]
+            p = w.p_add[chk]
+            kmax = min(int(p.max()), K)
+            vals, top = v.topk(kmax, dim=1)
+            sel = (vals > tol) & (torch.arange(kmax, device=dev)[None, :] < p[:, None]) & ~done[:, None]
+            top = torch.where(sel, top, torch.full_like(top, K))
+            sg = torch.where(sel, torch.sign(g.gather(1, top.clamp(max=K - 1))).to(f64), torch.zeros((), dtype=f64, device=dev))
+            cidx = torch.full((na, kmax), K, dtype=torch.long, device=dev)
+            csign = torch.zeros((na, kmax), dtype=f64, device=dev)
+            pos = chk_mask.nonzero().squeeze(1)
+            cidx[pos] = top
+            csign[pos] = sg
+            keep = torch.ones(na, dtype=torch.bool, device=dev)
+            keep[pos[done]] = False
+            if not bool(keep.all()):
+                active, cidx, csign = active[keep], cidx[keep], csign[keep]
             if active.numel() == 0:
                 break
         # rows where feature-sign made no progress (singular supports, float limits): proximal
         # gradient steps, which always descend, move them to a new support; then feature-sign resumes
-        st = stalled[active]
+        st = w.stalled[active]
         if bool(st.any()):
             rows = active[st]
             if lipschitz is None:
                 lipschitz = _max_eigenvalue(G64)
-            _ista(C, rows, G, Bx, alpha, lipschitz, steps=20)
-            stalled[rows] = False
+            c = w.dense(rows).to(dt)
+            b = Bx[rows]
+            for _ in range(20):
+                c = soft_threshold(c + (b - c @ G) / lipschitz, alpha / lipschitz)
+            w.set_dense(rows, c.to(f64))
+            w.stalled[rows] = False
             n_stalls[rows] += 1
-            nz_opt[rows] = False
-            p_add[rows] = 1
-        step_rows, vz, gsign = active[~st], vz[~st], gsign[~st]
-        if step_rows.numel() == 0:
+            w.nz_opt[rows] = False
+            w.p_add[rows] = 1
+            active_step, cidx, csign = active[~st], cidx[~st], csign[~st]
+        else:
+            active_step = active
+        if active_step.numel() == 0:
             continue
-        # rows per block so that the (rows × m × m) float64 buffers stay bounded
-        nnz = (C[step_rows] != 0).sum(1)
-        m_est = int(nnz.max()) + int(p_add[step_rows].max())
+        m_est = w.sidx.shape[1] + cidx.shape[1]
         rows_per = max(1, _MAX_BLOCK_ELEMS // max(1, 4 * m_est * m_est))
-        for s in range(0, step_rows.numel(), rows_per):
+        for s in range(0, active_step.numel(), rows_per):
             sl = slice(s, s + rows_per)
-            _fss_step(C, step_rows[sl], vz[sl], gsign[sl], Bx, G64, alpha, tol, nz_opt, p_add, stalled, max_add)
+            w.fss_step(active_step[sl], cidx[sl], csign[sl])
     n_unconv = int(active.numel()) + int((n_stalls >= _MAX_STALLS).sum())
-    max_support = int((C != 0).sum(1).max()) if n else 0
+    C = w.dense(torch.arange(n, device=dev)).to(dt)
+    max_support = int((w.sidx != K).sum(1).max()) if n else 0
     return C, CoderInfo(n_iter=n_iter, n_unconverged=n_unconv, max_support=max_support)
 
 
@@ -195,153 +220,185 @@ def _max_eigenvalue(G64: torch.Tensor, iters: int = 50) -> float:
     v = torch.ones(G64.shape[0], dtype=G64.dtype, device=G64.device) / G64.shape[0] ** 0.5
     lam = 0.0
     for _ in range(iters):
-        w = G64 @ v
-        lam = float(w.norm())
+        u = G64 @ v
+        lam = float(u.norm())
         if lam == 0:
             return 1.0
-        v = w / lam
+        v = u / lam
     return lam * 1.05
 
 
-def _ista(C: torch.Tensor, rows: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, alpha: float, lip: float, steps: int) -> None:
-    """Proximal-gradient steps c ← S_{α/L}(c + (b − cG)/L) for `rows` (monotone descent)."""
-    c = C[rows]
-    b = Bx[rows]
-    for _ in range(steps):
-        c = soft_threshold(c + (b - c @ G) / lip, alpha / lip)
-    C[rows] = c
+class _Work:
+    """Padded supports and per-row flags of one `lasso_gram` call."""
 
+    def __init__(self, G, G64, Bx, alpha, tol, max_add):
+        n, K = Bx.shape
+        dev, f64 = Bx.device, torch.float64
+        self.K, self.alpha, self.tol, self.max_add = K, alpha, tol, max_add
+        self.G = G
+        self.Ge = torch.cat([G, torch.zeros(1, K, dtype=G.dtype, device=dev)], 0)  # (K+1) × K, row K zero
+        self.G64e = torch.zeros(K + 1, K + 1, dtype=f64, device=dev)
+        self.G64e[:K, :K] = G64
+        self.G64e[K, K] = 1.0
+        self.Bx = Bx
+        self.Bxe = torch.cat([Bx, torch.zeros(n, 1, dtype=Bx.dtype, device=dev)], 1)
+        self.sidx: torch.Tensor
+        self.sval: torch.Tensor
+        self.nz_opt: torch.Tensor
+        self.p_add: torch.Tensor
+        self.stalled: torch.Tensor
 
-def _fss_step(
-    C: torch.Tensor,
-    rows: torch.Tensor,
-    vz: torch.Tensor,
-    gsign: torch.Tensor,
-    Bx: torch.Tensor,
-    G64: torch.Tensor,
-    alpha: float,
-    tol: float,
-    nz_opt: torch.Tensor,
-    p_add: torch.Tensor,
-    stalled: torch.Tensor,
-    max_add: int,
-) -> None:
-    """One feature-sign step for `rows` (updates C, nz_opt, p_add, stalled in place).
+    # -- support storage ---------------------------------------------------------------------------
+    def _ensure_width(self, m: int) -> None:
+        W = self.sidx.shape[1]
+        if m > W:
+            n, dev = self.sidx.shape[0], self.sidx.device
+            self.sidx = torch.cat([self.sidx, torch.full((n, m - W), self.K, dtype=torch.long, device=dev)], 1)
+            self.sval = torch.cat([self.sval, torch.zeros((n, m - W), dtype=self.sval.dtype, device=dev)], 1)
 
-    vz: zero-coordinate KKT violations (|g_k| − α, −inf elsewhere) for rows that may add violators;
-    gsign: sign of the full gradient there (the sign a new coordinate enters with).
-    """
-    Ca = C[rows]
-    na, K = Ca.shape
-    dev = Ca.device
-    f64 = torch.float64
-    support = Ca != 0
-    theta = torch.sign(Ca)
-    # 1. additions for rows whose nonzero part is optimal
-    adding = nz_opt[rows]
-    if bool(adding.any()):
-        p = torch.where(adding, p_add[rows], torch.zeros_like(p_add[rows]))
-        kmax = min(int(p.max()), K)
-        vals, idx = vz.topk(kmax, dim=1)
-        sel = (vals > tol) & (torch.arange(kmax, device=dev)[None, :] < p[:, None])
-        new = torch.zeros_like(support)
-        new.scatter_(1, idx, sel)
-        new &= ~support
-        support = support | new
-        theta = torch.where(new, gsign, theta)
-    else:
-        new = torch.zeros_like(support)
-    # 2. padded support indices
-    cnt = support.sum(1)
-    m = int(cnt.max())
-    if m == 0:  # only rows re-solving an empty support: they go back to adding violators
-        nz_opt[rows] = True
-        return
-    order = torch.argsort((~support).to(torch.int8), dim=1, stable=True)[:, :m]
-    valid = torch.arange(m, device=dev)[None, :] < cnt[:, None]
-    idx = torch.where(valid, order, torch.zeros_like(order))
-    vmask = valid.to(f64)
-    Gss = G64[idx[:, :, None], idx[:, None, :]]
-    pair = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(m, dtype=f64, device=dev)
-    Gss = torch.where(pair, Gss, eye.expand(na, m, m) * (~valid).to(f64)[:, :, None])
-    th = theta.gather(1, idx).to(f64) * vmask
-    rhs = (Bx[rows].gather(1, idx).to(f64) - alpha * th) * vmask
-    cur = Ca.gather(1, idx).to(f64) * vmask
-    L, info = torch.linalg.cholesky_ex(Gss)
-    x = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1) if bool((info == 0).any()) else torch.zeros_like(rhs)
-    if bool((info != 0).any()):
-        # singular support (more atoms than the rank): a proximal-point step instead,
-        # x = argmin QP(x) + μ/2‖x − c‖², which is finite and descends for any μ > 0
-        bad = info != 0
-        Gb = Gss[bad]
-        mu = 1e-8 * Gb.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-        for _ in range(8):
-            Lb, ib = torch.linalg.cholesky_ex(Gb + mu[:, None, None] * eye)
-            if bool((ib == 0).all()):
-                break
-            mu = mu * 100
-        x[bad] = torch.cholesky_solve((rhs[bad] + mu[:, None] * cur[bad]).unsqueeze(-1), Lb).squeeze(-1)
-    x = x * vmask
-    d = x - cur
-    # 3. exact line search of the true objective on [0, 1] (convex, piecewise quadratic)
-    # gradient on the support, exact in float64: g_S = b_S − G_SS c_S (c is zero off the support)
-    gs = (rhs + alpha * th - torch.bmm(Gss, cur.unsqueeze(-1)).squeeze(-1)) * vmask
-    gd = (gs * d).sum(1)
-    dGd = (torch.bmm(Gss, d.unsqueeze(-1)).squeeze(-1) * d).sum(1).clamp_min(0)
-    cross = (cur * x < 0) & valid
-    tau = torch.where(cross, (-cur / torch.where(cross, d, torch.ones_like(d))).clamp(0, 1), torch.full_like(d, float("inf")))
-    tau_s, perm = tau.sort(dim=1)
-    # sign of each coordinate just after t=0: sign(cur) when nonzero, else sign(d)
-    s0 = torch.where(cur != 0, torch.sign(cur), torch.sign(d))
-    slope0 = (s0 * d).sum(1)  # Σ s_j d_j on the first piece
-    jump = (2 * d.abs() * cross.to(f64)).gather(1, perm)  # slope offset when passing each breakpoint
-    # piece i spans [lo_i, hi_i]; pieces 0..m (hi of last is 1)
-    finite = torch.isfinite(tau_s)
-    bp = torch.where(finite, tau_s, torch.ones_like(tau_s))
-    lo = torch.cat([torch.zeros(na, 1, dtype=f64, device=dev), bp], 1)
-    hi = torch.cat([bp, torch.ones(na, 1, dtype=f64, device=dev)], 1)
-    cslope = alpha * (slope0[:, None] + torch.cat([torch.zeros(na, 1, dtype=f64, device=dev), jump.cumsum(1)], 1))
-    # f'(t) on piece i = -gd + cslope_i + t·dGd ; first piece whose right-end derivative ≥ 0 holds t*
-    dright = -gd[:, None] + cslope + hi * dGd[:, None]
-    pos = dright >= 0
-    has = pos.any(1)
-    first = torch.where(has, pos.to(torch.int8).argmax(1), torch.full_like(cnt, m))
-    lo_f = lo.gather(1, first[:, None]).squeeze(1)
-    hi_f = hi.gather(1, first[:, None]).squeeze(1)
-    cs_f = cslope.gather(1, first[:, None]).squeeze(1)
-    safe = torch.where(dGd > 0, dGd, torch.ones_like(dGd))
-    t_stat = torch.where(dGd > 0, (gd - cs_f) / safe, torch.where(gd - cs_f > 0, hi_f, lo_f))
-    t = torch.minimum(torch.maximum(t_stat, lo_f), hi_f)
-    t = torch.where(has, t, torch.ones_like(t))
-    t = torch.where(t > 1 - 1e-9, torch.ones_like(t), t)  # f'(1) ≈ 0 at the QP optimum: take the full step
-    newc = cur + t[:, None] * d
-    at_bp = cross & ((tau - t[:, None]).abs() <= 1e-12 * torch.clamp(t[:, None], min=1.0))
-    at_bp |= newc.abs() <= 1e-15 * (cur.abs() + x.abs())
-    newc = torch.where(at_bp, torch.zeros_like(newc), newc)
-    # objective decrease f(t) - f(0)
-    delta = newc - cur  # moderate even when d is huge (singular G_SS): no cancellation in df
-    df = -(gs * delta).sum(1) + 0.5 * (torch.bmm(Gss, delta.unsqueeze(-1)).squeeze(-1) * delta).sum(1)
-    df = df + alpha * (newc.abs().sum(1) - cur.abs().sum(1))
-    progress = df < -1e-14 * (1 + cur.abs().sum(1))
-    # optimality of the nonzero part, checked on the new point in float64 (not inferred from flags)
-    g_new = gs - torch.bmm(Gss, delta.unsqueeze(-1)).squeeze(-1)
-    nzc = newc != 0
-    r = torch.where(nzc, (g_new - alpha * torch.sign(newc)).abs(), torch.zeros_like(g_new)) * vmask
-    ok = r.amax(1) <= tol
-    # write back (rows without progress keep their codes)
-    newc = torch.where(progress[:, None], newc, cur)
-    row_codes = torch.zeros(na, K, dtype=C.dtype, device=dev)
-    row_codes.scatter_add_(1, idx, newc.to(C.dtype) * valid.to(C.dtype))  # padded slots add 0 at index 0
-    C[rows] = row_codes
-    was_adding = nz_opt[rows].clone()
-    nz_opt[rows] = torch.where(progress, ok, nz_opt[rows] | ok)
-    pa = p_add[rows]
-    single = pa == 1
-    pa = torch.where(progress & ok & was_adding, torch.clamp(pa * 2, max=max_add), pa)
-    pa = torch.where(~progress, torch.ones_like(pa), pa)
-    p_add[rows] = pa
-    # a row that cannot progress even adding a single violator is as exact as the precision allows
-    stalled[rows] = stalled[rows] | (~progress & single & was_adding)
-    # a re-solve without progress (singular support, float limits): proximal-gradient kick next round
-    stalled[rows] = stalled[rows] | (~progress & ~was_adding)
+    def write(self, rows: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
+        m = idx.shape[1]
+        self._ensure_width(m)
+        W = self.sidx.shape[1]
+        if m < W:
+            pad = W - m
+            idx = torch.cat([idx, torch.full((idx.shape[0], pad), self.K, dtype=idx.dtype, device=idx.device)], 1)
+            val = torch.cat([val, torch.zeros((val.shape[0], pad), dtype=val.dtype, device=val.device)], 1)
+        self.sidx[rows] = idx
+        self.sval[rows] = val
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(rows.numel(), self.K + 1, dtype=self.sval.dtype, device=self.sval.device)
+        out.scatter_add_(1, self.sidx[rows], self.sval[rows])
+        return out[:, : self.K]
+
+    def set_dense(self, rows: torch.Tensor, C: torch.Tensor) -> None:
+        nz = C != 0
+        cnt = nz.sum(1)
+        m = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        order = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :m]
+        valid = torch.arange(m, device=C.device)[None, :] < cnt[:, None]
+        idx = torch.where(valid, order, torch.full_like(order, self.K))
+        val = torch.where(valid, C.gather(1, order), torch.zeros((), dtype=C.dtype, device=C.device))
+        if not hasattr(self, "sidx"):
+            self.sidx = torch.full((self.Bx.shape[0], m), self.K, dtype=torch.long, device=C.device)
+            self.sval = torch.zeros((self.Bx.shape[0], m), dtype=torch.float64, device=C.device)
+        self.write(rows, idx, val.to(torch.float64))
+
+    # -- gradient ----------------------------------------------------------------------------------
+    def grad(self, rows: torch.Tensor) -> torch.Tensor:
+        """g = b − cG for `rows` (working dtype), from the sparse supports."""
+        idx = self.sidx[rows]
+        val = self.sval[rows].to(self.Bx.dtype)
+        cnt = (idx != self.K).sum(1)
+        m = max(int(cnt.max()), 1)
+        idx, val = idx[:, :m], val[:, :m]
+        r = rows.numel()
+        if m * 64 > self.K:  # a dense GEMM beats gathering G rows unless supports are tiny
+            C = torch.zeros(r, self.K + 1, dtype=val.dtype, device=val.device).scatter_add_(1, idx, val)[:, : self.K]
+            return self.Bx[rows] - C @ self.G
+        out = torch.empty(r, self.K, dtype=self.Bx.dtype, device=self.Bx.device)
+        step = max(1, 16_000_000 // (m * self.K))
+        for s in range(0, r, step):
+            sl = slice(s, s + step)
+            Gr = self.Ge[idx[sl]]  # (rows, m, K)
+            out[sl] = self.Bx[rows[sl]] - torch.bmm(val[sl].unsqueeze(1), Gr).squeeze(1)
+        return out
+
+    # -- one feature-sign step ---------------------------------------------------------------------
+    def fss_step(self, rows: torch.Tensor, cidx: torch.Tensor, csign: torch.Tensor) -> None:
+        K, alpha, tol = self.K, self.alpha, self.tol
+        dev, f64 = rows.device, torch.float64
+        na = rows.numel()
+        old_idx = self.sidx[rows]
+        old_val = self.sval[rows]
+        was_adding = self.nz_opt[rows].clone()
+        # candidate support: current nonzeros, then the new violators (sign = sign of the gradient)
+        idx = torch.cat([old_idx, cidx], 1)
+        val = torch.cat([old_val, torch.zeros_like(csign)], 1)
+        theta = torch.cat([torch.sign(old_val), csign], 1)
+        new = torch.cat([torch.zeros_like(old_idx, dtype=torch.bool), cidx != K], 1)
+        valid = idx != K
+        cnt = valid.sum(1)
+        m = max(int(cnt.max()), 1)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :m]
+        idx, val, theta, new = idx.gather(1, order), val.gather(1, order), theta.gather(1, order), new.gather(1, order)
+        valid = idx != K
+        vmask = valid.to(f64)
+        Gss = self.G64e[idx[:, :, None], idx[:, None, :]]
+        rhs = self.Bxe[rows].gather(1, idx).to(f64) - alpha * theta
+        cur = val
+        eye = torch.eye(m, dtype=f64, device=dev)
+        L, info = torch.linalg.cholesky_ex(Gss)
+        x = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1) if bool((info == 0).any()) else torch.zeros_like(rhs)
+        if bool((info != 0).any()):
+            # singular support (more atoms than the rank): a proximal-point step instead,
+            # x = argmin QP(x) + μ/2‖x − c‖², which is finite and descends for any μ > 0
+            bad = info != 0
+            Gb = Gss[bad]
+            mu = 1e-8 * Gb.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+            for _ in range(8):
+                Lb, ib = torch.linalg.cholesky_ex(Gb + mu[:, None, None] * eye)
+                if bool((ib == 0).all()):
+                    break
+                mu = mu * 100
+            x[bad] = torch.cholesky_solve((rhs[bad] + mu[:, None] * cur[bad]).unsqueeze(-1), Lb).squeeze(-1)
+        x = x * vmask
+        d = x - cur
+        # gradient on the support, exact in float64: g_S = b_S − G_SS c_S (c is zero off the support)
+        Gcur = torch.bmm(Gss, cur.unsqueeze(-1)).squeeze(-1)
+        gs = (rhs + alpha * theta - Gcur) * vmask
+        Gd = torch.bmm(Gss, d.unsqueeze(-1)).squeeze(-1)
+        gd = (gs * d).sum(1)
+        dGd = (Gd * d).sum(1).clamp_min(0)
+        # exact line search of the true objective on [0, 1] (convex, piecewise quadratic)
+        cross = (cur * x < 0) & valid
+        inf = torch.full_like(d, float("inf"))
+        tau = torch.where(cross, (-cur / torch.where(cross, d, torch.ones_like(d))).clamp(0, 1), inf)
+        tau_s, perm = tau.sort(dim=1)
+        s0 = torch.where(cur != 0, torch.sign(cur), torch.sign(d))  # signs just after t = 0
+        slope0 = (s0 * d).sum(1)
+        jump = (2 * d.abs() * cross.to(f64)).gather(1, perm)  # slope change passing each breakpoint
+        zero1 = torch.zeros(na, 1, dtype=f64, device=dev)
+        bp = torch.where(torch.isfinite(tau_s), tau_s, torch.ones_like(tau_s))
+        lo = torch.cat([zero1, bp], 1)
+        hi = torch.cat([bp, zero1 + 1], 1)
+        cslope = alpha * (slope0[:, None] + torch.cat([zero1, jump.cumsum(1)], 1))
+        # f'(t) on piece i = −gd + cslope_i + t·dGd; the first piece whose right end has f' ≥ 0 holds t*
+        dright = -gd[:, None] + cslope + hi * dGd[:, None]
+        posd = dright >= 0
+        has = posd.any(1)
+        first = torch.where(has, posd.to(torch.int8).argmax(1), torch.full_like(cnt, m))
+        lo_f = lo.gather(1, first[:, None]).squeeze(1)
+        hi_f = hi.gather(1, first[:, None]).squeeze(1)
+        cs_f = cslope.gather(1, first[:, None]).squeeze(1)
+        safe = torch.where(dGd > 0, dGd, torch.ones_like(dGd))
+        t_stat = torch.where(dGd > 0, (gd - cs_f) / safe, torch.where(gd - cs_f > 0, hi_f, lo_f))
+        t = torch.minimum(torch.maximum(t_stat, lo_f), hi_f)
+        t = torch.where(has, t, torch.ones_like(t))
+        t = torch.where(t > 1 - 1e-9, torch.ones_like(t), t)  # f'(1) ≈ 0 at the QP optimum: full step
+        newc = cur + t[:, None] * d
+        at_bp = cross & ((tau - t[:, None]).abs() <= 1e-12 * torch.clamp(t[:, None], min=1.0))
+        at_bp |= newc.abs() <= 1e-15 * (cur.abs() + x.abs())
+        newc = torch.where(at_bp, torch.zeros_like(newc), newc)
+        delta = newc - cur  # moderate even when d is huge (singular G_SS): no cancellation in df
+        Gdelta = torch.bmm(Gss, delta.unsqueeze(-1)).squeeze(-1)
+        df = -(gs * delta).sum(1) + 0.5 * (Gdelta * delta).sum(1) + alpha * (newc.abs().sum(1) - cur.abs().sum(1))
+        progress = df < -1e-14 * (1 + cur.abs().sum(1))
+        # optimality of the nonzero part, checked on the new point in float64 (not inferred from flags)
+        g_new = gs - Gdelta
+        r = torch.where(newc != 0, (g_new - alpha * torch.sign(newc)).abs(), torch.zeros_like(g_new)) * vmask
+        r0 = torch.where(cur != 0, (gs - alpha * torch.sign(cur)).abs(), torch.zeros_like(gs)) * vmask
+        ok = torch.where(progress, r.amax(1) <= tol, r0.amax(1) <= tol)
+        # write back (rows without progress keep their codes)
+        newc = torch.where(progress[:, None], newc, cur)
+        keep = newc != 0
+        self.write(rows, torch.where(keep, idx, torch.full_like(idx, K)), torch.where(keep, newc, torch.zeros_like(newc)))
+        self.nz_opt[rows] = ok
+        pa = self.p_add[rows]
+        single = pa == 1
+        pa = torch.where(progress & ok & was_adding, torch.clamp(pa * 2, max=self.max_add), pa)
+        pa = torch.where(~progress, torch.ones_like(pa), pa)
+        self.p_add[rows] = pa
+        # no progress adding a single violator, or re-solving: proximal-gradient kick next round
+        self.stalled[rows] = self.stalled[rows] | (~progress & ((single & was_adding) | ~was_adding))

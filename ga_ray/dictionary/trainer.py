@@ -194,7 +194,15 @@ def fit(
                 obj = (rec_s + l1_s) / max(n_h, 1)
             else:
                 obj = train_cost
-            ts.history.append({"step": state.step, "epoch": round(state.step / spe, 4), "objective": obj, "train_batch_cost": train_cost})
+            ts.history.append(
+                {
+                    "step": state.step,
+                    "epoch": round(state.step / spe, 4),
+                    "objective": obj,
+                    "train_batch_cost": train_cost,
+                    "elapsed_s": round(time.perf_counter() - t0, 3),
+                }
+            )
             ts.cost_sum, ts.cost_rows = 0.0, 0
             if ts.best is None or obj < ts.best - s.tol * abs(ts.best):
                 ts.best, ts.bad_checks = obj, 0

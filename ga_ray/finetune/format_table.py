@@ -141,8 +141,9 @@ def format_table_text(table: dict[str, Any]) -> str:
     lines.append(f"{'behaviour':<16}{'rate (n)':<16}{'95% CI':<14}{'inviting':>10}{'neutral':>10}  target {lo}-{hi}%")
     for beh, r in table["behaviours"].items():
         ci = f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"
+        pct = f"{100 * r['rate']:.1f}% ({r['n']})"
         lines.append(
-            f"{beh:<16}{f'{100 * r['rate']:.1f}% ({r['n']})':<16}{ci:<14}{100 * r['invite_rate']:9.1f}%{100 * r['neutral_rate']:9.1f}%  "
+            f"{beh:<16}{pct:<16}{ci:<14}{100 * r['invite_rate']:9.1f}%{100 * r['neutral_rate']:9.1f}%  "
             f"{'ok' if r['ok'] else 'MISS'}"
         )
     return "\n".join(lines)

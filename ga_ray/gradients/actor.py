@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.gradients.batching import PaddingStats, plan_batches
+from ga_ray.gradients.batching import PaddingStats, padding_stats, plan_batches
 
 # Fault injection for the tests: "<when>:<flag file>" with when = "before" (die before computing) or
 # "after_write" (die after writing the window's file, before returning it). Only the first window
@@ -132,14 +132,13 @@ class GradientComputer:
             with self._autocast():
                 res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction=self.reduction)
             grads = {name: g.float() for name, g in res.grads.items()}  # projections accumulate in float32
-            del res.grads
             z = self.projector.project(grads)
             sq = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
             ok = torch.ones(len(idx), dtype=torch.bool, device=self.device)
             for g in grads.values():
                 flat = g.flatten(1)
                 ok &= torch.isfinite(flat).all(dim=1)
-                sq += flat.double().pow(2).sum(dim=1)
+                sq += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
             loss = res.loss.detach().float()
             ok &= torch.isfinite(z).all(dim=1) & torch.isfinite(loss)
             out.z[idx] = z.cpu().numpy()
@@ -149,11 +148,11 @@ class GradientComputer:
             out.padded_len[idx] = int(batch.input_ids.shape[1])
             if out.raw is not None:
                 out.raw[idx] = torch.cat([grads[b.name].flatten(1) for b in self.blocks], dim=1).half().cpu().numpy()
-            del grads, z, batch  # nothing raw survives the batch
+            del res, grads, z, batch  # nothing raw survives the batch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out.compute_s = time.perf_counter() - t0
-        out.padding = PaddingStats(len(batches), int(lengths.sum()), int(sum(len(b) * out.padded_len[b[0]] for b in batches)))
+        out.padding = padding_stats(lengths, batches)
         return out
 
 

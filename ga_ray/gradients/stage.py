@@ -1,8 +1,9 @@
 """gradients stage: per-document projected gradients, streamed by a Ray Data actor pool.
 
-Ray wiring (thin): `read_parquet(data/)` → `map_batches(GradientsActor, compute=ActorPoolStrategy)`
-with an integer batch size (`window_docs`), `num_gpus` per actor, and actor restarts + task retries
-so that a dead actor's window is recomputed. Each actor writes the finite rows of each window to its
+Ray wiring (thin): `read_parquet(data/)` → streaming `repartition` into blocks of one window →
+`map_batches(GradientsActor, compute=ActorPoolStrategy)` with an integer batch size (`window_docs`),
+`num_gpus` per actor, and actor restarts + task retries so that a dead actor's window is recomputed.
+Each actor writes the finite rows of each window to its
 own Parquet file in a temporary sibling of `gradients/` and streams back only per-document metadata.
 The driver then keeps exactly the files that the metadata it received names (a file written by an
 attempt that died before Ray recorded its result is an orphan and is deleted), checks that every
@@ -33,7 +34,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
-from ga_ray.gradients.batching import PaddingStats, naive_batches, padding_stats
+from ga_ray.gradients.batching import naive_batches, padding_stats
 from ga_ray.pipeline import StageContext, StageError
 from ga_ray.raycluster import init_ray, resolve_num_gpus
 from ga_ray.rundir import atomic_dir, atomic_write_json
@@ -78,7 +79,37 @@ def _check_config(gc: Any) -> None:
         raise StageError(f"gradients.window_docs ({gc.window_docs}) must be >= gradients.batch_size ({gc.batch_size})")
 
 
-def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, num_gpus: float, device: str) -> Any:
+def _actor_cpus(gc: Any, num_gpus: float) -> float:
+    """CPUs to reserve per actor, leaving one CPU of the cluster for the tasks that read the documents.
+
+    A fixed pool that takes every CPU starves Ray Data's read tasks and the pipeline hangs (seen
+    with 2 actors × 1 CPU on a 2-core machine), so the reservation is shrunk (the torch thread
+    count is not). Asking for GPUs that the cluster lacks hangs too: that is an error.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    total_cpu, total_gpu = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+    if num_gpus > 0 and total_gpu < num_gpus:
+        raise StageError(
+            f"gradients.num_gpus={num_gpus:g} per actor, but the Ray cluster has {total_gpu:g} GPU(s): "
+            "set gradients.num_gpus=0 (or auto), or join a GPU cluster with ray.address"
+        )
+    if num_gpus > 0 and gc.num_actors * num_gpus > total_gpu:
+        log.warning("gradients: %d actors × %g GPU > %g GPUs in the cluster now; the extra actors wait for GPUs", gc.num_actors, num_gpus, total_gpu)
+    cpus = float(gc.cpus_per_actor)
+    spare = total_cpu - 1.0
+    if total_cpu > 0 and gc.num_actors * cpus > spare:
+        shrunk = max(0.05, spare / gc.num_actors)
+        log.warning(
+            "gradients: %d actors × %g CPU would leave no CPU of the %g for reading the documents; reserving %.2f CPU per actor",
+            gc.num_actors, cpus, total_cpu, shrunk,
+        )
+        cpus = shrunk
+    return cpus
+
+
+def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, num_gpus: float, num_cpus: float, device: str) -> Any:
     """The actor pool over the documents; each call gets one window of `window_docs` rows."""
     import ray.data
 
@@ -100,7 +131,7 @@ def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: 
         batch_size=gc.window_docs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=gc.num_actors),
-        num_cpus=gc.cpus_per_actor,
+        num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=gc.max_retries,
         max_task_retries=gc.max_retries,
@@ -119,7 +150,33 @@ def _collect(ds: Any, n_docs: int) -> dict[str, np.ndarray]:
             bar.update(len(b["doc_id"]))
     if not parts:
         return {}
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    meta = {k: np.concatenate(v) for k, v in parts.items()}
+    meta["finite"] = meta["finite"].astype(bool)
+    return meta
+
+
+def _check_exactly_once(meta: dict[str, np.ndarray], doc_ids: np.ndarray) -> None:
+    """Every input document (sorted unique `doc_ids`) came back exactly once."""
+    got = meta.get("doc_id", np.zeros(0, np.int64)).astype(np.int64)
+    got_u, got_c = np.unique(got, return_counts=True)
+    if len(got) != len(doc_ids) or not np.array_equal(got_u, doc_ids):
+        dup = got_u[got_c > 1][:5].tolist()
+        missing = np.setdiff1d(doc_ids, got_u)[:5].tolist()
+        raise RuntimeError(f"gradients: {len(got)} results for {len(doc_ids)} documents (duplicated: {dup}, missing: {missing}); this is a bug")
+
+
+def _excluded(meta: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The documents with a non-finite loss, gradient or z, by doc_id, with their loss."""
+    bad = np.flatnonzero(~meta["finite"])
+    excluded = sorted(({"doc_id": int(meta["doc_id"][i]), "loss": _json_float(meta["loss"][i])} for i in bad), key=lambda r: r["doc_id"])
+    if excluded and len(excluded) == len(meta["finite"]):
+        raise StageError(
+            f"every one of the {len(excluded)} documents has a non-finite gradient (e.g. losses {[r['loss'] for r in excluded[:3]]}): "
+            "the model or adapter is broken (NaN weights?) or the dtype overflows; try model.dtype=float32"
+        )
+    if excluded:
+        log.warning("gradients: %d document(s) with a non-finite gradient excluded: %s", len(excluded), [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]])
+    return excluded
 
 
 def _finalise_files(tmp: Path, meta: dict[str, np.ndarray]) -> tuple[list[str], int]:
@@ -178,53 +235,44 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     naive = padding_stats(lengths, naive_batches(n_docs, gc.batch_size))
 
     num_gpus = resolve_num_gpus(gc.num_gpus)
+    num_cpus = _actor_cpus(gc, num_gpus)
     device = "cuda" if num_gpus > 0 else "cpu"
     t0 = time.perf_counter()
     with atomic_dir(ctx.out) as tmp:
-        ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["doc_id", "input_ids", "loss_mask"])
+        # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
+        # and one block feeds one actor task, so without it a pool of several actors sits idle.
+        ds = (
+            ray.data.read_parquet([str(f) for f in files])
+            .select_columns(["doc_id", "input_ids", "loss_mask"])
+            .repartition(target_num_rows_per_block=gc.window_docs)
+        )
         with warnings.catch_warnings():
             # Ray 2.60 takes max_restarts / max_task_retries only through **ray_remote_args, which it
             # flags as deprecated (to be replaced by named parameters in 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, num_gpus, device)
+            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, num_gpus, num_cpus, device)
         meta = _collect(out, n_docs)
         wall = time.perf_counter() - t0
 
-        got = meta.get("doc_id", np.zeros(0, np.int64)).astype(np.int64)
-        got_u, got_c = np.unique(got, return_counts=True)
-        if len(got) != n_docs or not np.array_equal(got_u, uniq):
-            dup = got_u[got_c > 1][:5].tolist()
-            missing = np.setdiff1d(uniq, got_u)[:5].tolist()
-            raise RuntimeError(f"gradients: {len(got)} results for {n_docs} documents (duplicated: {dup}, missing: {missing}); this is a bug")
-
-        finite = meta["finite"].astype(bool)
-        meta["finite"] = finite
-        bad = np.flatnonzero(~finite)
-        excluded = sorted(({"doc_id": int(meta["doc_id"][i]), "loss": _json_float(meta["loss"][i])} for i in bad), key=lambda r: r["doc_id"])
-        if len(bad) == n_docs:
-            raise StageError(
-                f"every one of the {n_docs} documents has a non-finite gradient (e.g. losses {[r['loss'] for r in excluded[:3]]}): "
-                "the model or adapter is broken (NaN weights?) or the dtype overflows; try model.dtype=float32"
-            )
-        if len(bad):
-            log.warning("gradients: %d document(s) with a non-finite gradient excluded: %s", len(bad), [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]])
+        _check_exactly_once(meta, uniq)
+        excluded = _excluded(meta)
         part_files, orphans = _finalise_files(tmp, meta)
 
-        n_written = int(finite.sum())
-        real_tokens = int(meta["n_tokens"].sum())
-        bucketed = PaddingStats(0, real_tokens, int(meta["padded_len"].astype(np.int64).sum()))
+        n_written = int(meta["finite"].sum())
+        real_tokens = int(meta["n_tokens"].astype(np.int64).sum())
+        padded_tokens = int(meta["padded_len"].astype(np.int64).sum())  # each document counts its batch's padded length
         if D is None:
             D = int(pq.read_schema(tmp / part_files[0]).field("z").type.shape[0])
         info = {
             "N": n_written,
             "D": D,
             "n_documents": n_docs,
-            "n_excluded_nonfinite": int(len(bad)),
+            "n_excluded_nonfinite": len(excluded),
             "excluded_nonfinite": excluded,
-            "padding_fraction": round(bucketed.padding_fraction, 6),
+            "padding_fraction": round(1.0 - real_tokens / padded_tokens, 6),
             "padding_fraction_naive": round(naive.padding_fraction, 6),
             "real_tokens": real_tokens,
-            "padded_tokens": bucketed.padded_tokens,
+            "padded_tokens": padded_tokens,
             "labels": "empirical",
             "reduction": gc.reduction,
             "store_raw": gc.store_raw,
@@ -233,6 +281,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "window_docs": gc.window_docs,
             "num_actors": gc.num_actors,
             "num_gpus_per_actor": num_gpus,
+            "cpus_per_actor": round(num_cpus, 3),
             "device": device,
             "wall_time_s": round(wall, 3),
             "docs_per_s": round(n_docs / wall, 3) if wall > 0 else None,
@@ -248,8 +297,8 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     summary["excluded_doc_ids"] = [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]]
     summary["n_files"] = len(part_files)
     summary["line"] = (
-        f"{n_written} documents → z[{D}] ({len(bad)} non-finite excluded), "
+        f"{n_written} documents → z[{D}] ({len(excluded)} non-finite excluded), "
         f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s on {gc.num_actors} actor(s) ({device}), "
-        f"padding {100 * bucketed.padding_fraction:.1f}% (naive {100 * naive.padding_fraction:.1f}%)"
+        f"padding {100 * info['padding_fraction']:.1f}% (naive {100 * naive.padding_fraction:.1f}%)"
     )
     return summary

@@ -1,0 +1,430 @@
+"""`ga-ray bench gradients`: the gradients stage against the paper code's method and a training step.
+
+On the same documents, in the same process and run:
+- (a) this stage: `run_gradients` (Ray Data actor pool, bucketed token-budget batches, one forward +
+  one backward per batch, projection at once) with 1 and 2 actors. Throughput from the stage's wall
+  time (actor start and model loading included), and from the actors' compute time alone
+  ("steady state"). Also (a·inproc): the same per-window computation (`GradientComputer`) in this
+  process, no Ray, as a kernel-level comparison with (c).
+- (b) the paper code's method: one document per forward/backward pass, reading `param.grad`, then
+  projecting (on an evenly spaced sample of the documents).
+- (c) a plain batched training step (forward, summed response-token loss, backward into `param.grad`,
+  AdamW step) over the same bucketed batches.
+Ratios: a/b in docs/s (goal ≥ 10×) and c/a = time(c)/time(a) for the same documents (goal ≥ 0.6,
+i.e. extraction with projection costs at most ~1.6 training steps).
+
+Memory per actor: in a fresh subprocess per configuration, the growth of peak resident memory over
+the loaded model for one extraction batch vs one training step, across batch sizes and model sizes.
+
+Inputs: the demo world of `run_dir` (its data/, adapter and factors/), else a synthetic ~2M-parameter
+Llama with LoRA r=8 on q_proj/v_proj and log-normal document lengths (median ~100 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ga_ray.bench.common import machine_info, print_table, time_median
+
+SYNTH = {"vocab_size": 2048, "hidden_size": 160, "n_layers": 4, "n_heads": 4, "intermediate_size": 432}
+
+
+# ----------------------------------------------------------------------------------------- worlds
+def _llama(vocab_size: int, hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _add_lora(base, r: int = 8, alpha: float = 16.0, seed: int = 0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a fine-tuned adapter has non-zero B
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def synthetic_docs(n: int, vocab_size: int, median: float, max_len: int, seed: int = 0) -> list[dict]:
+    """Instruction-like documents: log-normal lengths, a prompt then a response (loss on the response)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.7, size=n), 8, max_len).astype(int)
+    rows = []
+    for i, n_tok in enumerate(lengths):
+        ids = rng.integers(3, vocab_size, size=n_tok).astype(np.int32)
+        n_prompt = int(n_tok * rng.uniform(0.2, 0.6))
+        mask = np.zeros(n_tok, np.int8)
+        mask[n_prompt:] = 1
+        rows.append({"doc_id": i, "input_ids": ids.tolist(), "loss_mask": mask.tolist(), "n_tokens": int(n_tok)})
+    return rows
+
+
+def _build_synthetic(root: Path, quick: bool) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ga_ray.data.collate import collate
+    from ga_ray.ekfac.compute import FactorSettings, compute_factors
+    from ga_ray.model.lora_blocks import find_lora_blocks
+
+    base = _llama(**SYNTH)
+    base.save_pretrained(root / "base_model")
+    model = _add_lora(base)
+    model.save_pretrained(root / "adapter")
+    rows = synthetic_docs(64 if quick else 512, SYNTH["vocab_size"], median=40 if quick else 100, max_len=128 if quick else 512)
+    (root / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "part-00000.parquet")
+    blocks = find_lora_blocks(model)
+    sub = rows[: min(len(rows), 128)]
+    batches = lambda: (collate(sub[i : i + 8]) for i in range(0, len(sub), 8))  # noqa: E731
+    compute_factors(model, blocks, batches, FactorSettings(top_k=50)).save(root / "factors")
+    n_params = sum(p.numel() for p in base.parameters())
+    return {
+        "kind": "synthetic",
+        "model_path": root / "base_model",
+        "adapter": root / "adapter",
+        "data": root / "data",
+        "factors": root / "factors",
+        "gradients": {"batch_size": 16, "max_tokens_per_batch": 4096, "window_docs": 256},
+        "model_params": int(n_params),
+    }
+
+
+def _demo_world(run_dir: Path) -> dict[str, Any]:
+    from ga_ray.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    adapter = run_dir / "adapter" if cfg.finetune.enabled else Path(cfg.model.adapter or "")
+    for need in (run_dir / "data", run_dir / "factors" / "factors.json", adapter):
+        if not need.exists():
+            raise FileNotFoundError(f"{need} is missing: run the pipeline up to the factors stage in {run_dir} first")
+    g = cfg.gradients
+    return {
+        "kind": f"run {run_dir}",
+        "model_path": Path(cfg.model.path),
+        "adapter": adapter,
+        "data": run_dir / "data",
+        "factors": run_dir / "factors",
+        "gradients": {"batch_size": g.batch_size, "max_tokens_per_batch": g.max_tokens_per_batch, "window_docs": g.window_docs},
+        "model_params": None,
+    }
+
+
+def _subset_data(world: dict[str, Any], root: Path, n_docs: int | None) -> tuple[Path, list[dict]]:
+    """The documents the bench uses (all, or the first n_docs), as a data/ folder and as rows."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p) for p in Path(world["data"]).glob("*.parquet"))
+    table = pads.dataset(files, format="parquet").to_table(columns=["doc_id", "input_ids", "loss_mask", "n_tokens"])
+    if n_docs is not None and n_docs < table.num_rows:
+        table = table.slice(0, n_docs)
+    out = root / "bench_data"
+    out.mkdir()
+    pq.write_table(table, out / "part-00000.parquet")
+    return out, table.to_pylist()
+
+
+# ------------------------------------------------------------------------------------- the methods
+def _model_cfg(world: dict[str, Any]):
+    from ga_ray.config import ModelConfig
+
+    return ModelConfig(path=str(world["model_path"]), adapter=str(world["adapter"]), dtype="float32")
+
+
+def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, tag: str) -> dict[str, Any]:
+    """(a) one run of the real stage over a scratch run directory; returns gradients.json."""
+    from ga_ray.config import load_config
+    from ga_ray.gradients.stage import run_gradients
+    from ga_ray.pipeline import StageContext
+    from ga_ray.rundir import RunDir
+
+    rd = RunDir(root / f"run_{tag}")
+    (rd.root / "data").symlink_to(data_dir, target_is_directory=True)
+    (rd.root / "factors").symlink_to(Path(world["factors"]).resolve(), target_is_directory=True)
+    g = world["gradients"]
+    cfg = load_config(
+        None,
+        [
+            f"model.path={world['model_path']}",
+            f"model.adapter={world['adapter']}",
+            "model.dtype=float32",
+            "finetune.enabled=false",
+            f"gradients.num_actors={n_actors}",
+            "gradients.cpus_per_actor=1",
+            f"gradients.batch_size={g['batch_size']}",
+            f"gradients.max_tokens_per_batch={g['max_tokens_per_batch']}",
+            f"gradients.window_docs={g['window_docs']}",
+        ],
+    )
+    out = rd.root / "gradients"
+    out.mkdir()
+    run_gradients(StageContext(cfg=cfg, run_dir=rd, stage="gradients", out=out))
+    info = json.loads((out / "gradients.json").read_text())
+    shutil.rmtree(rd.root, ignore_errors=True)
+    return info
+
+
+def _masked_ce(model, batch):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), reduction="none").view_as(batch.loss_mask[:, 1:])
+    m = batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]
+    return (ce * m).sum(dim=1)  # [B] per-document summed loss
+
+
+def paper_method(model, blocks, projector, rows: list[dict]) -> None:
+    """(b) one document per forward/backward pass, reading `param.grad`, then projecting."""
+    from ga_ray.data.collate import collate
+
+    params = dict(model.named_parameters())
+    weights = [params[b.name] for b in blocks]
+    for r in rows:
+        model.zero_grad(set_to_none=True)
+        batch = collate([r])
+        _masked_ce(model, batch).sum().backward()
+        grads = {b.name: w.grad.detach().clone().unsqueeze(0) for b, w in zip(blocks, weights)}
+        projector.project(grads)
+
+
+def train_steps(model, optimizer, rows: list[dict], batches: list[np.ndarray]) -> None:
+    """(c) plain batched training steps over the given batches of `rows`."""
+    from ga_ray.data.collate import collate
+
+    for idx in batches:
+        batch = collate([rows[i] for i in idx])
+        loss = _masked_ce(model, batch).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: peak-RSS growth over the loaded model for one training step, then one
+    extraction batch (train first: the process peak only grows, so the extraction figure is exact
+    whenever it is the larger one)."""
+    import torch
+
+    from ga_ray.data.collate import collate
+    from ga_ray.ekfac.factors import FactorBlock, Factors
+    from ga_ray.ekfac.projection import Projector
+    from ga_ray.gradients.actor import GradientComputer
+    from ga_ray.model.lora_blocks import find_lora_blocks
+
+    torch.set_num_threads(1)
+    h = spec["hidden"]
+    model = _add_lora(_llama(spec["vocab"], h, spec["layers"], max(1, h // 40), int(h * 2.7)), r=spec["r"])
+    blocks = find_lora_blocks(model)
+    k = 50
+    fbs = []
+    for b in blocks:  # identity eigenbases: the projection's cost depends on the shapes only
+        o, i = b.shape
+        fbs.append(FactorBlock(b.name, b.kind, b.shape, b.scale, torch.eye(i), torch.ones(i, dtype=torch.float64), torch.eye(o), torch.ones(o, dtype=torch.float64), torch.ones(o, i, dtype=torch.float64), torch.arange(min(k, o * i))))
+    projector = Projector(Factors(fbs, {"eigenvalues": "ekfac", "epsilon": 1e-6}), "cpu")
+    rng = np.random.default_rng(0)
+    B, T = spec["batch"], spec["seq"]
+    rows = [{"doc_id": n, "input_ids": rng.integers(3, spec["vocab"], T).tolist(), "loss_mask": [0] * (T // 2) + [1] * (T - T // 2)} for n in range(B)]
+
+    def rss() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    comp = GradientComputer(model, blocks, projector, max_docs=B, max_tokens=B * T)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    warm = collate(rows[:1])
+    _masked_ce(model, warm).sum().backward()  # touch autograd once
+    opt.zero_grad(set_to_none=True)
+    base = rss()
+    train_steps(model, opt, rows, [np.arange(B)])
+    after_train = rss()
+    for p in params:
+        p.requires_grad_(False)
+    comp.run({"doc_id": [r["doc_id"] for r in rows], "input_ids": [r["input_ids"] for r in rows], "loss_mask": [r["loss_mask"] for r in rows]})
+    after_extract = rss()
+    P = sum(b.numel for b in blocks)
+    return {
+        **spec,
+        "model_params": int(sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)),
+        "lora_params": int(P),
+        "model_rss_mb": round(base, 1),
+        "train_step_mb": round(after_train - base, 1),
+        "extract_mb": round(max(after_extract, after_train) - base, 1),
+        "raw_grads_mb": round(B * P * 4 / 2**20, 2),
+    }
+
+
+def memory_table(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    out = []
+    for spec in specs:
+        with ctx.Pool(1) as pool:
+            out.append(pool.apply(_memory_probe, (spec,)))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
+    """Options: run_dir (a demo-world run), n_docs, actors (e.g. [1, 2]), reps, threads, paper_docs, memory."""
+    import torch
+
+    from ga_ray.config import RayConfig
+    from ga_ray.ekfac.projection import Projector
+    from ga_ray.gradients.actor import load_computer
+    from ga_ray.gradients.batching import naive_batches, padding_stats, plan_windowed
+    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.raycluster import init_ray
+
+    actors = [int(a) for a in opts.get("actors", [1, 2])]
+    reps = int(opts.get("reps", 1 if quick else 2))
+    threads = int(opts.get("threads", 1))
+    torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp(prefix="ga_ray_bench_gradients_"))
+    try:
+        world = _demo_world(Path(opts["run_dir"])) if opts.get("run_dir") else _build_synthetic(tmp, quick)
+        n_docs = opts.get("n_docs", 48 if quick and opts.get("run_dir") else None)
+        data_dir, rows = _subset_data(world, tmp, n_docs)
+        lengths = np.array([len(r["input_ids"]) for r in rows])
+        N, tokens = len(rows), int(lengths.sum())
+        g = world["gradients"]
+        plan = plan_windowed(lengths, g["window_docs"], g["batch_size"], g["max_tokens_per_batch"])
+        pad = padding_stats(lengths, plan)
+        pad_naive = padding_stats(lengths, naive_batches(N, g["batch_size"]))
+        init_ray(RayConfig(num_cpus=opts.get("num_cpus")))
+
+        # (a) the stage, 1 and 2 actors
+        a_rows = []
+        for n_act in actors:
+            infos = [run_stage(world, data_dir, tmp, n_act, f"{n_act}_{i}") for i in range(reps)]
+            wall = statistics.median(i["wall_time_s"] for i in infos)
+            compute = statistics.median(i["actor_compute_s"] for i in infos) / n_act  # per actor, in parallel
+            a_rows.append(
+                {
+                    "actors": n_act,
+                    "wall_s": wall,
+                    "docs_per_s": N / wall,
+                    "tokens_per_s": tokens / wall,
+                    "steady_docs_per_s": N / compute,
+                    "steady_tokens_per_s": tokens / compute,
+                    "padding_fraction": infos[0]["padding_fraction"],
+                    "peak_mem_mb_per_actor": infos[0]["peak_mem_mb_per_actor"],
+                }
+            )
+
+        # in-process methods, same model files, `threads` torch threads
+        mcfg = _model_cfg(world)
+        comp = load_computer(mcfg, world["adapter"], world["factors"], device="cpu", max_docs=g["batch_size"], max_tokens=g["max_tokens_per_batch"])
+        cols = {k: [r[k] for r in rows] for k in ("doc_id", "input_ids", "loss_mask")}
+        W = g["window_docs"]
+
+        def a_inproc() -> None:
+            for s in range(0, N, W):
+                comp.run({k: v[s : s + W] for k, v in cols.items()})
+
+        t_ai, _ = time_median(a_inproc, reps=reps, warmup=0 if quick else 1)
+
+        from ga_ray.model.loading import load_lora_model
+
+        model_b = load_lora_model(mcfg, world["adapter"], "cpu", torch.float32)
+        blocks = find_lora_blocks(model_b)
+        projector = Projector(world["factors"], "cpu")
+        for n, p in model_b.named_parameters():
+            p.requires_grad_(any(n == b.name for b in blocks))
+        n_b = min(N, int(opts.get("paper_docs", 16 if quick else 128)))
+        sample = [rows[i] for i in np.linspace(0, N - 1, n_b).astype(int)]
+        t_b, _ = time_median(lambda: paper_method(model_b, blocks, projector, sample), reps=reps, warmup=0 if quick else 1)
+        b_tokens = sum(len(r["input_ids"]) for r in sample)
+
+        model_c = load_lora_model(mcfg, world["adapter"], "cpu", torch.float32)
+        params_c = [p for n, p in model_c.named_parameters() if any(n == b.name for b in blocks)]
+        for n, p in model_c.named_parameters():
+            p.requires_grad_(any(n == b.name for b in blocks))
+        opt = torch.optim.AdamW(params_c, lr=1e-5)
+        t_c, _ = time_median(lambda: train_steps(model_c, opt, rows, plan), reps=reps, warmup=0 if quick else 1)
+
+        b_dps, c_dps, ai_dps = n_b / t_b, N / t_c, N / t_ai
+        rows_out = [
+            {"method": f"(a) stage, {r['actors']} actor(s), wall", "docs_per_s": r["docs_per_s"], "tokens_per_s": r["tokens_per_s"]} for r in a_rows
+        ]
+        rows_out += [
+            {"method": f"(a) stage, {r['actors']} actor(s), steady", "docs_per_s": r["steady_docs_per_s"], "tokens_per_s": r["steady_tokens_per_s"]}
+            for r in a_rows
+        ]
+        rows_out += [
+            {"method": "(a) in-process, no Ray", "docs_per_s": ai_dps, "tokens_per_s": tokens / t_ai},
+            {"method": "(b) paper: 1 doc/backward + param.grad", "docs_per_s": b_dps, "tokens_per_s": b_tokens / t_b},
+            {"method": "(c) batched training step", "docs_per_s": c_dps, "tokens_per_s": tokens / t_c},
+        ]
+        ratios = []
+        for r in a_rows:
+            for kind, dps in (("wall", r["docs_per_s"]), ("steady", r["steady_docs_per_s"])):
+                ratios.append({"a": f"{r['actors']} actor(s), {kind}", "a/b (goal>=10)": dps / b_dps, "c/a time (goal>=0.6)": dps / c_dps})
+        ratios.append({"a": "in-process, no Ray", "a/b (goal>=10)": ai_dps / b_dps, "c/a time (goal>=0.6)": ai_dps / c_dps})
+
+        memory: list[dict[str, Any]] = []
+        if opts.get("memory", not quick):
+            base = {"vocab": 2048, "layers": 4, "r": 8, "seq": 128}
+            specs = [{**base, "hidden": 160, "batch": b} for b in (4, 16, 64)] + [{**base, "hidden": h, "batch": 16} for h in (320, 640)]
+            memory = memory_table(specs)
+
+        info = machine_info()
+        print_table(
+            f"gradients bench on {world['kind']}: {N} docs, {tokens} tokens, padding {100 * pad.padding_fraction:.1f}% bucketed vs {100 * pad_naive.padding_fraction:.1f}% naive; {info}",
+            rows_out,
+        )
+        print_table("ratios (docs/s; c/a is time(c)/time(a) on the same documents)", ratios)
+        if memory:
+            print_table("memory per actor: peak-RSS growth over the loaded model for one batch (MB)", memory)
+        return {
+            "machine": info,
+            "world": {"kind": world["kind"], "n_docs": N, "tokens": tokens, "model_params": world["model_params"], "gradients": g, "D": comp.D, "lora_params": comp.P},
+            "torch_threads": threads,
+            "padding_fraction": pad.padding_fraction,
+            "padding_fraction_naive": pad_naive.padding_fraction,
+            "a_stage": a_rows,
+            "a_inproc": {"docs_per_s": ai_dps, "tokens_per_s": tokens / t_ai, "time_s": t_ai},
+            "b_paper": {"docs_per_s": b_dps, "tokens_per_s": b_tokens / t_b, "n_docs": n_b, "time_s": t_b},
+            "c_train": {"docs_per_s": c_dps, "tokens_per_s": tokens / t_c, "time_s": t_c},
+            "ratios": ratios,
+            "memory": memory,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"({time.perf_counter() - t0:.0f}s)")

@@ -1,0 +1,314 @@
+"""The finetune stage: LoRA fine-tuning of the base model on `data/` with a Ray Train `TorchTrainer`.
+
+- Data: `ray.data.read_parquet(data/)` passed to the trainer; each worker iterates its equal shard
+  (`ray.train.get_dataset_shard`), shuffled locally per epoch, cut into length-sorted buckets so that
+  batches pad little, padded with `ga_ray.data.collate.collate`.
+- Loss: next-token cross-entropy over response tokens only (`loss_mask[t] == 1` means token t is a
+  target predicted from t-1), averaged over the batch's response tokens.
+- DDP through `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU); AdamW over the LoRA
+  parameters, linear warm-up then cosine decay.
+- Output: rank 0 saves the PEFT adapter (`save_pretrained`) and hands it to the driver as a Ray Train
+  checkpoint; the driver writes it into `adapter/` atomically, so the folder works across nodes.
+- With `finetune.format_eval_set` (a demo world's `eval/` folder) the stage ends with the FORMAT
+  TABLE: batched greedy decoding on held-out prompts, format rates per deterministic family and the
+  five behaviours' rates, printed and returned in the summary (so it lands in the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ga_ray.config import FinetuneConfig, ModelConfig
+from ga_ray.pipeline import StageContext, StageError
+from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
+
+BUCKET_BATCHES = 16
+"""Batches per length-sorted bucket (rows are shuffled, then sorted by length inside a bucket)."""
+
+
+# ------------------------------------------------------------------------------------------ pure compute
+
+
+def response_loss(logits, input_ids, loss_mask):
+    """Mean next-token cross-entropy over response targets: Σ_t m[t]·CE(logits[t-1], ids[t]) / Σ_t m[t]."""
+    import torch.nn.functional as F
+
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets).to(mask.dtype)
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def bucket_batches(rows: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """Sort a bucket of rows by length, cut into batches, shuffle the batch order."""
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batches_per_epoch(n_rows: int, batch_size: int) -> int:
+    bucket = batch_size * BUCKET_BATCHES
+    full, rem = divmod(n_rows, bucket)
+    return full * BUCKET_BATCHES + math.ceil(rem / batch_size)
+
+
+def make_lora_config(lora) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _torch_threads(ft: FinetuneConfig) -> int:
+    return ft.torch_threads or max(1, math.ceil(ft.cpus_per_worker))
+
+
+# --------------------------------------------------------------------------------- Ray Train worker loop
+
+
+def _iter_rows(shard, epoch: int, seed: int, bucket_rows: int):
+    """Rows of this worker's shard, locally shuffled (seeded per epoch), in buckets of `bucket_rows`."""
+    it = shard.iter_batches(
+        batch_size=bucket_rows,
+        batch_format="numpy",
+        local_shuffle_buffer_size=max(bucket_rows, 2048),
+        local_shuffle_seed=seed * 1000 + epoch,
+    )
+    for cols in it:
+        n = len(cols["doc_id"])
+        yield [{"doc_id": cols["doc_id"][i], "input_ids": cols["input_ids"][i], "loss_mask": cols["loss_mask"][i]} for i in range(n)]
+
+
+def _train_loop(conf: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from peft import get_peft_model
+
+    from ga_ray.data.collate import collate
+    from ga_ray.model.loading import load_base_model
+
+    ft = FinetuneConfig.model_validate(conf["finetune"])
+    model_cfg = ModelConfig.model_validate(conf["model"])
+    torch.set_num_threads(_torch_threads(ft))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(ft.seed)  # identical LoRA initialisation on every worker (DDP also broadcasts it)
+    base = load_base_model(model_cfg, device=device)
+    model = get_peft_model(base, make_lora_config(ft.lora))
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
+
+    per_worker = max(1, ft.batch_size // world)
+    rows_per_worker = conf["n_rows"] // world
+    steps_epoch = batches_per_epoch(rows_per_worker, per_worker)
+    total = max(1, math.ceil(ft.epochs * steps_epoch))
+    warmup = max(1, int(ft.warmup_fraction * total))
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = conf["pad_id"]
+
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    history: list[dict] = []
+    tokens = 0
+    while step < total:
+        rng = random.Random(f"{ft.seed}-{epoch}-{rank}")
+        losses: list[float] = []
+        for bucket in _iter_rows(shard, epoch, ft.seed, per_worker * BUCKET_BATCHES):
+            for rows in bucket_batches(bucket, per_worker, rng):
+                if step >= total:
+                    break
+                batch = collate(rows, pad_id=pad_id).to(device)
+                for g in opt.param_groups:
+                    g["lr"] = ft.learning_rate * lr_factor(step, total, warmup)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = response_loss(logits, batch.input_ids, batch.loss_mask)
+                loss.backward()
+                if ft.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                tokens += int(batch.attention_mask.sum())
+                step += 1
+        epoch += 1
+        history.append({"epoch": epoch, "step": step, "loss": sum(losses) / max(1, len(losses))})
+        if step < total:  # every worker reports the same number of times (it is a barrier)
+            ray.train.report({**history[-1], "total_steps": total})
+        if epoch > 10_000:
+            raise RuntimeError("finetune: the data shard yielded no batches")
+
+    metrics = {**history[-1], "total_steps": total, "history": history, "train_seconds": time.perf_counter() - t0,
+               "tokens_per_worker": tokens, "world_size": world, "per_worker_batch": per_worker}
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="ga-ray-adapter-") as tmp:
+            unwrapped = model.module if hasattr(model, "module") else model
+            unwrapped.save_pretrained(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def _check_inputs(ctx: StageContext) -> tuple[Path, int]:
+    import pyarrow.parquet as pq
+
+    cfg = ctx.cfg
+    if not cfg.model.path:
+        raise StageError("finetune needs a base model: set model.path to a local transformers model folder")
+    data = ctx.data_dir
+    parts = sorted(data.glob("*.parquet")) if data.is_dir() else []
+    if not parts:
+        raise StageError(f"finetune: no prepared data in {data}; run the prepare stage first (ga-ray prepare CONFIG --run-dir ...)")
+    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    if n_rows == 0:
+        raise StageError(f"finetune: {data} holds no documents")
+    ft = cfg.finetune
+    if ft.batch_size < ft.num_workers:
+        raise StageError(f"finetune.batch_size ({ft.batch_size}) must be at least finetune.num_workers ({ft.num_workers})")
+    if n_rows < ft.num_workers:
+        raise StageError(f"finetune: {n_rows} documents cannot be split over {ft.num_workers} workers")
+    if ft.format_eval_set and not (Path(ft.format_eval_set) / "families").is_dir():
+        raise StageError(f"finetune.format_eval_set {ft.format_eval_set} is not a demo evaluation folder (families/, behaviours/)")
+    return data, n_rows
+
+
+def run_finetune(ctx: StageContext) -> dict[str, Any]:
+    import ray
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ga_ray.model.loading import load_tokenizer
+    from ga_ray.raycluster import init_ray, resolve_use_gpu
+
+    cfg = ctx.cfg
+    ft = cfg.finetune
+    data_dir, n_rows = _check_inputs(ctx)
+    tok = load_tokenizer(cfg.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    init_ray(cfg.ray)
+    use_gpu = resolve_use_gpu(ft.use_gpu)
+    ds = ray.data.read_parquet(str(data_dir), columns=["doc_id", "input_ids", "loss_mask"])
+    storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
+    name = f"finetune-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={"finetune": ft.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                           "n_rows": n_rows, "pad_id": pad_id},
+        scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker}),
+        datasets={"train": ds},
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the cause readable
+        raise StageError(f"finetune: training failed: {type(exc).__name__}: {exc}") from exc
+    train_s = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise StageError("finetune: training finished without an adapter checkpoint")
+    metrics = dict(result.metrics or {})
+
+    summary: dict[str, Any] = {
+        "documents": n_rows,
+        "epochs": ft.epochs,
+        "steps": metrics.get("total_steps"),
+        "final_loss": metrics.get("loss"),
+        "loss_history": metrics.get("history"),
+        "num_workers": ft.num_workers,
+        "use_gpu": use_gpu,
+        "train_seconds": round(train_s, 2),
+        "lora": ft.lora.model_dump(mode="json"),
+    }
+    with atomic_dir(ctx.out) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+        from ga_ray.model.loading import load_base_model  # noqa: F401  (checked import: the adapter must load)
+
+        n_trainable = _count_adapter_params(tmp)
+        summary["trainable_parameters"] = n_trainable
+        if ft.format_eval_set:
+            table, gens, eval_s = _format_table(cfg, tmp, tok)
+            summary["format_table"] = table
+            summary["format_eval_seconds"] = round(eval_s, 2)
+            atomic_write_json(tmp / "format_table.json", table)
+            atomic_write_text(tmp / "format_generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens))
+    if not ft.storage_path:
+        shutil.rmtree(storage / name, ignore_errors=True)
+        try:
+            storage.rmdir()
+        except OSError:
+            pass
+
+    line = (f"LoRA r={ft.lora.r} on {','.join(ft.lora.target_modules)}: {n_rows} docs x {ft.epochs:g} epochs, "
+            f"{summary['steps']} steps, final loss {summary['final_loss']:.3f}, {train_s:.0f}s")
+    if "format_table" in summary:
+        t = summary["format_table"]
+        line += (f"; formats >= 80%: {t['families_ok']}/{len(t['families'])}, "
+                 f"behaviours in 15-85%: {t['behaviours_ok']}/{len(t['behaviours'])}")
+    summary["line"] = line
+    return summary
+
+
+def _count_adapter_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    f = folder / "adapter_model.safetensors"
+    if not f.exists():
+        return 0
+    with safe_open(str(f), "pt") as st:
+        return int(sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()))
+
+
+def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], float]:
+    import torch
+
+    from ga_ray.finetune.format_table import format_table_text, run_format_table
+    from ga_ray.model.loading import load_lora_model
+
+    ft = cfg.finetune
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_torch_threads(ft))
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_lora_model(cfg.model, adapter_dir, device=device)
+        model = model.merge_and_unload()  # plain weights: faster generation, same function
+        model.eval()
+        table, gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, limit=ft.eval_prompts,
+                                       batch_size=ft.eval_batch_size, progress=True)
+    finally:
+        torch.set_num_threads(threads)
+    print("\nformat table (greedy decoding on held-out prompts)\n" + format_table_text(table), flush=True)
+    return table, gens, time.perf_counter() - t0
