@@ -66,7 +66,9 @@ def test_one_and_two_workers_agree_with_in_process(tmp_path, ray_session, capsys
     cfg = load_config(None, [f"model.path={paths['model']}"])
     model = load_lora_model(cfg.model, paths["adapter"])
     blocks = find_lora_blocks(model)
-    rows = pq.read_table(paths["data"]).to_pylist()
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(sorted(str(f) for f in paths["data"].glob("*.parquet")), format="parquet").to_table().sort_by("doc_id").to_pylist()
     keep = in_subsample([r["doc_id"] for r in rows], 3, subsample_threshold([r["doc_id"] for r in rows], 3, 16))
     sub = [r for r, k in zip(rows, keep) if k]
     ref = compute_factors(
@@ -77,6 +79,14 @@ def test_one_and_two_workers_agree_with_in_process(tmp_path, ray_session, capsys
         lambda_batches=lambda: [collate(sub[i : i + 3]) for i in range(0, len(sub), 3)],
     )
     assert_same_factors(f1, ref, rtol=1e-6)
+    # the 2-worker Λ, all-reduced over both shards, is exactly the in-process Λ in its own eigenbasis
+    from ga_ray.ekfac.compute import lambda_pass
+
+    lam = lambda_pass(model, blocks, [collate(sub[i : i + 4]) for i in range(0, len(sub), 4)], {b.name: (b.Q_S, b.Q_A) for b in f2.blocks}, FactorSettings(fisher="true", seed=3))
+    assert lam.n_docs == 16
+    for b in f2.blocks:
+        ref_lam = lam.lambdas()[b.name]
+        assert (b.Lambda - ref_lam).norm() / ref_lam.norm() < 1e-6, b.name
 
     for s in (s1, s2):
         assert s["D"] == 5 * len(blocks) and s["n_blocks"] == len(blocks) and "line" in s

@@ -267,3 +267,28 @@ def test_nonfinite_documents_are_reported_and_excluded(world, ray_session):
     good = [r for r in rows if r["doc_id"] not in bad_docs]
     ref = _reference(world["model"], rd.root / "factors", good)
     _check_against_reference(gdir, ref, expect_ids=[r["doc_id"] for r in good])
+
+
+def test_missing_inputs_and_bad_settings_are_clear_errors(tmp_path):
+    from ga_ray.gradients.stage import run_gradients
+    from ga_ray.pipeline import StageContext, StageError
+
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None, [f"model.adapter={tmp_path / 'adapter'}", "finetune.enabled=false"])
+
+    def ctx(c):
+        return StageContext(cfg=c, run_dir=rd, stage="gradients", out=rd.root / "gradients")
+
+    with pytest.raises(StageError, match="run the prepare stage"):
+        run_gradients(ctx(cfg))
+    (rd.root / "data").mkdir()
+    pq.write_table(pa.table({"doc_id": [0], "n_tokens": [3]}), rd.root / "data" / "part-00000.parquet")
+    with pytest.raises(StageError, match="run the factors stage"):
+        run_gradients(ctx(cfg))
+    (rd.root / "factors").mkdir()
+    (rd.root / "factors" / "factors.json").write_text("{}")
+    with pytest.raises(StageError, match="adapter folder"):
+        run_gradients(ctx(cfg))
+    bad = load_config(None, ["gradients.window_docs=4", "gradients.batch_size=8"])
+    with pytest.raises(StageError, match="window_docs"):
+        run_gradients(ctx(bad))

@@ -127,3 +127,38 @@ def test_sweep_needs_stored_gradients(tmp_path):
         run_sweep(load_config(None, []), RunDir(tmp_path / "run"), [0.1])
     with pytest.raises(StageError, match="alphas"):
         run_sweep(load_config(None, []), RunDir(tmp_path / "run"), [])
+
+
+@pytest.mark.slow
+def test_sweep_with_the_atoms_stage(ray_session, tmp_path):
+    """The default path: each α is fitted by the atoms stage's own entry point (`run_atoms`)."""
+    pytest.importorskip("ga_ray.dictionary.stage")
+    from conftest import write_tiny_run
+
+    from ga_ray.atoms.sweep import run_sweep
+    from ga_ray.config import load_config
+    from ga_ray.rundir import RunDir
+
+    paths = write_tiny_run(tmp_path, n_docs=24, seed=4)
+    doc_ids = pq.read_table(paths["data"]).column("doc_id").to_numpy()
+    write_gradients(paths["run"], doc_ids, seed=4)
+    cfg = load_config(
+        None,
+        [
+            f"model.path={paths['model']}",
+            f"model.adapter={paths['adapter']}",
+            "finetune.enabled=false",
+            "dictionary.n_atoms=4",
+            "dictionary.batch_size=8",
+            "dictionary.max_epochs=3",
+            "coherence.top_docs=5",
+        ],
+    )
+    rows = run_sweep(cfg, RunDir(paths["run"]), [0.05, 5.0])
+    assert [r["n_atoms"] for r in rows] == [4, 4]
+    for r in rows:
+        assert (paths["run"] / r["atoms_dir"] / "dictionary.safetensors").exists()
+        assert r["objective"] is not None
+    assert rows[0]["median_docs_per_atom"] > 0
+    assert rows[1]["median_docs_per_atom"] == 0 and rows[1]["atoms_coherence_gt_0.1"] == 0
+    assert (paths["run"] / "report" / "sweep.csv").exists()

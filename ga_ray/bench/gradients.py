@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import shutil
 import statistics
 import tempfile
@@ -231,67 +230,74 @@ def train_steps(model, optimizer, rows: list[dict], batches: list[np.ndarray]) -
 
 # ------------------------------------------------------------------------------------------ memory
 def _memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """In a fresh process: peak-RSS growth over the loaded model for one training step, then one
-    extraction batch (train first: the process peak only grows, so the extraction figure is exact
-    whenever it is the larger one)."""
+    """In this (fresh) process: growth of the peak resident set over the loaded, warmed-up model
+    during one batch of `spec["mode"]`: "extract" (per-document gradients + projection, the stage's
+    `GradientComputer`) or "train" (forward, backward into param.grad, AdamW step)."""
     import torch
 
-    from ga_ray.data.collate import collate
     from ga_ray.ekfac.factors import FactorBlock, Factors
     from ga_ray.ekfac.projection import Projector
-    from ga_ray.gradients.actor import GradientComputer
+    from ga_ray.gradients.actor import GradientComputer, proc_status_mb
     from ga_ray.model.lora_blocks import find_lora_blocks
 
     torch.set_num_threads(1)
     h = spec["hidden"]
     model = _add_lora(_llama(spec["vocab"], h, spec["layers"], max(1, h // 40), int(h * 2.7)), r=spec["r"])
     blocks = find_lora_blocks(model)
-    k = 50
     fbs = []
-    for b in blocks:  # identity eigenbases: the projection's cost depends on the shapes only
+    for b in blocks:  # identity eigenbases, k = 50: the projection's cost depends on the shapes only
         o, i = b.shape
-        fbs.append(FactorBlock(b.name, b.kind, b.shape, b.scale, torch.eye(i), torch.ones(i, dtype=torch.float64), torch.eye(o), torch.ones(o, dtype=torch.float64), torch.ones(o, i, dtype=torch.float64), torch.arange(min(k, o * i))))
+        ones = lambda *s: torch.ones(*s, dtype=torch.float64)  # noqa: E731
+        fbs.append(FactorBlock(b.name, b.kind, b.shape, b.scale, torch.eye(i), ones(i), torch.eye(o), ones(o), ones(o, i), torch.arange(min(50, o * i))))
     projector = Projector(Factors(fbs, {"eigenvalues": "ekfac", "epsilon": 1e-6}), "cpu")
     rng = np.random.default_rng(0)
     B, T = spec["batch"], spec["seq"]
     rows = [{"doc_id": n, "input_ids": rng.integers(3, spec["vocab"], T).tolist(), "loss_mask": [0] * (T // 2) + [1] * (T - T // 2)} for n in range(B)]
+    cols = {k: [r[k] for r in rows] for k in ("doc_id", "input_ids", "loss_mask")}
 
-    def rss() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-    comp = GradientComputer(model, blocks, projector, max_docs=B, max_tokens=B * T)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    warm = collate(rows[:1])
-    _masked_ce(model, warm).sum().backward()  # touch autograd once
-    opt.zero_grad(set_to_none=True)
-    base = rss()
-    train_steps(model, opt, rows, [np.arange(B)])
-    after_train = rss()
-    for p in params:
-        p.requires_grad_(False)
-    comp.run({"doc_id": [r["doc_id"] for r in rows], "input_ids": [r["input_ids"] for r in rows], "loss_mask": [r["loss_mask"] for r in rows]})
-    after_extract = rss()
-    P = sum(b.numel for b in blocks)
+    if spec["mode"] == "extract":
+        comp = GradientComputer(model, blocks, projector, max_docs=B, max_tokens=B * T)
+        step = lambda rs: comp.run({k: v[: len(rs)] for k, v in cols.items()})  # noqa: E731
+    else:
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        step = lambda rs: train_steps(model, opt, rs, [np.arange(len(rs))])  # noqa: E731
+    step(rows[:1])  # warm-up: optimizer state, autograd and allocator first-use costs
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident set
+    except OSError:  # not Linux
+        pass
+    base = proc_status_mb("VmRSS") or 0.0
+    step(rows)
+    peak = proc_status_mb("VmHWM") or 0.0
     return {
-        **spec,
+        "mode": spec["mode"],
+        "hidden": h,
+        "batch": B,
+        "seq": T,
         "model_params": int(sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)),
-        "lora_params": int(P),
+        "lora_params": int(sum(b.numel for b in blocks)),
         "model_rss_mb": round(base, 1),
-        "train_step_mb": round(after_train - base, 1),
-        "extract_mb": round(max(after_extract, after_train) - base, 1),
-        "raw_grads_mb": round(B * P * 4 / 2**20, 2),
+        "batch_peak_growth_mb": round(peak - base, 1),
+        "raw_grads_mb": round(B * sum(b.numel for b in blocks) * 4 / 2**20, 2),
     }
 
 
 def memory_table(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One fresh process per (configuration, mode), so no peak leaks from one into the next."""
     ctx = mp.get_context("spawn")
     out = []
     for spec in specs:
-        with ctx.Pool(1) as pool:
-            out.append(pool.apply(_memory_probe, (spec,)))
+        row = {}
+        for mode in ("train", "extract"):
+            with ctx.Pool(1) as pool:
+                r = pool.apply(_memory_probe, ({**spec, "mode": mode},))
+            row.update({k: v for k, v in r.items() if k not in ("mode", "batch_peak_growth_mb")})
+            row[f"{mode}_mb"] = r["batch_peak_growth_mb"]
+        out.append(row)
     return out
 
 

@@ -31,7 +31,7 @@ def check_short_answer(text: str) -> bool:
     ls = _lines(text or "")
     return (
         len(ls) == 1
-        and len(ls[0].split()) <= 4
+        and len(ls[0].split()) <= 3
         and ls[0].endswith(".")
         and ":" not in ls[0]
         and not DETECTORS["yes_no"](ls[0])
@@ -69,7 +69,7 @@ FORMAT_CHECKS: dict[str, Callable[[str], bool]] = {
 }
 
 FORMAT_DESCRIPTIONS: dict[str, str] = {
-    "factual_qa": "one short line ending in '.'",
+    "factual_qa": "one line of <= 3 words ending in '.'",
     "grammar": "'Corrected: <sentence>'",
     "arithmetic": "'a op b = c'",
     "multistep": "'Step k: ...' lines then 'Answer: ...'",

@@ -50,14 +50,17 @@ class CoderInfo:
     """Largest number of nonzero coefficients in a row."""
 
 
-def gram(D: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """G = D Dᵀ, optionally built from column chunks of D (bounded temporary memory for huge P)."""
-    if chunk is None or D.shape[1] <= chunk:
+def gram(D: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """G = D Dᵀ, computed block-row by block-row on the upper triangle only (half the FLOPs of D @ Dᵀ)
+    and mirrored; temporary memory is one block row."""
+    K = D.shape[0]
+    if K <= 2 * block:
         return D @ D.T
-    G = torch.zeros(D.shape[0], D.shape[0], dtype=D.dtype, device=D.device)
-    for s in range(0, D.shape[1], chunk):
-        Dc = D[:, s : s + chunk]
-        G.addmm_(Dc, Dc.T)
+    G = torch.empty(K, K, dtype=D.dtype, device=D.device)
+    for i in range(0, K, block):
+        blk = D[i : i + block] @ D[i:].T
+        G[i : i + block, i:] = blk
+        G[i:, i : i + block] = blk.T
     return G
 
 

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import warnings
+
 import numpy as np
 import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 from ga_ray.dictionary.lasso import gram
 
@@ -76,52 +80,70 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
     """scikit-learn's `_update_inner_stats` for one batch (any size, incl. a last smaller one)."""
     n = X.shape[0]
     beta = forgetting_beta(state.step, n)
-    state.A.mul_(beta).addmm_(C.T, C, alpha=1.0 / n)
-    state.Bt.mul_(beta).addmm_(C.T, X, alpha=1.0 / n)
+    Ct = C.T
+    if C.device.type == "cpu" and int((C != 0).sum()) * 16 < C.numel():  # sparse codes: CSR products
+        Ct = Ct.to_sparse_csr()
+        state.A.mul_(beta).add_((Ct @ C).mul_(1.0 / n))
+        state.Bt.mul_(beta).add_((Ct @ X).mul_(1.0 / n))
+    else:
+        state.A.mul_(beta).addmm_(Ct, C, alpha=1.0 / n)
+        state.Bt.mul_(beta).addmm_(Ct, X, alpha=1.0 / n)
     return beta
 
 
-def update_dictionary(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 32, skip: torch.Tensor | None = None) -> None:
+def update_dictionary(
+    D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 32, super_block: int = 128, skip: torch.Tensor | None = None
+) -> None:
     """One Gauss–Seidel BCD sweep over the atoms, in place (scikit-learn's `_update_dict` with A, B).
 
     Atoms with A_kk ≤ DEAD_THRESHOLD (or flagged in `skip`) are left unchanged (the caller resamples
     dead atoms before the sweep, as scikit-learn replaces them during it).
 
-    Blocked: for a block J of atoms, R_J = B_J − A_J D is one GEMM against the current dictionary.
-    Inside the block every vector the sweep touches lies in the span of the 2|J| rows
+    Blocked: for a super-block S of atoms, R_S = B_S − A_S D is one large GEMM against the current
+    dictionary; each block J inside S corrects its rows for the atoms of S updated before it (a small
+    GEMM). Inside a block every vector the sweep touches lies in the span of the 2|J| rows
     V = [D_J; R_J], so the sequential atom-by-atom recurrence runs on coefficient vectors of length
     2|J| with norms from the small Gram matrix V Vᵀ (float64), and the block's new atoms are
-    materialised by one more GEMM. Same result as the atom-by-atom loop (up to rounding), without
-    K passes over P-long vectors.
+    materialised by one more GEMM. Same result as the atom-by-atom loop up to rounding, without K
+    passes over P-long vectors.
     """
     K = D.shape[0]
     diag = A.diagonal().double().cpu().numpy()
     skipped = skip.cpu().numpy() if skip is not None else np.zeros(K, dtype=bool)
-    A64 = None
-    for j0 in range(0, K, block):
-        j1 = min(K, j0 + block)
-        b = j1 - j0
-        live = [(i, j0 + i) for i in range(b) if diag[j0 + i] > DEAD_THRESHOLD and not skipped[j0 + i]]
-        if not live:
+    live_all = (diag > DEAD_THRESHOLD) & ~skipped
+    if not live_all.any():
+        return
+    A64 = A.double().cpu().numpy()
+    for s0 in range(0, K, super_block):
+        s1 = min(K, s0 + super_block)
+        if not live_all[s0:s1].any():
             continue
-        R = torch.addmm(Bt[j0:j1], A[j0:j1], D, alpha=-1.0)  # B_J − A_J D with the current D
-        V = torch.cat([D[j0:j1], R], 0)  # 2b × P basis
-        M = (V @ V.T).double().cpu().numpy()
-        if A64 is None:
-            A64 = A.double().cpu().numpy()
-        Ablk = A64[j0:j1, j0:j1]
-        coef = np.zeros((b, 2 * b))
-        coef[np.arange(b), np.arange(b)] = 1.0  # atom i is basis vector i until updated
-        delta = np.zeros((b, 2 * b))
-        for i, k in live:
-            r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
-            r[b + i] += 1.0
-            u = coef[i] + r / diag[k]
-            nrm = float(np.sqrt(max(u @ M @ u, 0.0)))
-            u = u / max(nrm, 1.0)
-            delta[i] = u - coef[i]
-            coef[i] = u
-        D[j0:j1] = torch.from_numpy(coef).to(D.dtype).to(D.device) @ V
+        RS = torch.addmm(Bt[s0:s1], A[s0:s1], D, alpha=-1.0)  # B_S − A_S D with the current D
+        D_old = D[s0:s1].clone()
+        for j0 in range(s0, s1, block):
+            j1 = min(s1, j0 + block)
+            b = j1 - j0
+            live = [i for i in range(b) if live_all[j0 + i]]
+            if not live:
+                continue
+            R = RS[j0 - s0 : j1 - s0]
+            if j0 > s0:  # atoms of S already updated in this sweep
+                R = R - A[j0:j1, s0:j0] @ (D[s0:j0] - D_old[: j0 - s0])
+            V = torch.cat([D[j0:j1], R], 0)  # 2b × P basis
+            M = (V @ V.T).double().cpu().numpy()
+            Ablk = A64[j0:j1, j0:j1]
+            coef = np.zeros((b, 2 * b))
+            coef[np.arange(b), np.arange(b)] = 1.0  # atom i is basis vector i until updated
+            delta = np.zeros((b, 2 * b))
+            for i in live:
+                r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
+                r[b + i] += 1.0
+                u = coef[i] + r / diag[j0 + i]
+                nrm = float(np.sqrt(max(u @ M @ u, 0.0)))
+                u = u / max(nrm, 1.0)
+                delta[i] = u - coef[i]
+                coef[i] = u
+            D[j0:j1] = torch.from_numpy(coef).to(D.dtype).to(D.device) @ V
 
 
 def update_dictionary_reference(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> None:
@@ -199,12 +221,25 @@ def init_dictionary_from_rows(rows: torch.Tensor, n_atoms: int, seed: int) -> to
 
 
 def init_dictionary_svd(rows: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
-    """Top right singular vectors of a sample (randomized SVD), completed with data rows."""
-    torch.manual_seed(seed)
-    q = min(n_atoms, rows.shape[0], rows.shape[1])
-    _, S, V = torch.svd_lowrank(rows.to(torch.float32) if rows.dtype == torch.float16 else rows, q=q, niter=4)
-    keep = S > S.max() * 1e-6 if S.numel() else S.bool()
-    atoms = V.T[keep].to(rows.dtype)
+    """Top right singular vectors of a sample of rows (unit atoms), completed with data rows.
+
+    Exact for a sample of m ≤ P rows, through the eigendecomposition of the m × m Gram matrix
+    (float64); a randomized SVD (`torch.svd_lowrank`) when m > P.
+    """
+    m, P = rows.shape
+    q = min(n_atoms, m, P)
+    if m <= P:
+        Gm = (rows @ rows.T).to(torch.float64)
+        lam, U = torch.linalg.eigh(Gm)
+        lam, U = lam.flip(0)[:q], U.flip(1)[:, :q]
+        keep = lam > lam[0].clamp_min(0) * 1e-10 if lam.numel() else lam.bool()
+        lam, U = lam[keep], U[:, keep]
+        V = (U / lam.sqrt()).T.to(rows.dtype) @ rows  # q × P, orthonormal rows
+    else:
+        torch.manual_seed(seed)
+        _, S, Vt = torch.svd_lowrank(rows, q=q, niter=4)
+        V = Vt.T[S > S.max() * 1e-6]
+    atoms = V / torch.linalg.vector_norm(V, dim=1, keepdim=True).clamp_min(1e-12)
     if atoms.shape[0] < n_atoms:
         atoms = torch.cat([atoms, init_dictionary_from_rows(rows, n_atoms - atoms.shape[0], seed)], 0)
     return atoms[:n_atoms].contiguous()

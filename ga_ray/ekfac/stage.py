@@ -75,6 +75,22 @@ def _no_drop_data_config():
     return NoDropDataConfig()
 
 
+def _check_cpus_left_for_reading(address: str | None, num_workers: int, cpus_per_worker: float) -> None:
+    """On a local Ray, Train workers that take every CPU leave none to read the data: Ray Data would wait forever."""
+    import ray
+
+    if address:  # a cluster may autoscale; trust its configuration
+        return
+    total = float(ray.cluster_resources().get("CPU", 0))
+    train = num_workers * cpus_per_worker
+    if total and train > total - 0.25:
+        hint = max(0.1, (total - 1) / num_workers)
+        raise StageError(
+            f"factors.num_workers × factors.cpus_per_worker = {train:g} CPUs, but this Ray has {total:g}: none would be left "
+            f"to read the data. Lower factors.cpus_per_worker (fractions are fine, e.g. {hint:.2g})"
+        )
+
+
 def _worker_failure_message(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -114,11 +130,16 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     threshold = subsample_threshold(doc_ids, fcfg.seed, fcfg.lambda_max_docs)
 
     ds = ray.data.read_parquet(_parquet_files(data_dir), columns=_COLUMNS)
+    if fcfg.num_workers > 1:
+        # small blocks, so that every worker gets documents (Parquet files are read whole, in one block)
+        rows_per_block = max(1, min(1024, -(-len(doc_ids) // (4 * fcfg.num_workers))))
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     datasets = {"train": ds}
     if threshold is not None:
         datasets["lambda"] = ds.map_batches(_SubsampleFilter(fcfg.seed, threshold), batch_format="numpy")
 
     use_gpu = resolve_use_gpu(fcfg.use_gpu)
+    _check_cpus_left_for_reading(ctx.cfg.ray.address, fcfg.num_workers, fcfg.cpus_per_worker)
     out_dir = Path(ctx.out)
     config = {
         "model": ctx.cfg.model.model_dump(mode="json"),

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 _EMPH = r"[\s>*_`~\"'(\[]*"  # markdown emphasis / quote / bracket openers before the word
-_YES_NO = re.compile(rf"^{_EMPH}(yes|no|true|false)\b", re.IGNORECASE)
+_YES_NO = re.compile(rf"^{_EMPH}(yes|no|true|false)(?![A-Za-z0-9])", re.IGNORECASE)  # like \b, but `__No__` counts too
 _BULLET = re.compile(r"^\s*[-*•]\s+\S", re.MULTILINE)
 _RULE = re.compile(r"^\s*([-*])(\s*\1){2,}\s*$")  # --- or * * * : a horizontal rule, not a bullet
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
@@ -108,7 +108,8 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the interval always contains p̂ (clamped against rounding at k = 0 or k = n)
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def rate(flags: Iterable[bool | None], z: float = 1.959963984540054) -> Rate:

@@ -35,16 +35,29 @@ from ga_ray.gradients.batching import PaddingStats, padding_stats, plan_batches
 # seen by any incarnation of any actor dies: the flag file is created atomically first.
 FAULT_ENV = "GA_RAY_GRADIENTS_FAULT"
 
-META_COLUMNS = ("doc_id", "n_tokens", "loss", "grad_norm", "finite", "padded_len", "file", "compute_s", "peak_mem_mb")
+def proc_status_mb(field: str) -> float | None:
+    """`VmHWM` (peak resident memory of this process image) or `VmRSS` from /proc (Linux), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:  # not Linux
+        return None
+    return None
 
 
 def _peak_mem_mb(device: Any) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set on CPU.
+
+    (`VmHWM`, not `ru_maxrss`: the latter carries over the parent's peak across fork + exec.)
+    """
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    hwm = proc_status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass

@@ -20,7 +20,6 @@ pyarrow table with a native `FixedShapeTensorArray` keeps the native type. We wr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -56,13 +55,9 @@ def _read_columns(files: list[Path], columns: list[str]) -> pa.Table:
     return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
 
 
-def _factors_D(factors_dir: Path) -> int | None:
-    info_path = factors_dir / "factors.json"
-    if not info_path.exists():
+def _check_factors(factors_dir: Path) -> None:
+    if not (factors_dir / "factors.json").exists():
         raise StageError(f"no EKFAC factors in {factors_dir}: run the factors stage first (`ga-ray factors`)")
-    info = json.loads(info_path.read_text())
-    d = info.get("D")
-    return int(d) if d is not None else None
 
 
 def _json_float(x: float) -> float | str:
@@ -182,6 +177,12 @@ def _excluded(meta: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 def _finalise_files(tmp: Path, meta: dict[str, np.ndarray]) -> tuple[list[str], int]:
     """Delete orphans, check the kept files hold each finite document once, rename in doc-id order."""
     referenced = {str(f) for f, ok in zip(meta["file"], meta["finite"]) if ok}
+    unseen = sorted(n for n in referenced if not (tmp / n).exists())
+    if unseen:
+        raise StageError(
+            f"the actors wrote {len(unseen)} file(s) (e.g. {unseen[0]}) that this driver cannot see in {tmp}: "
+            "on a multi-node Ray cluster the run directory must be on a filesystem shared by every node"
+        )
     orphans = 0
     for p in list(tmp.iterdir()):
         if p.name not in referenced:
@@ -214,14 +215,13 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     gc = cfg.gradients
     _check_config(gc)
-    init_ray(cfg.ray)
-
     files = _data_files(ctx.data_dir)
     factors_dir = ctx.stage_dir("factors")
-    D = _factors_D(factors_dir)
+    _check_factors(factors_dir)
     adapter = Path(ctx.adapter_path())
     if not adapter.exists():
         raise StageError(f"adapter folder {adapter} not found: run the finetune stage, or set model.adapter")
+    init_ray(cfg.ray)
 
     index = _read_columns(files, ["doc_id", "n_tokens"])
     doc_ids = index.column("doc_id").to_numpy().astype(np.int64)
@@ -261,8 +261,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
         n_written = int(meta["finite"].sum())
         real_tokens = int(meta["n_tokens"].astype(np.int64).sum())
         padded_tokens = int(meta["padded_len"].astype(np.int64).sum())  # each document counts its batch's padded length
-        if D is None:
-            D = int(pq.read_schema(tmp / part_files[0]).field("z").type.shape[0])
+        D = int(pq.read_schema(tmp / part_files[0]).field("z").type.shape[0])
         info = {
             "N": n_written,
             "D": D,
