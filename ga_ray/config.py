@@ -156,6 +156,9 @@ class FactorsConfig(Section):
     """Per-document loss: sum over response tokens (the paper's) or mean."""
     seed: int = 0
     """Seed of the true-Fisher label draws."""
+    max_tokens_per_batch: int = 4096
+    """Token budget per forward/backward pass (documents × padded length); documents are sorted by
+    length within windows of 16 × batch_size, so padding stays small."""
     covariance_dtype: Literal["float32", "float64"] = "float32"
     """dtype of each batch's covariance token sums (accumulated across batches in float64 either way)."""
     save_covariances: bool = True
@@ -207,8 +210,9 @@ class DictionaryConfig(Section):
     """Tolerance of the sparse coder (max KKT violation)."""
     lasso_max_iter: int = 500
     """Iterations cap of the sparse coder per batch."""
-    init: Literal["data", "svd"] = "data"
-    """Initial dictionary: random data rows or a randomized SVD."""
+    init: Literal["data", "svd"] = "svd"
+    """Initial dictionary: the first K rows of the shuffled stream (`data`), or the top right singular
+    vectors of a sample of 2K rows (`svd`, like scikit-learn's SVD start; converges in fewer epochs)."""
     num_workers: int = 1
     """Ray actors coding blocks in parallel."""
     use_gpu: Literal["auto", True, False] = "auto"
@@ -221,6 +225,22 @@ class DictionaryConfig(Section):
     """Fit this many seeds and report atom stability (Hungarian matching)."""
     kmeans_clusters: int | None = 14
     """k-means baseline clusters (dask-ml); None skips the baseline."""
+    eval_every: int | None = None
+    """Online steps between held-out objective checks (None: once per epoch, at most every 200 steps)."""
+    heldout_max_rows: int = 10_000
+    """Cap on held-out rows (they are kept in the workers' memory and coded at every check)."""
+    shuffle_buffer_mb: float = 512.0
+    """Rows shuffled together (a window of row groups), in MB of float32 rows, summed over workers."""
+    max_piece_rows: int = 8192
+    """Parquet row groups larger than this are read in slices of this many rows."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per coding actor (also its torch threads)."""
+    dup_threshold: float | None = 0.99
+    """Resample an atom whose |cos| with another exceeds this (None: never)."""
+    encode_batch_size: int = 1024
+    """Documents per `map_batches` call of the final encoding pass."""
+    sklearn_max_iter: int = 100
+    """`max_iter` (epochs) of the `sklearn` backend (the paper's 100)."""
 
 
 class CoherenceConfig(Section):

@@ -218,7 +218,7 @@ def test_actor_killed_mid_run_every_document_once(world, ray_session, monkeypatc
     retries the window; the orphaned file is dropped and every document is written exactly once."""
     rd = _fresh_run(world, "run_kill")
     flag = tmp_path / "killed.flag"
-    monkeypatch.setenv(FAULT_ENV, f"after_write:{flag}")
+    monkeypatch.setenv(FAULT_ENV, str(flag))
     cfg = _config(world["paths"], "gradients.num_actors=2", "gradients.store_raw=true", "gradients.window_docs=6")
     run_pipeline(cfg, rd, stages=["gradients"])
     assert flag.exists(), "the fault was injected (an actor died)"

@@ -141,7 +141,7 @@ def paper_loop_gradients(model, blocks, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, top_k: int) -> dict[str, Any]:
+def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, max_tokens: int, top_k: int) -> dict[str, Any]:
     from ga_ray.config import load_config
     from ga_ray.ekfac.stage import run_factors
     from ga_ray.pipeline import StageContext
@@ -159,6 +159,7 @@ def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, 
             f"factors.num_workers={workers}",
             f"factors.cpus_per_worker={cpus_per_worker}",
             f"factors.batch_size={batch_size}",
+            f"factors.max_tokens_per_batch={max_tokens}",
             f"factors.top_k={top_k}",
             "factors.use_gpu=false",
         ],
@@ -172,13 +173,13 @@ def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, 
 
 # ------------------------------------------------------------------------------------------ main
 def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
-    """Options: run_dir | (model_path, adapter, data); n_docs, loop_docs, batch_size, reps, workers
+    """Options: run_dir | (model_path, adapter, data); n_docs, loop_docs, batch_size, max_tokens_per_batch, reps, workers
     (e.g. [1, 2]; default [] with quick), cpus_per_worker, top_k, threads."""
     import torch
 
     from ga_ray.config import ModelConfig
     from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, compute_factors
+    from ga_ray.ekfac.compute import FactorSettings, bucketed_batches, compute_factors
     from ga_ray.gradients.per_document import per_document_gradients
     from ga_ray.model.loading import load_lora_model
     from ga_ray.model.lora_blocks import find_lora_blocks
@@ -189,6 +190,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     reps = int(opts.get("reps", 1 if quick else 3))
     workers = list(opts.get("workers", [] if quick else [1, 2]))
     top_k = int(opts.get("top_k", 50))
+    max_tokens = int(opts.get("max_tokens_per_batch", 4096))
     if opts.get("threads"):
         torch.set_num_threads(int(opts["threads"]))
     cores = os.cpu_count() or 1
@@ -204,7 +206,9 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         model = load_lora_model(ModelConfig(path=str(world["model_path"]), dtype="float32"), world["adapter"])
         blocks = find_lora_blocks(model)
         n_tokens = int(sum(len(r["input_ids"]) for r in rows))
-        batches = [collate(rows[i : i + batch_size], pad_id=0) for i in range(0, len(rows), batch_size)]
+        window = 16 * batch_size  # as the stage does: sort each window by length, cut by a token budget
+        cols = [{k: [r[k] for r in rows[i : i + window]] for k in ("doc_id", "input_ids", "loss_mask")} for i in range(0, len(rows), window)]
+        batches = list(bucketed_batches(cols, batch_size, max_tokens))
         padded = int(sum(b.input_ids.numel() for b in batches))
         loop_rows = rows[:: max(1, len(rows) // loop_docs)][:loop_docs]
 
@@ -247,7 +251,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
 
             init_ray(RayConfig(address=opts.get("address")))
             for w in workers:
-                s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, top_k)
+                s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, max_tokens, top_k)
                 t = s["timings"]
                 stage[w] = t
                 factor_rows.append(

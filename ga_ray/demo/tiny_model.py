@@ -107,13 +107,13 @@ def pretrain(model, blocks: torch.Tensor, epochs: float, batch_size: int, lr: fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        window.append(float(out.loss))
+        window.append(float(out.loss.detach()))
         step += 1
         if step % max(1, total // 10) == 0 or step == total:
             losses.append(float(np.mean(window)))
             window = []
         bar.update(1)
-        bar.set_postfix(loss=f"{float(out.loss):.3f}")
+        bar.set_postfix(loss=f"{window[-1] if window else losses[-1]:.3f}")
     bar.close()
     model.eval()
     return PretrainResult(

@@ -150,7 +150,7 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
 
         timings["total_s"] = time.perf_counter() - t_start
         atomic_write_json(root / "world.json", {
-            "key": root.name,
+            "key": world_key(cfg),
             "code_version": CODE_VERSION,
             "config": cfg.model_dump(mode="json"),
             "n_docs": len(mixture),

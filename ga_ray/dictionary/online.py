@@ -23,8 +23,6 @@ import warnings
 import numpy as np
 import torch
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 from ga_ray.dictionary.lasso import gram
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
@@ -82,7 +80,9 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
     beta = forgetting_beta(state.step, n)
     Ct = C.T
     if C.device.type == "cpu" and int((C != 0).sum()) * 16 < C.numel():  # sparse codes: CSR products
-        Ct = Ct.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            Ct = Ct.to_sparse_csr()
         state.A.mul_(beta).add_((Ct @ C).mul_(1.0 / n))
         state.Bt.mul_(beta).add_((Ct @ X).mul_(1.0 / n))
     else:
@@ -92,7 +92,7 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
 
 
 def update_dictionary(
-    D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 32, super_block: int = 128, skip: torch.Tensor | None = None
+    D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 16, super_block: int = 128, skip: torch.Tensor | None = None
 ) -> None:
     """One Gauss–Seidel BCD sweep over the atoms, in place (scikit-learn's `_update_dict` with A, B).
 
@@ -223,22 +223,23 @@ def init_dictionary_from_rows(rows: torch.Tensor, n_atoms: int, seed: int) -> to
 def init_dictionary_svd(rows: torch.Tensor, n_atoms: int, seed: int) -> torch.Tensor:
     """Top right singular vectors of a sample of rows (unit atoms), completed with data rows.
 
-    Exact for a sample of m ≤ P rows, through the eigendecomposition of the m × m Gram matrix
-    (float64); a randomized SVD (`torch.svd_lowrank`) when m > P.
+    Exact through the eigendecomposition (float64) of the smaller Gram matrix, rows·rowsᵀ (m × m) or
+    rowsᵀ·rows (P × P), when that is at most 4096 wide; a randomized SVD with oversampling otherwise.
     """
     m, P = rows.shape
     q = min(n_atoms, m, P)
-    if m <= P:
-        Gm = (rows @ rows.T).to(torch.float64)
+    if min(m, P) <= 4096:
+        small_rows = m <= P
+        Gm = (rows @ rows.T if small_rows else rows.T @ rows).to(torch.float64)
         lam, U = torch.linalg.eigh(Gm)
         lam, U = lam.flip(0)[:q], U.flip(1)[:, :q]
         keep = lam > lam[0].clamp_min(0) * 1e-10 if lam.numel() else lam.bool()
         lam, U = lam[keep], U[:, keep]
-        V = (U / lam.sqrt()).T.to(rows.dtype) @ rows  # q × P, orthonormal rows
+        V = ((U / lam.sqrt()).T.to(rows.dtype) @ rows) if small_rows else U.T.to(rows.dtype)  # q × P
     else:
         torch.manual_seed(seed)
-        _, S, Vt = torch.svd_lowrank(rows, q=q, niter=4)
-        V = Vt.T[S > S.max() * 1e-6]
+        _, S, Vt = torch.svd_lowrank(rows, q=min(q + 20, m, P), niter=6)
+        V = Vt.T[:q][S[:q] > S.max() * 1e-6]
     atoms = V / torch.linalg.vector_norm(V, dim=1, keepdim=True).clamp_min(1e-12)
     if atoms.shape[0] < n_atoms:
         atoms = torch.cat([atoms, init_dictionary_from_rows(rows, n_atoms - atoms.shape[0], seed)], 0)
@@ -263,7 +264,7 @@ def online_step(
     rec: torch.Tensor,
     l1: torch.Tensor,
     *,
-    block: int = 32,
+    block: int = 16,
     dup_threshold: float | None = 0.99,
 ) -> tuple[StepResult, torch.Tensor]:
     """Update statistics and dictionary from one coded batch; returns (result, new Gram matrix).
@@ -284,11 +285,8 @@ def online_step(
     if dup_threshold is not None:
         dups = duplicate_atoms(G, state.A.diagonal(), dup_threshold)
         dup_done = resample_atoms(state, dups, X, rec, used)
-        if dup_done:
-            idx = torch.tensor(dup_done, device=G.device)
-            rows = state.D[idx] @ state.D.T
-            G[idx, :] = rows
-            G[:, idx] = rows.T
+        if dup_done:  # rare; recomputed in full so that G is always gram(D) (exact resume from D)
+            G = gram(state.D)
     state.step += 1
     state.n_dead_resampled += len(dead_done)
     state.n_dup_resampled += len(dup_done)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +31,10 @@ from ga_ray.dictionary.online import (
     online_step,
 )
 from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
+
+
+# Parts coming back from Ray are read-only numpy views of the object store; they are only read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class Pool(Protocol):
@@ -88,7 +93,7 @@ class FitSettings:
     eval_every: int | None = None
     init: str = "data"
     seed: int = 42
-    block: int = 64
+    block: int = 16
     dup_threshold: float | None = 0.99
     checkpoint_every: int = 0
     svd_rows: int = 20_000

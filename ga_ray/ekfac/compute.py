@@ -217,6 +217,7 @@ def compute_factors(
         "n_tokens": cov.n_tokens,
         "n_docs": cov.n_docs,
         "n_docs_lambda": lam.n_docs,
+        "padding_fraction": round(cov.padding_fraction, 6),
         "n_clamped_eigenvalues": sum(ob.info["n_clamped_A"] + ob.info["n_clamped_S"] for ob in out_blocks),
         "num_workers": comm.world,
         "docs_per_worker": [int(x) for x in comm.all_gather_object(local_docs)],
@@ -225,6 +226,22 @@ def compute_factors(
 
 
 # ------------------------------------------------------------------ Λ subsample (seeded, shard-independent)
+def bucketed_batches(columns_iter: Iterable[dict], batch_size: int, max_tokens: int, pad_id: int = 0) -> Iterable[Batch]:
+    """Batches from windows of rows (dicts of columns, as Ray Data gives): each window sorted by length
+    and cut by `ga_ray.gradients.batching.plan_batches` (≤ batch_size docs, ≤ max_tokens padded tokens)."""
+    from ga_ray.data.collate import collate
+    from ga_ray.gradients.batching import plan_batches
+
+    for cols in columns_iter:
+        n = len(cols["doc_id"])
+        if n == 0:
+            continue
+        lengths = np.fromiter((len(x) for x in cols["input_ids"]), dtype=np.int64, count=n)
+        for idx in plan_batches(lengths, batch_size, max_tokens):
+            rows = [{"doc_id": int(cols["doc_id"][i]), "input_ids": cols["input_ids"][i], "loss_mask": cols["loss_mask"][i]} for i in idx]
+            yield collate(rows, pad_id=pad_id)
+
+
 def subsample_keys(doc_ids: Iterable[int], seed: int) -> np.ndarray:
     """A pseudo-random 63-bit key per doc_id that depends only on (seed, doc_id)."""
     out = []

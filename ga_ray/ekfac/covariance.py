@@ -56,7 +56,7 @@ class CovarianceAccumulator:
         self.blocks = list(blocks)
         self.aat = {b.name: torch.zeros((b.d_in, b.d_in), dtype=dtype, device=device) for b in self.blocks}
         self.ddt = {b.name: torch.zeros((b.d_out, b.d_out), dtype=dtype, device=device) for b in self.blocks}
-        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # [n_tokens, n_docs]
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # [n_tokens, n_docs, padded tokens]
         self.nonfinite = NonFiniteTracker()
         self.n_batches = 0
 
@@ -70,6 +70,7 @@ class CovarianceAccumulator:
             self.ddt[n] += result.ddt[n].to(self.ddt[n].dtype)
         self.counts[0] += float(result.n_tok)
         self.counts[1] += float(result.loss.shape[0])
+        self.counts[2] += float(result.targets.numel())
         self.n_batches += 1
 
     def state_tensors(self) -> list[torch.Tensor]:
@@ -83,6 +84,11 @@ class CovarianceAccumulator:
     @property
     def n_docs(self) -> int:
         return int(round(self.counts[1].item()))
+
+    @property
+    def padding_fraction(self) -> float:
+        padded = self.counts[2].item()
+        return 0.0 if padded == 0 else 1.0 - self.counts[0].item() / padded
 
     def covariances(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Block → (C_A, C_S) = token sums / number of non-pad tokens (float64)."""

@@ -201,6 +201,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         "top_k": fcfg.top_k,
         "num_workers": fcfg.num_workers,
         "n_clamped_eigenvalues": meta.get("n_clamped_eigenvalues", 0),
+        "padding_fraction": meta.get("padding_fraction"),
         "timings": timings,
         "blocks": rows,
     }
@@ -214,8 +215,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     from ga_ray.config import FactorsConfig, ModelConfig
-    from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, NonFiniteFactorError, compute_factors
+    from ga_ray.ekfac.compute import FactorSettings, NonFiniteFactorError, bucketed_batches, compute_factors
     from ga_ray.ekfac.distributed import get_comm
     from ga_ray.model.loading import load_lora_model
     from ga_ray.model.lora_blocks import find_lora_blocks
@@ -239,9 +239,8 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     def batches_of(it):
         def gen():
-            for cols in it.iter_batches(batch_size=fcfg.batch_size, batch_format="numpy", prefetch_batches=1):
-                if len(cols["doc_id"]):
-                    yield collate(cols, pad_id=pad_id)
+            windows = it.iter_batches(batch_size=16 * fcfg.batch_size, batch_format="numpy", prefetch_batches=1)
+            return bucketed_batches(windows, fcfg.batch_size, fcfg.max_tokens_per_batch, pad_id)
 
         return gen
 

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 
 from ga_ray.gradients.batching import PaddingStats, padding_stats, plan_batches
+from ga_ray.pipeline import StageError
 
-# Fault injection for the tests: "<when>:<flag file>" with when = "before" (die before computing) or
-# "after_write" (die after writing the window's file, before returning it). Only the first window
-# seen by any incarnation of any actor dies: the flag file is created atomically first.
+# Fault injection for the tests: a flag-file path. The first window that any incarnation of any
+# actor processes dies (os._exit) right after writing its Parquet file and before returning it, the
+# hardest moment for exactly-once output; the flag file, created atomically first, stops the others.
 FAULT_ENV = "GA_RAY_GRADIENTS_FAULT"
 
 def proc_status_mb(field: str) -> float | None:
@@ -196,7 +197,7 @@ def load_computer(
     if names != fnames:
         missing = sorted(set(fnames) - set(names))[:3]
         extra = sorted(set(names) - set(fnames))[:3]
-        raise RuntimeError(
+        raise StageError(
             f"the factors in {factors_dir} were computed for other LoRA blocks than the adapter {adapter_path} has "
             f"(factors only: {missing}, adapter only: {extra}, or a different order): re-run the factors stage"
         )
@@ -232,12 +233,9 @@ def write_window(result: WindowResult, out_dir: str | Path) -> str:
     return name
 
 
-def _maybe_fault(spec: str | None, stage: str) -> None:
-    """Test hook: die (os._exit, as a crash or an OOM kill would) on the first window ever seen."""
-    if not spec:
-        return
-    when, _, flag = spec.partition(":")
-    if when != stage or not flag:
+def _maybe_fault(flag: str | None) -> None:
+    """Test hook: die as a crash or an OOM kill would, once (see FAULT_ENV)."""
+    if not flag:
         return
     try:
         fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -277,10 +275,9 @@ class GradientsActor:
         self.fault = fault
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        _maybe_fault(self.fault, "before")
         result = self.computer.run(batch)
         name = write_window(result, self.out_dir)
-        _maybe_fault(self.fault, "after_write")
+        _maybe_fault(self.fault)
         n = len(result.doc_id)
         return {
             "doc_id": result.doc_id,

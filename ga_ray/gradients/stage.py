@@ -3,12 +3,12 @@
 Ray wiring (thin): `read_parquet(data/)` → streaming `repartition` into blocks of one window →
 `map_batches(GradientsActor, compute=ActorPoolStrategy)` with an integer batch size (`window_docs`),
 `num_gpus` per actor, and actor restarts + task retries so that a dead actor's window is recomputed.
-Each actor writes the finite rows of each window to its
-own Parquet file in a temporary sibling of `gradients/` and streams back only per-document metadata.
-The driver then keeps exactly the files that the metadata it received names (a file written by an
-attempt that died before Ray recorded its result is an orphan and is deleted), checks that every
-input document appears exactly once (written, or excluded as non-finite), renames the files in
-doc-id order, writes `gradients.json`, and swaps the folder into place atomically.
+Each actor writes the finite rows of each window to its own Parquet file in a temporary sibling of
+`gradients/` and streams back only per-document metadata. The driver then keeps exactly the files
+that the metadata it received names (a file written by an attempt that died before Ray recorded its
+result is an orphan and is deleted), checks that every input document appears exactly once (written,
+or excluded as non-finite), renames the files in doc-id order, writes `gradients.json`, and swaps
+the folder into place atomically.
 
 Why the actors write the files rather than `Dataset.write_parquet`: the driver must learn which
 documents were excluded (non-finite) and the padding and memory figures, in the same single pass.

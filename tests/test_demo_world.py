@@ -1,0 +1,88 @@
+"""A tiny demo world: built atomically into the cache, reused on the second call, loadable everywhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ga_ray.config import DemoConfig
+
+
+def tiny_demo_config(cache_dir, **kw) -> DemoConfig:
+    """A demo world small enough for tests (seconds on one core)."""
+    base = dict(
+        n_docs=45, n_base_docs=40, vocab_size=320, hidden_size=16, n_layers=1, n_heads=2, intermediate_size=32,
+        pretrain_epochs=1.0, pretrain_batch_size=8, pretrain_seq_len=32, eval_prompts_per_family=3, torch_threads=1,
+        cache_dir=str(cache_dir),
+    )
+    base.update(kw)
+    return DemoConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ga_ray.demo.world import build_demo_world
+
+    return build_demo_world(tiny_demo_config(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+def test_world_layout(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ga_ray.demo import tasks
+
+    assert world.root.name == world.info["key"]
+    rows = tasks.read_jsonl(world.data)
+    assert len(rows) == 45 and [r["id"] for r in rows] == list(range(45))
+    assert {r["task"] for r in rows} == set(tasks.FAMILIES)
+    tok = AutoTokenizer.from_pretrained(str(world.tokenizer))
+    assert tok.chat_template and tok.pad_token_id == 0
+    model = AutoModelForCausalLM.from_pretrained(str(world.base_model))
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() for p in model.parameters()) == world.info["n_params"]
+    assert AutoTokenizer.from_pretrained(str(world.base_model)).chat_template == tok.chat_template
+    assert sorted(p.stem for p in (world.eval_dir / "behaviours").glob("*.jsonl")) == sorted(tasks.BEHAVIOURS)
+    assert sorted(p.stem for p in (world.eval_dir / "families").glob("*.jsonl")) == sorted(tasks.DETERMINISTIC_FAMILIES)
+    info = json.loads((world.root / "world.json").read_text())
+    assert info["pretrain"]["losses"][-1] < info["pretrain"]["losses"][0]  # it learned something
+    assert set(info["timings"]) >= {"generate_s", "tokenizer_s", "pretrain_s", "total_s"}
+
+
+def test_second_call_reuses_the_cache(world):
+    from ga_ray.demo.world import build_demo_world, world_key
+
+    cfg = DemoConfig.model_validate(world.info["config"])
+    stamp = (world.root / "world.json").stat().st_mtime_ns
+    again = build_demo_world(cfg, progress=False)
+    assert again.root == world.root
+    assert (again.root / "world.json").stat().st_mtime_ns == stamp  # not rebuilt
+    # the key ignores where the cache is and the thread count, but not what the world is
+    assert world_key(cfg) == world_key(cfg.model_copy(update={"cache_dir": "/elsewhere", "torch_threads": 2}))
+    assert world_key(cfg) != world_key(cfg.model_copy(update={"seed": 1}))
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    from ga_ray.demo.world import cache_base
+
+    monkeypatch.setenv("GA_RAY_CACHE", str(tmp_path / "env"))
+    assert cache_base(DemoConfig()) == tmp_path / "env"
+    assert cache_base(DemoConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    monkeypatch.delenv("GA_RAY_CACHE")
+    assert str(cache_base(DemoConfig())).endswith(".cache/ga_ray/demo")
+
+
+def test_failed_build_leaves_no_world(monkeypatch, tmp_path):
+    import ga_ray.demo.tiny_model as tiny
+    from ga_ray.demo.world import build_demo_world, world_path
+
+    cfg = tiny_demo_config(tmp_path)
+
+    def boom(*a, **k):
+        raise RuntimeError("killed halfway")
+
+    monkeypatch.setattr(tiny, "pretrain", boom)
+    with pytest.raises(RuntimeError, match="killed halfway"):
+        build_demo_world(cfg, progress=False)
+    assert not world_path(cfg).exists()
+    assert list(tmp_path.iterdir()) == []  # no half-built temp folder either

@@ -1,0 +1,368 @@
+"""atoms stage, pure compute (no Ray, no files except checkpoints): coder, online step, stream, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ga_ray.dictionary.lasso import gram, kkt_violation, lasso_gram, lasso_objective, row_objective, sparse_encode
+from ga_ray.dictionary.online import (
+    OnlineState,
+    duplicate_atoms,
+    forgetting_beta,
+    init_dictionary_svd,
+    online_step,
+    update_dictionary,
+    update_dictionary_reference,
+    update_stats,
+)
+from ga_ray.dictionary.stability import match_atoms, stability_report
+from ga_ray.dictionary.stream import BlockCoder, StreamPlan, even_pieces, tensor_reader
+from ga_ray.dictionary.synthetic import planted_atoms, recovery
+from ga_ray.dictionary.trainer import FitSettings, LocalPool, TrainerState, fit, learn_dictionary
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _unit_rows(rng, n, p):
+    a = rng.standard_normal((n, p))
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+# ---- the coder -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,p,k,alpha", [(40, 64, 40, 0.1), (30, 128, 100, 0.05), (25, 96, 30, 0.3)])
+def test_coder_kkt_and_matches_sklearn_lasso_cd(n, p, k, alpha):
+    from sklearn.decomposition import sparse_encode as sk_sparse_encode
+
+    rng = np.random.default_rng(0)
+    D = _unit_rows(rng, k, p)
+    X = _unit_rows(rng, n, p)
+    Xt, Dt = torch.tensor(X), torch.tensor(D)
+    C, info = sparse_encode(Xt, Dt, alpha, tol=1e-10, return_info=True)
+    assert info.n_unconverged == 0
+    G = gram(Dt)
+    assert float(kkt_violation(C, G, Xt @ Dt.T, alpha).max()) <= 1e-9
+    Cs = sk_sparse_encode(X, D, algorithm="lasso_cd", alpha=alpha, max_iter=20000)
+    np.testing.assert_allclose(C.numpy(), Cs, atol=1e-6)
+    # same objective convention: per row ½‖x − cD‖² + α‖c‖₁ (not sklearn-Lasso's 1/(2n) scaling)
+    assert lasso_objective(Xt, Dt, C, alpha) <= lasso_objective(Xt, Dt, torch.tensor(Cs), alpha) + 1e-10
+    # a nonzero solution exists, and the zero solution is worse
+    assert (C != 0).any()
+    assert lasso_objective(Xt, Dt, C, alpha) < lasso_objective(Xt, Dt, torch.zeros_like(C), alpha)
+
+
+def test_coder_float32_kkt_and_warm_start():
+    rng = np.random.default_rng(1)
+    D = torch.tensor(_unit_rows(rng, 60, 128), dtype=torch.float32)
+    X = torch.tensor(_unit_rows(rng, 50, 128), dtype=torch.float32)
+    C, info = sparse_encode(X, D, 0.1, tol=1e-6, return_info=True)
+    assert info.n_unconverged == 0
+    kkt = kkt_violation(C.double(), gram(D.double()), (X @ D.T).double(), 0.1).max()
+    assert float(kkt) <= 2e-6
+    G = gram(D)
+    C2, info2 = lasso_gram(G, X @ D.T, 0.1, tol=1e-6, init=C)  # warm start at the solution: no work
+    assert info2.n_iter <= 2
+    torch.testing.assert_close(C2, C, atol=1e-6, rtol=0)
+
+
+def test_row_objective_equals_residual_form():
+    rng = np.random.default_rng(2)
+    D = torch.tensor(_unit_rows(rng, 20, 32))
+    X = torch.tensor(_unit_rows(rng, 15, 32))
+    C = sparse_encode(X, D, 0.1)
+    rec, l1 = row_objective(C, gram(D), X @ D.T, (X * X).sum(1), 0.1)
+    direct = 0.5 * ((X - C @ D) ** 2).sum(1)
+    torch.testing.assert_close(rec, direct, atol=1e-12, rtol=0)
+    torch.testing.assert_close(l1, 0.1 * C.abs().sum(1))
+
+
+# ---- online statistics and dictionary update ---------------------------------------------------------
+def _sklearn_model():
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    return MiniBatchDictionaryLearning(n_components=6, alpha=0.1)
+
+
+@pytest.mark.parametrize("sizes", [[8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8], [8, 8, 8, 5], [16, 3, 16, 7, 16]])
+def test_forgetting_weights_equal_sklearn_internals(sizes):
+    """Our A, B after a sequence of batches (equal sizes, a last smaller one, mixed sizes) equal the
+    ones scikit-learn's own `_update_inner_stats` computes."""
+    rng = np.random.default_rng(3)
+    K, P = 6, 10
+    est = _sklearn_model()
+    est._A = np.zeros((K, K))
+    est._B = np.zeros((P, K))
+    state = OnlineState.from_dictionary(torch.zeros(K, P, dtype=torch.float64))
+    for step, n in enumerate(sizes):
+        X = rng.standard_normal((n, P))
+        C = rng.standard_normal((n, K)) * (rng.random((n, K)) < 0.4)
+        est._update_inner_stats(X, C, n, step)
+        beta = update_stats(state, torch.tensor(X), torch.tensor(C))
+        state.step += 1
+        if step < n - 1:
+            theta = (step + 1) * n
+        else:
+            theta = n * n + step + 1 - n
+        assert beta == pytest.approx((theta + 1 - n) / (theta + 1), rel=1e-15)
+        np.testing.assert_allclose(state.A.numpy(), est._A, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(state.Bt.numpy().T, est._B, rtol=1e-12, atol=1e-14)
+    assert forgetting_beta(0, 256) == pytest.approx(1 / 257)  # the first batch all but replaces the statistics
+
+
+def test_forgetting_beta_regimes():
+    assert forgetting_beta(3, 256) == pytest.approx((4 * 256 + 1 - 256) / (4 * 256 + 1))
+    late = 300
+    assert forgetting_beta(late, 256) == pytest.approx((256**2 + late + 1 - 256 + 1 - 256) / (256**2 + late + 1 - 256 + 1))
+
+
+def test_blocked_bcd_equals_atom_by_atom_loop_and_sklearn():
+    from sklearn.decomposition._dict_learning import _update_dict
+
+    rng = np.random.default_rng(4)
+    K, P, n = 70, 90, 200  # K not a multiple of the block sizes
+    D = torch.tensor(_unit_rows(rng, K, P))
+    X = torch.tensor(rng.standard_normal((n, P)))
+    C = torch.tensor(rng.standard_normal((n, K)) * (rng.random((n, K)) < 0.2))
+    st = OnlineState.from_dictionary(D)
+    update_stats(st, X, C)
+    dead = st.A.diagonal() <= 1e-6
+    assert not dead.any()
+    blocked = D.clone()
+    update_dictionary(blocked, st.A, st.Bt, block=8, super_block=24)
+    ref = D.clone()
+    update_dictionary_reference(ref, st.A, st.Bt)
+    sk = D.numpy().copy()
+    _update_dict(sk, X.numpy(), C.numpy(), st.A.numpy(), st.Bt.numpy().T.copy())
+    assert float((ref - D).abs().max()) > 1e-2  # the sweep moved the atoms
+    torch.testing.assert_close(blocked, ref, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(ref.numpy(), sk, atol=1e-12)
+    assert float(torch.linalg.vector_norm(blocked, dim=1).max()) <= 1 + 1e-12
+
+
+def test_one_online_step_equals_dense_reference():
+    """One step (code → statistics → dictionary) against a dense reference written from the formulas,
+    and against scikit-learn's own `_minibatch_step` (same dictionary, statistics and batch)."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    rng = np.random.default_rng(5)
+    K, P, n, alpha, step = 12, 40, 64, 0.1, 7
+    D = _unit_rows(rng, K, P)
+    X = _unit_rows(rng, n, P)
+    C0 = rng.standard_normal((200, K)) * (rng.random((200, K)) < 0.5)
+    A0 = C0.T @ C0 / 200
+    B0 = _unit_rows(rng, 200, P).T @ C0 / 200
+    # ours
+    st = OnlineState(D=torch.tensor(D), A=torch.tensor(A0), Bt=torch.tensor(B0.T.copy()), step=step)
+    C = sparse_encode(torch.tensor(X), st.D, alpha, tol=1e-12)
+    rec, l1 = row_objective(C, gram(st.D), torch.tensor(X) @ st.D.T, torch.ones(n, dtype=torch.float64), alpha)
+    res, G = online_step(st, torch.tensor(X), C, rec, l1, dup_threshold=None)
+    assert not res.dead_resampled
+    # dense reference from the formulas
+    th = (step + 1) * n if step < n - 1 else n * n + step + 1 - n
+    beta = (th + 1 - n) / (th + 1)
+    Cn = C.numpy()
+    A = beta * A0 + Cn.T @ Cn / n
+    B = beta * B0 + X.T @ Cn / n
+    Dr = D.copy()
+    for k in range(K):
+        Dr[k] = Dr[k] + (B[:, k] - A[k] @ Dr) / A[k, k]
+        Dr[k] /= max(np.linalg.norm(Dr[k]), 1.0)
+    np.testing.assert_allclose(st.A.numpy(), A, atol=1e-13)
+    np.testing.assert_allclose(st.Bt.numpy().T, B, atol=1e-13)
+    np.testing.assert_allclose(st.D.numpy(), Dr, atol=1e-11)
+    np.testing.assert_allclose(G.numpy(), Dr @ Dr.T, atol=1e-11)
+    assert res.batch_cost == pytest.approx(float((0.5 * ((X - Cn @ D) ** 2).sum() + alpha * np.abs(Cn).sum()) / n), rel=1e-10)
+    # scikit-learn's step (lasso_cd coding at tol 1e-8 → codes equal to ~1e-7)
+    est = MiniBatchDictionaryLearning(n_components=K, alpha=alpha, fit_algorithm="cd", transform_max_iter=10000)
+    est._check_params(X)
+    est._A, est._B = A0.copy(), B0.copy()
+    Dsk = D.copy()
+    cost = est._minibatch_step(X, Dsk, np.random.RandomState(0), step)
+    np.testing.assert_allclose(Dsk, Dr, atol=1e-5)
+    assert cost == pytest.approx(res.batch_cost, rel=1e-6)
+
+
+def test_dead_and_duplicate_atoms_are_resampled_from_worst_rows():
+    rng = np.random.default_rng(6)
+    K, P, n = 8, 20, 30
+    D = _unit_rows(rng, K, P)
+    D[3] = D[2] * np.sign(rng.standard_normal())  # duplicate
+    X = torch.tensor(_unit_rows(rng, n, P))
+    # earlier statistics at a fixed point for atoms 0–5 (so atoms 2, 3 do not move); 6, 7 never used
+    A0 = torch.diag(torch.tensor([0.5] * 6 + [0.0, 0.0], dtype=torch.float64))
+    st = OnlineState(D=torch.tensor(D), A=A0.clone(), Bt=A0 @ torch.tensor(D), step=3)
+    C = torch.zeros(n, K, dtype=torch.float64)
+    C[:, [0, 1, 4, 5]] = torch.tensor(rng.standard_normal((n, 4)))  # 2, 3 unused now; 6, 7 → dead
+    rec = torch.tensor(rng.random(n))
+    res, G = online_step(st, X, C, rec, torch.zeros(n, dtype=torch.float64))
+    worst = torch.argsort(rec, descending=True).tolist()
+    assert res.dead_resampled == [6, 7]
+    torch.testing.assert_close(st.D[6], X[worst[0]])
+    torch.testing.assert_close(st.D[7], X[worst[1]])
+    assert len(res.dup_resampled) == 1 and res.dup_resampled[0] in (2, 3)
+    torch.testing.assert_close(st.D[res.dup_resampled[0]], X[worst[2]])
+    torch.testing.assert_close(G, gram(st.D))
+    assert duplicate_atoms(G, st.A.diagonal()).numel() == 0
+
+
+def test_svd_init_spans_the_top_singular_subspace():
+    rng = np.random.default_rng(7)
+    X = torch.tensor(rng.standard_normal((50, 30)) @ np.diag(np.linspace(3, 0.1, 30)) @ np.linalg.qr(rng.standard_normal((30, 30)))[0])
+    D = init_dictionary_svd(X, 5, seed=0)
+    _, _, Vt = torch.linalg.svd(X, full_matrices=False)
+    proj = D @ Vt[:5].T
+    torch.testing.assert_close(torch.linalg.vector_norm(proj, dim=1), torch.ones(5, dtype=X.dtype), atol=1e-8, rtol=0)
+
+
+# ---- the stream and the learner ------------------------------------------------------------------
+def test_stream_batches_do_not_depend_on_world_size():
+    rng = np.random.default_rng(8)
+    Z = rng.standard_normal((230, 6)).astype(np.float32)
+    pieces = [40, 7, 33, 50, 20, 80]
+    plan = StreamPlan(tuple(pieces), batch_size=32, window_rows=60, seed=3, heldout_fraction=0.1)
+    reader = tensor_reader(Z, pieces)
+    held = set(plan.heldout.tolist())
+    assert len(held) == 23
+    batches = {}
+    for world in (1, 2, 3):
+        coders = [BlockCoder(reader, plan, r, world, 0.1) for r in range(world)]
+        seen = []
+        for step in range(2 * plan.steps_per_epoch):
+            e, a, b = plan.batch_bounds(step)
+            parts = [c.rows_at(e, a, b) for c in coders]
+            pos = np.concatenate([p for p, _ in parts])
+            X = torch.cat([x for _, x in parts if x.numel()])
+            order = np.argsort(pos)
+            assert np.array_equal(pos[order], np.arange(a, b))
+            seen.append(X[order].numpy())
+            assert all(len(c._windows) <= 3 for c in coders)  # bounded memory
+        batches[world] = seen
+    for w in (2, 3):
+        for b1, bw in zip(batches[1], batches[w]):
+            np.testing.assert_array_equal(b1, bw)
+    # an epoch covers every training row exactly once, and no held-out row
+    Xn = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    ep0 = np.concatenate(batches[1][: plan.steps_per_epoch])
+    assert ep0.shape[0] == 230 - 23
+    match = np.abs(ep0 @ Xn.T).argmax(1)
+    assert sorted(match.tolist()) == sorted(set(range(230)) - held)
+    assert plan.batch_bounds(plan.steps_per_epoch - 1)[2] - plan.batch_bounds(plan.steps_per_epoch - 1)[1] == (230 - 23) % 32
+
+
+def test_in_process_workers_follow_the_same_trajectory():
+    X, _, _ = planted_atoms(300, 48, 10, seed=1)
+    s = FitSettings(n_atoms=10, alpha=0.1, batch_size=40, max_epochs=2, seed=0, tol=0)
+    r1 = learn_dictionary(X, s, world=1, piece_rows=50, window_rows=120)
+    r3 = learn_dictionary(X, s, world=3, piece_rows=50, window_rows=120)
+    assert r1.steps == r3.steps > 10
+    torch.testing.assert_close(r1.state.D, r3.state.D, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_planted_atoms_are_recovered():
+    X, T, _ = planted_atoms(2000, 128, 50, per_row=(2, 3), noise=0.1, seed=0)
+    r = learn_dictionary(X, FitSettings(n_atoms=50, alpha=0.1, batch_size=128, max_epochs=30, seed=0, tol=1e-4, patience=3))
+    assert recovery(r.state.D.numpy(), T, 0.9) >= 0.9
+    assert r.stop_reason in ("converged", "max_epochs")
+    # the held-out objective went down
+    assert r.history[-1]["objective"] < r.history[0]["objective"]
+
+
+def test_resume_after_kill_equals_unbroken_run(tmp_path):
+    from ga_ray.dictionary.io import load_checkpoint, save_checkpoint
+
+    X, _, _ = planted_atoms(400, 32, 12, seed=2)
+    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=3, seed=1, tol=1e-3, patience=2, eval_every=5, checkpoint_every=4)
+    pieces = even_pieces(400, 64)
+
+    def pool_and_plan():
+        plan = StreamPlan(tuple(pieces), 32, 150, s.seed, heldout_fraction=0.1)
+        return LocalPool([BlockCoder(tensor_reader(X, pieces), plan, 0, 1, s.alpha)]), plan
+
+    pool, plan = pool_and_plan()
+    unbroken = fit(pool, plan, s, dtype=torch.float64)
+
+    def ckpt(state, ts):
+        save_checkpoint(tmp_path, state.tensors(), {"counters": state.counters(), "trainer": ts.to_json()})
+
+    class Killed(Exception):
+        pass
+
+    def kill(state, res):
+        if state.step == 15:
+            raise Killed
+
+    pool, plan = pool_and_plan()
+    with pytest.raises(Killed):
+        fit(pool, plan, s, dtype=torch.float64, on_checkpoint=ckpt, on_step=kill)
+    tensors, prog = load_checkpoint(tmp_path)
+    assert prog["counters"]["step"] == 12
+    pool, plan = pool_and_plan()  # a fresh process would rebuild everything from the files
+    resumed = fit(
+        pool,
+        plan,
+        s,
+        dtype=torch.float64,
+        resume=(OnlineState.restore(tensors, prog["counters"]), TrainerState.from_json(prog["trainer"])),
+        on_checkpoint=ckpt,
+    )
+    assert resumed.steps == unbroken.steps
+    assert resumed.stop_reason == unbroken.stop_reason
+    assert torch.equal(resumed.state.D, unbroken.state.D)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(unbroken.history)
+
+
+# ---- stability -------------------------------------------------------------------------------------
+def test_hungarian_matching_finds_permuted_sign_flipped_atoms():
+    rng = np.random.default_rng(9)
+    D = _unit_rows(rng, 15, 40)
+    perm = rng.permutation(15)
+    D2 = D[perm] * rng.choice([-1, 1], size=(15, 1))
+    D2[:5] = _unit_rows(rng, 5, 40)  # 5 atoms do not reappear
+    m = match_atoms(D, D2)
+    assert (m > 0.999).sum() == 10
+    rep = stability_report([D, D2, D[::-1]], [1, 2, 3])
+    assert rep["pairs"][0]["share_above_0.9"] == pytest.approx(10 / 15)
+    assert rep["pairs"][1]["share_above_0.9"] == 1.0
+    assert rep["atoms_reappearing_in_all_above_0.9"] == 10
+
+
+def test_encode_metrics_match_a_direct_computation(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ga_ray.dictionary.encode import encode_local
+
+    rng = np.random.default_rng(10)
+    D = torch.tensor(_unit_rows(rng, 16, 24), dtype=torch.float32)
+    Z = (rng.standard_normal((70, 24)) * 3).astype(np.float32)
+    Z[5] = 0  # a zero row stays zero
+    ids = np.arange(100, 170)
+    m = encode_local(Z, ids, D, 0.1, tol=1e-7, max_iter=500, codes_path=tmp_path / "codes.parquet", batch_size=32)
+    X = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-30)
+    C = sparse_encode(torch.tensor(X), D, 0.1, tol=1e-7).double().numpy()
+    Dn = D.double().numpy()
+    R = X - C @ Dn
+    assert m["objective"] == pytest.approx(float((0.5 * (R**2).sum() + 0.1 * np.abs(C).sum()) / 70), rel=1e-5)
+    Xc = X - X.mean(0)
+    assert m["fvu"] == pytest.approx(float((R**2).sum() / (Xc**2).sum()), rel=1e-4)
+    l0 = (C != 0).sum(1)
+    assert m["l0_mean"] == pytest.approx(l0.mean())
+    assert m["l0_median"] == np.sort(l0)[int(np.ceil(0.5 * 70)) - 1]
+    assert m["l0_p99"] == np.sort(l0)[int(np.ceil(0.99 * 70)) - 1]
+    per_atom = (C != 0).sum(0)
+    assert m["docs_per_atom_median"] == np.median(per_atom)
+    assert m["dead_atoms"] == int((per_atom == 0).sum())
+    t = pq.read_table(tmp_path / "codes.parquet")
+    assert t.schema.field("doc_id").type == "int64" and t.schema.field("atom").type == "int32" and t.schema.field("coef").type == "float"
+    assert t.num_rows == int(l0.sum())
+    dense = np.zeros((70, 16))
+    dense[t.column("doc_id").to_numpy() - 100, t.column("atom").to_numpy()] = t.column("coef").to_numpy()
+    np.testing.assert_allclose(dense, C, atol=1e-6)

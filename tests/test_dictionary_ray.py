@@ -1,0 +1,144 @@
+"""atoms stage over Ray: worker parity, resume after a kill, the stage's outputs (both backends)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ga_ray.config import load_config
+from ga_ray.dictionary.synthetic import planted_atoms, recovery
+from ga_ray.gradients.io import gradients_table
+
+
+def write_gradients(root: Path, n: int = 480, dim: int = 48, n_atoms: int = 12, files: int = 3, row_group: int = 70, seed: int = 0):
+    """A gradients/ folder of planted-atom rows with random norms (several files and row groups)."""
+    X, T, _ = planted_atoms(n, dim, n_atoms, seed=seed)
+    Z = X * np.random.default_rng(seed + 1).uniform(0.2, 5.0, size=(n, 1)).astype(np.float32)
+    g = root / "gradients"
+    g.mkdir(parents=True, exist_ok=True)
+    per = -(-n // files)
+    for i, s in enumerate(range(0, n, per)):
+        e = min(n, s + per)
+        t = gradients_table(np.arange(s, e) + 1000, Z[s:e], np.linalg.norm(Z[s:e], axis=1), np.ones(e - s), np.full(e - s, 7))
+        pq.write_table(t, g / f"part-{i:05d}.parquet", row_group_size=row_group)
+    return g, T, Z
+
+
+def _cfg(*overrides: str):
+    base = [
+        "dictionary.n_atoms=12",
+        "dictionary.batch_size=48",
+        "dictionary.max_epochs=3",
+        "dictionary.heldout_fraction=0.1",
+        "dictionary.eval_every=4",
+        "dictionary.tol=0",
+        "dictionary.kmeans_clusters=null",
+        "dictionary.shuffle_buffer_mb=0.03",  # windows of ~160 rows: several windows per epoch
+        "dictionary.seed=5",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def test_one_and_two_ray_workers_follow_the_same_trajectory(ray_session, tmp_path):
+    from ga_ray.dictionary.stage import fit_torch
+
+    g, _, _ = write_gradients(tmp_path)
+    r1, plan = fit_torch(g, _cfg("dictionary.num_workers=1").dictionary, 5, progress=False)
+    r2, _ = fit_torch(g, _cfg("dictionary.num_workers=2").dictionary, 5, progress=False)
+    assert r1.steps == r2.steps == 3 * plan.steps_per_epoch
+    assert len(plan.windows(0)) > 1
+    torch.testing.assert_close(r1.state.D, r2.state.D, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r1.state.A, r2.state.A, atol=1e-5, rtol=1e-5)
+    assert [h["step"] for h in r1.history] == [h["step"] for h in r2.history]
+    np.testing.assert_allclose([h["objective"] for h in r1.history], [h["objective"] for h in r2.history], rtol=1e-5)
+
+
+def test_resume_after_kill_equals_unbroken_stage_fit(ray_session, tmp_path):
+    from ga_ray.dictionary.io import load_checkpoint
+    from ga_ray.dictionary.stage import fit_torch
+
+    g, _, _ = write_gradients(tmp_path)
+    cfg = _cfg("dictionary.checkpoint_every=5", "dictionary.tol=1e-3", "dictionary.patience=2").dictionary
+    unbroken, _ = fit_torch(g, cfg, 5, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(state, res):
+        if state.step == 12:
+            raise Killed
+
+    out = tmp_path / "atoms"
+    out.mkdir()
+    with pytest.raises(Killed):
+        fit_torch(g, cfg, 5, out_dir=out, on_step=kill, progress=False)
+    _, prog = load_checkpoint(out)
+    assert prog["counters"]["step"] == 10
+    resumed, _ = fit_torch(g, cfg, 5, out_dir=out, progress=False)
+    assert resumed.steps == unbroken.steps
+    assert torch.equal(resumed.state.D, unbroken.state.D)
+    # a checkpoint from other settings is not used
+    steps_seen: list[int] = []
+    fit_torch(g, cfg.model_copy(update={"alpha": 0.2}), 5, out_dir=out, on_step=lambda s, r: steps_seen.append(s.step), progress=False)
+    assert steps_seen[0] == 1  # started from scratch
+
+
+def _run_stage(tmp_path: Path, *overrides: str):
+    from ga_ray.dictionary.stage import run_atoms
+    from ga_ray.pipeline import StageContext
+    from ga_ray.rundir import RunDir
+
+    cfg = _cfg(*overrides)
+    rd = RunDir(tmp_path / "run")
+    out = rd.stage_dir("atoms")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = run_atoms(StageContext(cfg=cfg, run_dir=rd, stage="atoms", out=out))
+    return summary, out
+
+
+@pytest.mark.slow
+def test_stage_writes_dictionary_codes_metrics_kmeans_and_stability(ray_session, tmp_path):
+    from ga_ray.dictionary.io import read_dictionary
+
+    g, T, Z = write_gradients(tmp_path / "run")
+    summary, out = _run_stage(tmp_path, "dictionary.kmeans_clusters=4", "dictionary.n_seeds=2", "dictionary.max_epochs=8")
+    assert "line" in summary and "objective" in summary["line"]
+    D = read_dictionary(out / "dictionary.safetensors")
+    assert D.shape == (12, 48) and D.dtype == torch.float32
+    assert float(torch.linalg.vector_norm(D, dim=1).max()) <= 1 + 1e-5
+    assert recovery(D.numpy(), T, 0.9) >= 0.75
+    codes = pq.read_table(out / "codes.parquet")
+    assert [f.name for f in codes.schema] == ["doc_id", "atom", "coef"]
+    assert str(codes.schema.field("atom").type) == "int32"
+    assert set(np.unique(codes.column("doc_id").to_numpy())) <= set(range(1000, 1480))
+    assert (codes.column("coef").to_numpy() != 0).all()
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("objective", "fvu", "l0_per_doc", "docs_per_atom_median", "dead_atoms", "mutual_coherence", "timings_s", "training"):
+        assert key in m
+    assert m["n_docs"] == 480 and 0 < m["fvu"] < 1
+    assert m["l0_per_doc"]["mean"] == pytest.approx(codes.num_rows / 480)
+    # the stored codes reproduce the objective: ½‖x − cD‖² + α‖c‖₁ averaged over documents
+    X = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    C = np.zeros((480, 12))
+    C[codes.column("doc_id").to_numpy() - 1000, codes.column("atom").to_numpy()] = codes.column("coef").to_numpy()
+    obj = (0.5 * ((X - C @ D.numpy()) ** 2).sum() + 0.1 * np.abs(C).sum()) / 480
+    assert m["objective"] == pytest.approx(obj, rel=1e-4)
+    km = pq.read_table(out / "kmeans.parquet")
+    assert km.num_rows == 480 and set(km.column("cluster").to_numpy()) <= set(range(4))
+    st = m["stability"]
+    assert st["n_seeds"] == 2 and 0 <= st["share_above_0.9"] <= st["share_above_0.7"] <= 1
+    assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_sklearn_backend_has_the_same_outputs(ray_session, tmp_path):
+    write_gradients(tmp_path / "run", n=200, dim=24, n_atoms=6)
+    summary, out = _run_stage(tmp_path, "dictionary.backend=sklearn", "dictionary.n_atoms=6", "dictionary.sklearn_max_iter=5")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["backend"] == "sklearn" and m["n_docs"] == 200
+    assert (out / "codes.parquet").exists() and (out / "dictionary.safetensors").exists()
