@@ -210,9 +210,10 @@ class DictionaryConfig(Section):
     """Tolerance of the sparse coder (max KKT violation)."""
     lasso_max_iter: int = 500
     """Iterations cap of the sparse coder per batch."""
-    init: Literal["data", "svd"] = "svd"
+    init: Literal["data", "svd"] = "data"
     """Initial dictionary: the first K rows of the shuffled stream (`data`), or the top right singular
-    vectors of a sample of 2K rows (`svd`, like scikit-learn's SVD start; converges in fewer epochs)."""
+    vectors of a sample of 2K rows (`svd`, like scikit-learn's start; fewer epochs on some data, but
+    it can stall on planted atoms, where `data` recovers more)."""
     num_workers: int = 1
     """Ray actors coding blocks in parallel."""
     use_gpu: Literal["auto", True, False] = "auto"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,97 +25,6 @@ def write_gradients(run: Path, doc_ids: np.ndarray, D: int = 10, seed: int = 0) 
     pq.write_table(t, run / "gradients" / "part-00000.parquet")
 
 
-def sklearn_fit(K: int):
-    """The reference backend (scikit-learn), writing the atoms stage's files into `out`."""
-
-    def fit(cfg, run_dir, out: Path) -> dict:
-        from safetensors.numpy import save_file
-        from sklearn.decomposition import MiniBatchDictionaryLearning, sparse_encode
-        from sklearn.exceptions import ConvergenceWarning
-
-        from ga_ray.gradients.io import read_z
-
-        ids, Z = read_z(run_dir.stage_dir("gradients"))
-        X = Z / np.linalg.norm(Z, axis=1, keepdims=True)
-        a = cfg.dictionary.alpha
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            dl = MiniBatchDictionaryLearning(n_components=K, alpha=a, batch_size=8, max_iter=20, random_state=0).fit(X)
-            Dm = dl.components_.astype(np.float32)
-            C = sparse_encode(X, Dm, algorithm="lasso_cd", alpha=a, max_iter=5000)
-        doc, atom = np.nonzero(C)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"dictionary": Dm}, str(out / "dictionary.safetensors"))
-        pq.write_table(
-            pa.table({"doc_id": pa.array(ids[doc], pa.int64()), "atom": pa.array(atom, pa.int32()), "coef": pa.array(C[doc, atom], pa.float32())}),
-            out / "codes.parquet",
-        )
-        obj = float(0.5 * ((X - C @ Dm) ** 2).sum(1).mean() + a * np.abs(C).sum(1).mean())
-        (out / "metrics.json").write_text(json.dumps({"objective": obj}))
-        return {"objective": obj}
-
-    return fit
-
-
-@pytest.mark.slow
-def test_sweep_on_tiny_data(ray_session, tmp_path):
-    from conftest import make_tiny_lora_model, write_tiny_run
-    from test_coherence import _dense_raw_gradients
-
-    from ga_ray.atoms.coherence import dense_coherence
-    from ga_ray.atoms.sweep import run_sweep
-    from ga_ray.config import load_config
-    from ga_ray.model.lora_blocks import find_lora_blocks
-    from ga_ray.rundir import RunDir
-
-    paths = write_tiny_run(tmp_path, n_docs=18, seed=2)
-    data = pq.read_table(paths["data"])
-    doc_ids = data.column("doc_id").to_numpy()
-    write_gradients(paths["run"], doc_ids)
-    cfg = load_config(
-        None,
-        [f"model.path={paths['model']}", f"model.adapter={paths['adapter']}", "finetune.enabled=false", "coherence.top_docs=6", "coherence.batch_size=4"],
-    )
-    alphas = [0.05, 0.3, 50.0]
-    rows = run_sweep(cfg, RunDir(paths["run"]), alphas, fit=sklearn_fit(K=5))
-    assert [r["alpha"] for r in rows] == alphas
-
-    model = make_tiny_lora_model(seed=2)
-    G = _dense_raw_gradients(model, find_lora_blocks(model), data.to_pylist())
-    pos = {int(d): i for i, d in enumerate(doc_ids)}
-    for r, a in zip(rows, alphas):
-        folder = paths["run"] / r["atoms_dir"]
-        codes = pq.read_table(folder / "codes.parquet").to_pandas()
-        per_atom = np.bincount(codes.atom[codes.coef != 0], minlength=5)
-        assert r["median_docs_per_atom"] == float(np.median(per_atom))
-        assert r["dead_atoms"] == int((per_atom == 0).sum())
-        # coherence of each atom: dense brute force over its oriented top documents
-        for k in range(5):
-            sub = codes[codes.atom == k]
-            oc = sub.coef * (-1.0 if sub.coef.sum() < 0 else 1.0)
-            top = sub.assign(oc=oc)[oc > 0].sort_values(["oc", "doc_id"], ascending=[False, True]).doc_id.tolist()[:6]
-            want = dense_coherence(G, [[pos[d] for d in top]])[0]
-            got = r["coherence"][k]
-            if len(top) < 2:
-                assert got is None
-            else:
-                assert abs(got - want) < 1e-5
-        c = np.array([x for x in r["coherence"] if x is not None])
-        assert r["atoms_coherence_gt_0.1"] == int((c > 0.1).sum()) and r["atoms_coherence_gt_0.5"] == int((c > 0.5).sum())
-    assert sum(x is not None for x in rows[0]["coherence"]) >= 3  # the comparison above was not vacuous
-    # sparser with larger α; at a huge α every code is zero (the paper's α = 1.0 row)
-    assert rows[0]["median_docs_per_atom"] >= rows[1]["median_docs_per_atom"]
-    assert rows[2]["median_docs_per_atom"] == 0 and rows[2]["atoms_coherence_gt_0.1"] == 0 and rows[2]["dead_atoms"] == 5
-
-    report = paths["run"] / "report"
-    saved = json.loads((report / "sweep.json").read_text())
-    assert [r["alpha"] for r in saved["rows"]] == alphas
-    with open(report / "sweep.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [float(t["alpha"]) for t in table] == alphas and table[1]["atoms_coherence_gt_0.1"] == str(rows[1]["atoms_coherence_gt_0.1"])
-    assert not (paths["run"] / "atoms").exists()  # the run's own atoms are never touched
-
-
 def test_sweep_needs_stored_gradients(tmp_path):
     from ga_ray.atoms.sweep import run_sweep
     from ga_ray.config import load_config
@@ -130,17 +38,22 @@ def test_sweep_needs_stored_gradients(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_with_the_atoms_stage(ray_session, tmp_path):
-    """The default path: each α is fitted by the atoms stage's own entry point (`run_atoms`)."""
-    pytest.importorskip("ga_ray.dictionary.stage")
-    from conftest import write_tiny_run
+def test_sweep_on_tiny_data(ray_session, tmp_path):
+    """Each α is fitted by the atoms stage's own entry point (`run_atoms`) on the stored gradients;
+    counts come from the refitted codes, coherence equals a dense brute force on raw gradients."""
+    from conftest import make_tiny_lora_model, write_tiny_run
+    from test_coherence import _dense_raw_gradients
 
+    from ga_ray.atoms.coherence import dense_coherence
     from ga_ray.atoms.sweep import run_sweep
     from ga_ray.config import load_config
+    from ga_ray.model.lora_blocks import find_lora_blocks
     from ga_ray.rundir import RunDir
 
+    K, top_n = 5, 6
     paths = write_tiny_run(tmp_path, n_docs=24, seed=4)
-    doc_ids = pq.read_table(paths["data"]).column("doc_id").to_numpy()
+    data = pq.read_table(paths["data"])
+    doc_ids = data.column("doc_id").to_numpy()
     write_gradients(paths["run"], doc_ids, seed=4)
     cfg = load_config(
         None,
@@ -148,17 +61,47 @@ def test_sweep_with_the_atoms_stage(ray_session, tmp_path):
             f"model.path={paths['model']}",
             f"model.adapter={paths['adapter']}",
             "finetune.enabled=false",
-            "dictionary.n_atoms=4",
+            f"dictionary.n_atoms={K}",
             "dictionary.batch_size=8",
             "dictionary.max_epochs=3",
-            "coherence.top_docs=5",
+            f"coherence.top_docs={top_n}",
+            "coherence.batch_size=4",
         ],
     )
-    rows = run_sweep(cfg, RunDir(paths["run"]), [0.05, 5.0])
-    assert [r["n_atoms"] for r in rows] == [4, 4]
+    alphas = [0.05, 0.3, 50.0]
+    rows = run_sweep(cfg, RunDir(paths["run"]), alphas)
+    assert [r["alpha"] for r in rows] == alphas and [r["n_atoms"] for r in rows] == [K] * 3
+
+    model = make_tiny_lora_model(seed=4)
+    G = _dense_raw_gradients(model, find_lora_blocks(model), data.to_pylist())
+    pos = {int(d): i for i, d in enumerate(doc_ids)}
     for r in rows:
-        assert (paths["run"] / r["atoms_dir"] / "dictionary.safetensors").exists()
-        assert r["objective"] is not None
-    assert rows[0]["median_docs_per_atom"] > 0
-    assert rows[1]["median_docs_per_atom"] == 0 and rows[1]["atoms_coherence_gt_0.1"] == 0
-    assert (paths["run"] / "report" / "sweep.csv").exists()
+        folder = paths["run"] / r["atoms_dir"]
+        assert (folder / "dictionary.safetensors").exists() and r["objective"] is not None
+        codes = pq.read_table(folder / "codes.parquet").to_pandas()
+        per_atom = np.bincount(codes.atom[codes.coef != 0], minlength=K)
+        assert r["median_docs_per_atom"] == float(np.median(per_atom))
+        assert r["dead_atoms"] == int((per_atom == 0).sum())
+        for k in range(K):  # coherence of each atom: dense brute force over its oriented top documents
+            sub = codes[codes.atom == k]
+            oc = sub.coef * (-1.0 if sub.coef.sum() < 0 else 1.0)
+            top = sub.assign(oc=oc)[oc > 0].sort_values(["oc", "doc_id"], ascending=[False, True]).doc_id.tolist()[:top_n]
+            got = r["coherence"][k]
+            if len(top) < 2:
+                assert got is None
+            else:
+                assert abs(got - dense_coherence(G, [[pos[d] for d in top]])[0]) < 1e-5
+        c = np.array([x for x in r["coherence"] if x is not None])
+        assert r["atoms_coherence_gt_0.1"] == int((c > 0.1).sum()) and r["atoms_coherence_gt_0.5"] == int((c > 0.5).sum())
+    assert sum(x is not None for x in rows[0]["coherence"]) >= 3  # the comparison above was not vacuous
+    # sparser with larger α; at a huge α every code is zero (the paper's α = 1.0 row)
+    assert rows[0]["median_docs_per_atom"] >= rows[1]["median_docs_per_atom"] > 0
+    assert rows[2]["median_docs_per_atom"] == 0 and rows[2]["atoms_coherence_gt_0.1"] == 0 and rows[2]["dead_atoms"] == K
+
+    report = paths["run"] / "report"
+    saved = json.loads((report / "sweep.json").read_text())
+    assert [r["alpha"] for r in saved["rows"]] == alphas
+    with open(report / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(t["alpha"]) for t in table] == alphas and table[1]["atoms_coherence_gt_0.1"] == str(rows[1]["atoms_coherence_gt_0.1"])
+    assert not (paths["run"] / "atoms").exists()  # the run's own atoms are never touched

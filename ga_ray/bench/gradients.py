@@ -27,7 +27,6 @@ import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +227,21 @@ def train_steps(model, optimizer, rows: list[dict], batches: list[np.ndarray]) -
         optimizer.zero_grad(set_to_none=True)
 
 
+def _trainable_lora_model(model_cfg: Any, adapter: Path):
+    """The model with only its LoRA weights trainable (as when fine-tuning), and its LoRA blocks."""
+    import torch
+
+    from ga_ray.model.loading import load_lora_model
+    from ga_ray.model.lora_blocks import find_lora_blocks
+
+    model = load_lora_model(model_cfg, adapter, "cpu", torch.float32)
+    blocks = find_lora_blocks(model)
+    names = {b.name for b in blocks}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return model, blocks
+
+
 # ------------------------------------------------------------------------------------------ memory
 def _memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """In this (fresh) process: growth of the peak resident set over the loaded, warmed-up model
@@ -310,7 +324,6 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     from ga_ray.ekfac.projection import Projector
     from ga_ray.gradients.actor import load_computer
     from ga_ray.gradients.batching import naive_batches, padding_stats, plan_windowed
-    from ga_ray.model.lora_blocks import find_lora_blocks
     from ga_ray.raycluster import init_ray
 
     actors = [int(a) for a in opts.get("actors", [1, 2])]
@@ -320,7 +333,8 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ga_ray_bench_gradients_"))
     try:
         world = _demo_world(Path(opts["run_dir"])) if opts.get("run_dir") else _build_synthetic(tmp, quick)
-        n_docs = opts.get("n_docs", 48 if quick and opts.get("run_dir") else None)
+        # the demo world's first 1,024 documents (48 with --quick) unless told; the synthetic world is sized already
+        n_docs = opts.get("n_docs", (48 if quick else 1024) if opts.get("run_dir") else None)
         data_dir, rows = _subset_data(world, tmp, n_docs)
         lengths = np.array([len(r["input_ids"]) for r in rows])
         N, tokens = len(rows), int(lengths.sum())
@@ -331,11 +345,16 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         init_ray(RayConfig(num_cpus=opts.get("num_cpus")))
 
         # (a) the stage, 1 and 2 actors
+        # Repetitions are interleaved (1 actor, 2 actors, 1 actor, ...) so that a machine whose load
+        # changes over the run biases every method alike.
+        infos: dict[int, list[dict[str, Any]]] = {n: [] for n in actors}
+        for i in range(reps):
+            for n_act in actors:
+                infos[n_act].append(run_stage(world, data_dir, tmp, n_act, f"{n_act}_{i}"))
         a_rows = []
         for n_act in actors:
-            infos = [run_stage(world, data_dir, tmp, n_act, f"{n_act}_{i}") for i in range(reps)]
-            wall = statistics.median(i["wall_time_s"] for i in infos)
-            compute = statistics.median(i["actor_compute_s"] for i in infos) / n_act  # per actor, in parallel
+            wall = statistics.median(i["wall_time_s"] for i in infos[n_act])
+            compute = statistics.median(i["actor_compute_s"] for i in infos[n_act]) / n_act  # per actor, in parallel
             a_rows.append(
                 {
                     "actors": n_act,
@@ -344,41 +363,40 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
                     "tokens_per_s": tokens / wall,
                     "steady_docs_per_s": N / compute,
                     "steady_tokens_per_s": tokens / compute,
-                    "padding_fraction": infos[0]["padding_fraction"],
-                    "peak_mem_mb_per_actor": infos[0]["peak_mem_mb_per_actor"],
+                    "padding_fraction": infos[n_act][0]["padding_fraction"],
+                    "peak_mem_mb_per_actor": infos[n_act][0]["peak_mem_mb_per_actor"],
                 }
             )
 
-        # in-process methods, same model files, `threads` torch threads
+        # in-process methods on the same model files, `threads` torch threads, interleaved repetitions
         mcfg = _model_cfg(world)
         comp = load_computer(mcfg, world["adapter"], world["factors"], device="cpu", max_docs=g["batch_size"], max_tokens=g["max_tokens_per_batch"])
         cols = {k: [r[k] for r in rows] for k in ("doc_id", "input_ids", "loss_mask")}
         W = g["window_docs"]
+        model_b, blocks = _trainable_lora_model(mcfg, world["adapter"])
+        projector = Projector(world["factors"], "cpu")
+        n_b = min(N, int(opts.get("paper_docs", 16 if quick else 128)))
+        sample = [rows[i] for i in np.linspace(0, N - 1, n_b).astype(int)]
+        b_tokens = sum(len(r["input_ids"]) for r in sample)
+        model_c, _ = _trainable_lora_model(mcfg, world["adapter"])
+        opt = torch.optim.AdamW([p for p in model_c.parameters() if p.requires_grad], lr=1e-5)
 
         def a_inproc() -> None:
             for s in range(0, N, W):
                 comp.run({k: v[s : s + W] for k, v in cols.items()})
 
-        t_ai, _ = time_median(a_inproc, reps=reps, warmup=0 if quick else 1)
-
-        from ga_ray.model.loading import load_lora_model
-
-        model_b = load_lora_model(mcfg, world["adapter"], "cpu", torch.float32)
-        blocks = find_lora_blocks(model_b)
-        projector = Projector(world["factors"], "cpu")
-        for n, p in model_b.named_parameters():
-            p.requires_grad_(any(n == b.name for b in blocks))
-        n_b = min(N, int(opts.get("paper_docs", 16 if quick else 128)))
-        sample = [rows[i] for i in np.linspace(0, N - 1, n_b).astype(int)]
-        t_b, _ = time_median(lambda: paper_method(model_b, blocks, projector, sample), reps=reps, warmup=0 if quick else 1)
-        b_tokens = sum(len(r["input_ids"]) for r in sample)
-
-        model_c = load_lora_model(mcfg, world["adapter"], "cpu", torch.float32)
-        params_c = [p for n, p in model_c.named_parameters() if any(n == b.name for b in blocks)]
-        for n, p in model_c.named_parameters():
-            p.requires_grad_(any(n == b.name for b in blocks))
-        opt = torch.optim.AdamW(params_c, lr=1e-5)
-        t_c, _ = time_median(lambda: train_steps(model_c, opt, rows, plan), reps=reps, warmup=0 if quick else 1)
+        methods = {
+            "a": a_inproc,
+            "b": lambda: paper_method(model_b, blocks, projector, sample),
+            "c": lambda: train_steps(model_c, opt, rows, plan),
+        }
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for i in range(reps + (0 if quick else 1)):
+            for key, fn in methods.items():
+                t, _ = time_median(fn, reps=1, warmup=0)
+                if quick or i > 0:  # the first round is the warm-up
+                    times[key].append(t)
+        t_ai, t_b, t_c = (statistics.median(times[k]) for k in "abc")
 
         b_dps, c_dps, ai_dps = n_b / t_b, N / t_c, N / t_ai
         rows_out = [
@@ -428,9 +446,3 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    t0 = time.perf_counter()
-    main()
-    print(f"({time.perf_counter() - t0:.0f}s)")

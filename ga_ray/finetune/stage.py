@@ -220,7 +220,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
 
     init_ray(cfg.ray)
     use_gpu = resolve_use_gpu(ft.use_gpu)
-    ds = ray.data.read_parquet(str(data_dir), columns=["doc_id", "input_ids", "loss_mask"])
+    ds = ray.data.read_parquet(str(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
     storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(

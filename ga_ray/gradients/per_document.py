@@ -69,13 +69,16 @@ def doc_uniforms(seed: int, doc_id: int, length: int) -> torch.Tensor:
     return torch.rand(int(length), generator=g, dtype=torch.float64)
 
 
-def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """Inverse-CDF draws: row r gets the first k with `cdf_r[k] > u_r · cdf_r[-1]` (u in [0,1)).
 
     `logits [R, V]`, `u [R]` → labels `[R]` long. A label with zero probability is never drawn.
+    Rows are processed in chunks (default: about 2^26 floats of CDF at a time).
     """
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     V = logits.shape[-1]
+    if chunk_rows is None:
+        chunk_rows = max(1, min(4096, (1 << 26) // max(V, 1)))
     for s in range(0, logits.shape[0], chunk_rows):
         rows = logits[s : s + chunk_rows].detach().float()
         cdf = torch.softmax(rows, dim=-1).cumsum_(dim=-1)
