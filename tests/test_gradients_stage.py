@@ -24,6 +24,7 @@ from conftest import write_tiny_run
 
 from ga_ray.config import load_config
 from ga_ray.gradients.actor import FAULT_ENV
+from ga_ray.gradients.stage import INFO_FILE
 from ga_ray.gradients.io import column_to_numpy
 from ga_ray.pipeline import run_pipeline
 from ga_ray.rundir import RunDir
@@ -188,7 +189,7 @@ def test_stage_z_equals_reference_and_plain_pyarrow_reads_it(world, ray_session)
     ids = [r["doc_id"] for r in world["rows"]]
     _check_against_reference(gdir, world["ref"], expect_ids=ids)
 
-    info = json.loads((gdir / "gradients.json").read_text())
+    info = json.loads((gdir / INFO_FILE).read_text())
     D = len(world["ref"][0]["z"])
     assert (info["N"], info["D"], info["n_documents"], info["n_excluded_nonfinite"]) == (N_DOCS, D, N_DOCS, 0)
     assert info["real_tokens"] == sum(len(r["input_ids"]) for r in world["rows"])
@@ -222,7 +223,7 @@ def test_actor_killed_mid_run_every_document_once(world, ray_session, monkeypatc
     cfg = _config(world["paths"], "gradients.num_actors=2", "gradients.store_raw=true", "gradients.window_docs=6")
     run_pipeline(cfg, rd, stages=["gradients"])
     assert flag.exists(), "the fault was injected (an actor died)"
-    info = json.loads((rd.root / "gradients" / "gradients.json").read_text())
+    info = json.loads((rd.root / "gradients" / INFO_FILE).read_text())
     assert info["orphan_files_removed"] >= 1
     _check_against_reference(rd.root / "gradients", world["ref"], expect_ids=[r["doc_id"] for r in world["rows"]], raw=True)
 
@@ -255,7 +256,7 @@ def test_nonfinite_documents_are_reported_and_excluded(world, ray_session):
     cfg = _config({**paths, "model": nan_model}, "gradients.num_actors=1")
     summary = run_pipeline(cfg, rd, stages=["gradients"])["gradients"]
     gdir = rd.root / "gradients"
-    info = json.loads((gdir / "gradients.json").read_text())
+    info = json.loads((gdir / INFO_FILE).read_text())
     assert info["n_excluded_nonfinite"] == 2 and info["N"] == N_DOCS - 2
     assert [e["doc_id"] for e in info["excluded_nonfinite"]] == list(bad_docs)
     assert all(e["loss"] == "nan" for e in info["excluded_nonfinite"])

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.bench.common import machine_info, print_table, time_median
+from ga_ray.bench.common import machine_info, print_table
 
 SYNTH = {"vocab_size": 2048, "hidden_size": 160, "n_layers": 4, "n_heads": 4, "intermediate_size": 432}
 QUICK = {"vocab_size": 256, "hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64}
@@ -171,6 +171,20 @@ def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, 
     return summary
 
 
+def _interleaved_medians(fns: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, repetitions interleaved (a busy machine slows all alike)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     """Options: run_dir | (model_path, adapter, data); n_docs, loop_docs, batch_size, max_tokens_per_batch, reps, workers
@@ -213,8 +227,11 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         loop_rows = rows[:: max(1, len(rows) // loop_docs)][:loop_docs]
 
         # -- per-document gradients: batched one-pass vs one backward per document
-        t_batched, _ = time_median(lambda: [per_document_gradients(model, blocks, b) for b in batches], reps=reps, warmup=1)
-        t_loop, _ = time_median(lambda: paper_loop_gradients(model, blocks, loop_rows), reps=reps, warmup=1)
+        med = _interleaved_medians(
+            {"batched": lambda: [per_document_gradients(model, blocks, b) for b in batches], "loop": lambda: paper_loop_gradients(model, blocks, loop_rows)},
+            reps=reps,
+        )
+        t_batched, t_loop = med["batched"], med["loop"]
         check_rows = loop_rows[:3]
         ours = per_document_gradients(model, blocks, collate(check_rows))
         ref = paper_loop_gradients(model, blocks, check_rows)

@@ -162,7 +162,7 @@ def _model_cfg(world: dict[str, Any]):
 def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, tag: str) -> dict[str, Any]:
     """(a) one run of the real stage over a scratch run directory; returns gradients.json."""
     from ga_ray.config import load_config
-    from ga_ray.gradients.stage import run_gradients
+    from ga_ray.gradients.stage import INFO_FILE, run_gradients
     from ga_ray.pipeline import StageContext
     from ga_ray.rundir import RunDir
 
@@ -187,7 +187,7 @@ def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, 
     out = rd.root / "gradients"
     out.mkdir()
     run_gradients(StageContext(cfg=cfg, run_dir=rd, stage="gradients", out=out))
-    info = json.loads((out / "gradients.json").read_text())
+    info = json.loads((out / INFO_FILE).read_text())
     shutil.rmtree(rd.root, ignore_errors=True)
     return info
 

@@ -212,7 +212,7 @@ def encode_dataset(
     files = [str(f) for f in gradient_files(gradients_dir)]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(files, columns=["doc_id", "z"])
+    ds = ray.data.read_parquet(files).select_columns(["doc_id", "z"])
     ref = ray.put(D.detach().cpu().numpy().astype(np.float32))
     ds = ds.map_batches(
         Encoder,

@@ -114,36 +114,42 @@ def update_dictionary(
     if not live_all.any():
         return
     A64 = A.double().cpu().numpy()
+    P = D.shape[1]
+    dS = torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)  # changes of S's atoms
+    Vbuf = torch.empty(2 * block, P, dtype=D.dtype, device=D.device)
     for s0 in range(0, K, super_block):
         s1 = min(K, s0 + super_block)
         if not live_all[s0:s1].any():
             continue
         RS = torch.addmm(Bt[s0:s1], A[s0:s1], D, alpha=-1.0)  # B_S − A_S D with the current D
-        D_old = D[s0:s1].clone()
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0
-            live = [i for i in range(b) if live_all[j0 + i]]
-            if not live:
-                continue
             R = RS[j0 - s0 : j1 - s0]
             if j0 > s0:  # atoms of S already updated in this sweep
-                R = R - A[j0:j1, s0:j0] @ (D[s0:j0] - D_old[: j0 - s0])
-            V = torch.cat([D[j0:j1], R], 0)  # 2b × P basis
-            M = (V @ V.T).double().cpu().numpy()
-            Ablk = A64[j0:j1, j0:j1]
-            coef = np.zeros((b, 2 * b))
-            coef[np.arange(b), np.arange(b)] = 1.0  # atom i is basis vector i until updated
-            delta = np.zeros((b, 2 * b))
-            for i in live:
-                r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
-                r[b + i] += 1.0
-                u = coef[i] + r / diag[j0 + i]
-                nrm = float(np.sqrt(max(u @ M @ u, 0.0)))
-                u = u / max(nrm, 1.0)
-                delta[i] = u - coef[i]
-                coef[i] = u
-            D[j0:j1] = torch.from_numpy(coef).to(D.dtype).to(D.device) @ V
+                R.sub_(A[j0:j1, s0:j0] @ dS[: j0 - s0])
+            V = Vbuf[: 2 * b]
+            V[:b] = D[j0:j1]  # 2b × P basis [D_J; R_J]
+            V[b:] = R
+            live = [i for i in range(b) if live_all[j0 + i]]
+            if live:
+                M = (V @ V.T).double().cpu().numpy()
+                Ablk = A64[j0:j1, j0:j1]
+                coef = np.zeros((b, 2 * b))
+                coef[np.arange(b), np.arange(b)] = 1.0  # atom i is basis vector i until updated
+                delta = np.zeros((b, 2 * b))
+                for i in live:
+                    r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
+                    r[b + i] += 1.0
+                    u = coef[i] + r / diag[j0 + i]
+                    nrm = float(np.sqrt(max(u @ M @ u, 0.0)))
+                    u = u / max(nrm, 1.0)
+                    delta[i] = u - coef[i]
+                    coef[i] = u
+                torch.mm(torch.from_numpy(delta).to(D.dtype).to(D.device), V, out=dS[j0 - s0 : j1 - s0])
+                D[j0:j1] += dS[j0 - s0 : j1 - s0]
+            else:
+                dS[j0 - s0 : j1 - s0] = 0
 
 
 def update_dictionary_reference(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> None:

@@ -201,21 +201,30 @@ class BlockCoder:
         perm = self.plan.window_permutation(w)
         inv = np.empty_like(perm)
         inv[perm] = np.arange(len(perm))
-        mine_idx, mine_rows = [], []
+        mine: list[tuple[int, np.ndarray, np.ndarray]] = []  # (piece, local rows, stream positions)
         base = 0
         for slot, p in enumerate(w.pieces):
             local = self.plan.train_local(p)
             if slot % self.world == self.rank and len(local):
-                mine_idx.append(np.arange(base, base + len(local)))
-                mine_rows.append(self._rows(p, local))
+                mine.append((p, local, inv[base : base + len(local)]))
             base += len(local)
-        if mine_idx:
-            idx = np.concatenate(mine_idx)
-            rows = np.concatenate(mine_rows)
-            pos = inv[idx]
-            order = np.argsort(pos, kind="stable")
-            pos = pos[order].astype(np.int64) + w.start
-            X, _ = normalise_rows(torch.from_numpy(rows[order]).to(self.device, self.dtype))
+        if mine:
+            pos_all = np.concatenate([m[2] for m in mine])
+            order = np.argsort(pos_all, kind="stable")
+            dest = np.empty_like(order)
+            dest[order] = np.arange(len(order))
+            out: np.ndarray | None = None
+            off = 0
+            for p, local, _ in mine:  # each piece's rows go straight to their sorted slots
+                _, Z = self.reader(p)
+                if out is None:
+                    out = np.empty((len(order), Z.shape[1]), dtype=np.float32)
+                out[dest[off : off + len(local)]] = Z[local]
+                off += len(local)
+            pos = pos_all[order].astype(np.int64) + w.start
+            X = torch.from_numpy(out).to(self.device, self.dtype)
+            norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
+            X.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
         else:
             pos = np.zeros(0, dtype=np.int64)
             X = torch.zeros(0, 0, device=self.device, dtype=self.dtype)

@@ -20,6 +20,7 @@ pyarrow table with a native `FixedShapeTensorArray` keeps the native type. We wr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -40,6 +41,9 @@ from ga_ray.rundir import atomic_dir, atomic_write_json
 
 log = logging.getLogger("ga_ray")
 
+INFO_FILE = "gradients.json"
+"""The stage's report beside the Parquet files: D, N, padding, the excluded non-finite documents."""
+
 SUMMARY_MAX_IDS = 20
 """Excluded doc ids quoted in the manifest summary (all of them are in gradients.json)."""
 
@@ -55,9 +59,17 @@ def _read_columns(files: list[Path], columns: list[str]) -> pa.Table:
     return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
 
 
-def _check_factors(factors_dir: Path) -> None:
-    if not (factors_dir / "factors.json").exists():
+def _check_factors(factors_dir: Path, reduction: str) -> None:
+    path = factors_dir / "factors.json"
+    if not path.exists():
         raise StageError(f"no EKFAC factors in {factors_dir}: run the factors stage first (`ga-ray factors`)")
+    made_with = json.loads(path.read_text()).get("reduction")
+    if made_with and made_with != reduction:
+        log.warning(
+            "gradients: gradients.reduction=%s but the factors were estimated with reduction=%s; "
+            "the preconditioning is then off by the per-document token counts: use the same reduction",
+            reduction, made_with,
+        )
 
 
 def _json_float(x: float) -> float | str:
@@ -217,7 +229,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     _check_config(gc)
     files = _data_files(ctx.data_dir)
     factors_dir = ctx.stage_dir("factors")
-    _check_factors(factors_dir)
+    _check_factors(factors_dir, gc.reduction)
     adapter = Path(ctx.adapter_path())
     if not adapter.exists():
         raise StageError(f"adapter folder {adapter} not found: run the finetune stage, or set model.adapter")
@@ -290,7 +302,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "files": part_files,
             "orphan_files_removed": orphans,
         }
-        atomic_write_json(tmp / "gradients.json", info)
+        atomic_write_json(tmp / INFO_FILE, info)
 
     summary = {k: v for k, v in info.items() if k not in ("excluded_nonfinite", "files")}
     summary["excluded_doc_ids"] = [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]]

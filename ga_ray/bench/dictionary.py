@@ -1,0 +1,261 @@
+"""`ga-ray bench dictionary`: our online dictionary learner vs scikit-learn's MiniBatchDictionaryLearning.
+
+(i) planted-atom data (N = 5,000 unit rows in D = 6,800, 500 planted atoms, 2–3 per row + noise),
+(ii) the demo world's real projected gradients when `run_dir=` names a run with `gradients/`:
+scikit-learn with the paper's arguments (K, α = 0.1, batch 256, max_iter = 100, lasso_lars,
+random_state = 42) against ours on the same rows, in the same process, with the same thread count.
+Both final dictionaries are scored by the same exact lasso evaluation on all rows (our coder, KKT to
+1e-6): objective (1/N) Σ ½‖x − cD‖² + α‖c‖₁, dead atoms (atoms no row uses), planted-atom recovery
+(share of true atoms matched at |cos| > 0.9). Ours is timed twice: with its default stopping rule
+(held-out objective), and until its objective first reaches scikit-learn's (checked every half epoch,
+checks not timed). Then (iii) our time for K = 1,000 and N = 50,000, and (iv) the measured cost of one
+online step on a grid of K and D, with fitted exponents (how time grows with N, K, D).
+
+Options: quick, threads (2), run_dir, n_atoms, reps (1), large_n (50000), large_k (1000),
+large_epochs (3), skip_large, skip_sklearn.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ga_ray.bench.common import machine_info, print_table
+from ga_ray.dictionary.lasso import gram, lasso_gram, row_objective
+from ga_ray.dictionary.synthetic import planted_atoms, recovery
+from ga_ray.dictionary.trainer import FitSettings, learn_dictionary
+
+
+class _Reached(Exception):
+    pass
+
+
+def exact_scores(X: np.ndarray, D: np.ndarray, alpha: float, tol: float = 1e-6, batch: int = 2048) -> dict[str, float]:
+    """The shared judge: exact lasso codes of every row against D; objective, dead atoms, L0."""
+    Dt = torch.as_tensor(np.asarray(D, dtype=np.float32))
+    G = gram(Dt)
+    G64 = G.double()
+    total, used, l0 = 0.0, torch.zeros(Dt.shape[0], dtype=torch.bool), 0
+    for s in range(0, X.shape[0], batch):
+        x = torch.as_tensor(np.asarray(X[s : s + batch], dtype=np.float32))
+        b = x @ Dt.T
+        C, _ = lasso_gram(G, b, alpha, tol=tol, G64=G64)
+        rec, l1 = row_objective(C.double(), G64, b.double(), (x.double() ** 2).sum(1), alpha)
+        total += float((rec + l1).sum())
+        nz = C != 0
+        used |= nz.any(0)
+        l0 += int(nz.sum())
+    return {"objective": total / X.shape[0], "dead_atoms": int((~used).sum()), "l0_mean": l0 / X.shape[0]}
+
+
+def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
+    from ga_ray.config import DictionaryConfig
+
+    c = DictionaryConfig()
+    base = dict(
+        n_atoms=n_atoms,
+        alpha=alpha,
+        batch_size=c.batch_size,
+        max_epochs=c.max_epochs,
+        tol=c.tol,
+        patience=c.patience,
+        eval_every=c.eval_every,
+        init=c.init,
+        seed=c.seed,
+        dup_threshold=c.dup_threshold,
+    )
+    base.update(kw)
+    return FitSettings(**base)
+
+
+def _run_sklearn(X: np.ndarray, n_atoms: int, alpha: float, threads: int) -> tuple[float, np.ndarray, int]:
+    from threadpoolctl import threadpool_limits
+
+    from ga_ray.dictionary.sklearn_backend import paper_estimator
+
+    with threadpool_limits(threads):
+        est = paper_estimator(n_atoms, alpha, 256, 42)
+        t0 = time.perf_counter()
+        est.fit(X)
+        return time.perf_counter() - t0, np.asarray(est.components_, dtype=np.float32), int(est.n_steps_)
+
+
+def _run_ours(X: np.ndarray, s: FitSettings) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    r = learn_dictionary(X, s)
+    return time.perf_counter() - t0, r
+
+
+def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> dict[str, Any]:
+    """Our wall time until the exact objective on all rows is ≤ target (checks every half epoch, untimed)."""
+    spe = max(1, math.ceil(X.shape[0] * 0.95 / s.batch_size))
+    every = max(1, spe // 2)
+    spent = {"eval": 0.0, "steps": 0, "objective": None}
+    t0 = time.perf_counter()
+
+    def check(state, res):
+        if state.step % every:
+            return
+        t = time.perf_counter()
+        o = exact_scores(X, state.D.cpu().numpy(), alpha)["objective"]
+        spent["eval"] += time.perf_counter() - t
+        spent["objective"] = o
+        if o <= target:
+            spent["steps"] = state.step
+            raise _Reached
+
+    reached = True
+    try:
+        learn_dictionary(X, FitSettings(**{**s.__dict__, "max_epochs": 60.0, "tol": 0.0}), on_step=check)
+        reached = False
+    except _Reached:
+        pass
+    return {"wall_s": time.perf_counter() - t0 - spent["eval"], "steps": spent["steps"], "reached": reached, "objective": spent["objective"]}
+
+
+def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float, threads: int, reps: int, label: str, skip_sklearn: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"data": label, "n": int(X.shape[0]), "dim": int(X.shape[1]), "n_atoms": n_atoms, "alpha": alpha}
+    s = _settings(n_atoms, alpha)
+    # warm-up (threads, MKL, allocator) on a slice, untimed
+    learn_dictionary(X[: min(len(X), 4 * s.batch_size)], FitSettings(**{**s.__dict__, "max_epochs": 1.0}))
+    times, runs = [], []
+    for _ in range(reps):
+        t, r = _run_ours(X, s)
+        times.append(t)
+        runs.append(r)
+    r = runs[-1]
+    ours = exact_scores(X, r.state.D.cpu().numpy(), alpha)
+    out["ours"] = {
+        "wall_s": statistics.median(times),
+        "wall_s_all": times,
+        "steps": r.steps,
+        "epochs": round(r.epochs, 3),
+        "stop_reason": r.stop_reason,
+        **ours,
+        "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
+    }
+    if not skip_sklearn:
+        t_sk, D_sk, steps_sk = _run_sklearn(X, n_atoms, alpha, threads)
+        sk = exact_scores(X, D_sk, alpha)
+        out["sklearn"] = {"wall_s": t_sk, "steps": steps_sk, **sk, "recovery_0.9": recovery(D_sk, truth) if truth is not None else None}
+        out["ratio_default"] = t_sk / out["ours"]["wall_s"]
+        until = _ours_until(X, s, sk["objective"], alpha)
+        out["ours_until_sklearn_objective"] = until
+        out["ratio_to_sklearn_objective"] = t_sk / until["wall_s"] if until["reached"] else None
+    return out
+
+
+def step_cost_grid(quick: bool) -> dict[str, Any]:
+    """Median wall time of one full online step (code + statistics + BCD + Gram) for a grid of K, D."""
+    from ga_ray.dictionary.lasso import sparse_encode
+    from ga_ray.dictionary.online import OnlineState, online_step
+
+    ks = [64, 128] if quick else [250, 500, 1000]
+    ds = [128, 256] if quick else [1700, 3400, 6800]
+    n = 256
+    rows = []
+    for K in ks:
+        for Dm in ds:
+            X, T, _ = planted_atoms(max(4 * n, K), Dm, K, seed=1)
+            Xt = torch.from_numpy(X)
+            st = OnlineState.from_dictionary(torch.from_numpy(X[:K].copy()))
+            times = []
+            for i in range(4):
+                xb = Xt[(i % 4) * n : (i % 4 + 1) * n]
+                t0 = time.perf_counter()
+                G = gram(st.D)
+                C = sparse_encode(xb, st.D, 0.1, G=G)
+                rec, l1 = row_objective(C, G, xb @ st.D.T, (xb * xb).sum(1), 0.1)
+                online_step(st, xb, C, rec, l1)
+                times.append(time.perf_counter() - t0)
+            rows.append({"K": K, "D": Dm, "step_s": statistics.median(times[1:])})
+    # fitted exponents: log t = a + p log K + q log D
+    A = np.array([[1.0, math.log(r["K"]), math.log(r["D"])] for r in rows])
+    y = np.array([math.log(r["step_s"]) for r in rows])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return {"rows": rows, "exponent_K": float(coef[1]), "exponent_D": float(coef[2]), "batch": n}
+
+
+def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
+    threads = int(opts.get("threads", 2))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    reps = int(opts.get("reps", 1))
+    try:
+        result: dict[str, Any] = {"machine": machine_info(), "threads": threads}
+        if quick:
+            N, P, K = 600, 128, 30
+        else:
+            N, P, K = 5000, 6800, int(opts.get("n_atoms", 500))
+        X, T, _ = planted_atoms(N, P, K, seed=0)
+        result["planted"] = compare(X, T, K, 0.1, threads, reps, "planted", skip_sklearn=bool(opts.get("skip_sklearn")))
+
+        run_dir = opts.get("run_dir")
+        if run_dir:
+            from pathlib import Path
+
+            from ga_ray.dictionary.sklearn_backend import normalise
+            from ga_ray.gradients.io import read_z
+
+            _, Z = read_z(Path(run_dir) / "gradients")
+            Xr = normalise(Z)
+            Kr = int(opts.get("n_atoms", min(500, max(2, Xr.shape[0] // 10))))
+            result["real"] = compare(Xr, None, Kr, 0.1, threads, reps, f"gradients of {run_dir}", skip_sklearn=bool(opts.get("skip_sklearn")))
+
+        if not opts.get("skip_large"):
+            n_large = 2000 if quick else int(opts.get("large_n", 50_000))
+            k_large = 60 if quick else int(opts.get("large_k", 1000))
+            p_large = 128 if quick else 6800
+            XL, TL, _ = planted_atoms(n_large, p_large, k_large, seed=2)
+            s = _settings(k_large, 0.1, max_epochs=float(opts.get("large_epochs", 3)))
+            t, r = _run_ours(XL, s)
+            result["large"] = {
+                "n": n_large,
+                "dim": p_large,
+                "n_atoms": k_large,
+                "wall_s": t,
+                "steps": r.steps,
+                "epochs": round(r.epochs, 3),
+                "s_per_epoch": t / max(r.epochs, 1e-9),
+                "stop_reason": r.stop_reason,
+                "heldout_objective": r.history[-1]["objective"] if r.history else None,
+                "recovery_0.9": recovery(r.state.D.cpu().numpy(), TL),
+                "timings": r.timings,
+            }
+        result["step_cost"] = step_cost_grid(quick)
+        _print(result)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _print(res: dict[str, Any]) -> None:
+    for key in ("planted", "real"):
+        if key not in res:
+            continue
+        c = res[key]
+        rows = []
+        if "sklearn" in c:
+            s = c["sklearn"]
+            rows.append({"method": "scikit-learn (paper args)", "wall_s": s["wall_s"], "ratio": 1.0, "steps": s["steps"], "objective": s["objective"], "dead": s["dead_atoms"], "recovery": s["recovery_0.9"]})
+        o = c["ours"]
+        rows.append({"method": "ours (default stop)", "wall_s": o["wall_s"], "ratio": c.get("ratio_default"), "steps": o["steps"], "objective": o["objective"], "dead": o["dead_atoms"], "recovery": o["recovery_0.9"]})
+        if "ours_until_sklearn_objective" in c:
+            u = c["ours_until_sklearn_objective"]
+            rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
+        print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']} (ratio = sklearn time / ours)", rows)
+    if "large" in res:
+        L = res["large"]
+        print_table("ours at scale", [{k: L[k] for k in ("n", "dim", "n_atoms", "wall_s", "steps", "epochs", "s_per_epoch", "heldout_objective", "recovery_0.9")}])
+    g = res["step_cost"]
+    print_table(
+        f"one online step (batch {g['batch']}): time ∝ K^{g['exponent_K']:.2f} · D^{g['exponent_D']:.2f}; per epoch × N/batch",
+        g["rows"],
+    )
+    m = res["machine"]
+    print(f"\nmachine: {m.get('cpu_cores')} cores, gpu {m.get('gpu')}, torch threads {res['threads']}")
