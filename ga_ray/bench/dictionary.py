@@ -73,37 +73,38 @@ def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
     return FitSettings(**base)
 
 
-def _run_sklearn(X: np.ndarray, n_atoms: int, alpha: float, threads: int) -> tuple[float, np.ndarray, int]:
+def _run_sklearn(X: np.ndarray, n_atoms: int, alpha: float, threads: int) -> tuple[float, float, np.ndarray, int]:
     from threadpoolctl import threadpool_limits
 
     from ga_ray.dictionary.sklearn_backend import paper_estimator
 
     with threadpool_limits(threads):
         est = paper_estimator(n_atoms, alpha, 256, 42)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         est.fit(X)
-        return time.perf_counter() - t0, np.asarray(est.components_, dtype=np.float32), int(est.n_steps_)
+        return time.perf_counter() - t0, time.process_time() - c0, np.asarray(est.components_, dtype=np.float32), int(est.n_steps_)
 
 
-def _run_ours(X: np.ndarray, s: FitSettings) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+def _run_ours(X: np.ndarray, s: FitSettings) -> tuple[float, float, Any]:
+    t0, c0 = time.perf_counter(), time.process_time()
     r = learn_dictionary(X, s)
-    return time.perf_counter() - t0, r
+    return time.perf_counter() - t0, time.process_time() - c0, r
 
 
 def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> dict[str, Any]:
     """Our wall time until the exact objective on all rows is ≤ target (checks every half epoch, untimed)."""
     spe = max(1, math.ceil(X.shape[0] * 0.95 / s.batch_size))
     every = max(1, spe // 2)
-    spent = {"eval": 0.0, "steps": 0, "objective": None}
-    t0 = time.perf_counter()
+    spent = {"eval": 0.0, "eval_cpu": 0.0, "steps": 0, "objective": None}
+    t0, c0 = time.perf_counter(), time.process_time()
 
     def check(state, res):
         if state.step % every:
             return
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         o = exact_scores(X, state.D.cpu().numpy(), alpha)["objective"]
         spent["eval"] += time.perf_counter() - t
+        spent["eval_cpu"] += time.process_time() - c
         spent["objective"] = o
         if o <= target:
             spent["steps"] = state.step
@@ -115,7 +116,13 @@ def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> d
         reached = False
     except _Reached:
         pass
-    return {"wall_s": time.perf_counter() - t0 - spent["eval"], "steps": spent["steps"], "reached": reached, "objective": spent["objective"]}
+    return {
+        "wall_s": time.perf_counter() - t0 - spent["eval"],
+        "cpu_s": time.process_time() - c0 - spent["eval_cpu"],
+        "steps": spent["steps"],
+        "reached": reached,
+        "objective": spent["objective"],
+    }
 
 
 def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float, threads: int, reps: int, label: str, skip_sklearn: bool = False) -> dict[str, Any]:
@@ -123,16 +130,18 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
     s = _settings(n_atoms, alpha)
     # warm-up (threads, MKL, allocator) on a slice, untimed
     learn_dictionary(X[: min(len(X), 4 * s.batch_size)], FitSettings(**{**s.__dict__, "max_epochs": 1.0}))
-    times, runs = [], []
+    times, cpus, runs = [], [], []
     for _ in range(reps):
-        t, r = _run_ours(X, s)
+        t, c, r = _run_ours(X, s)
         times.append(t)
+        cpus.append(c)
         runs.append(r)
     r = runs[-1]
     ours = exact_scores(X, r.state.D.cpu().numpy(), alpha)
     out["ours"] = {
         "wall_s": statistics.median(times),
         "wall_s_all": times,
+        "cpu_s": statistics.median(cpus),
         "steps": r.steps,
         "epochs": round(r.epochs, 3),
         "stop_reason": r.stop_reason,
@@ -140,13 +149,15 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
     }
     if not skip_sklearn:
-        t_sk, D_sk, steps_sk = _run_sklearn(X, n_atoms, alpha, threads)
+        t_sk, c_sk, D_sk, steps_sk = _run_sklearn(X, n_atoms, alpha, threads)
         sk = exact_scores(X, D_sk, alpha)
-        out["sklearn"] = {"wall_s": t_sk, "steps": steps_sk, **sk, "recovery_0.9": recovery(D_sk, truth) if truth is not None else None}
+        out["sklearn"] = {"wall_s": t_sk, "cpu_s": c_sk, "steps": steps_sk, **sk, "recovery_0.9": recovery(D_sk, truth) if truth is not None else None}
         out["ratio_default"] = t_sk / out["ours"]["wall_s"]
+        out["cpu_ratio_default"] = c_sk / out["ours"]["cpu_s"]
         until = _ours_until(X, s, sk["objective"], alpha)
         out["ours_until_sklearn_objective"] = until
         out["ratio_to_sklearn_objective"] = t_sk / until["wall_s"] if until["reached"] else None
+        out["cpu_ratio_to_sklearn_objective"] = c_sk / until["cpu_s"] if until["reached"] else None
     return out
 
 
@@ -213,8 +224,9 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
             p_large = 128 if quick else 6800
             XL, TL, _ = planted_atoms(n_large, p_large, k_large, seed=2)
             s = _settings(k_large, 0.1, max_epochs=float(opts.get("large_epochs", 3)))
-            t, r = _run_ours(XL, s)
+            t, c, r = _run_ours(XL, s)
             result["large"] = {
+                "cpu_s": c,
                 "n": n_large,
                 "dim": p_large,
                 "n_atoms": k_large,
@@ -242,16 +254,16 @@ def _print(res: dict[str, Any]) -> None:
         rows = []
         if "sklearn" in c:
             s = c["sklearn"]
-            rows.append({"method": "scikit-learn (paper args)", "wall_s": s["wall_s"], "ratio": 1.0, "steps": s["steps"], "objective": s["objective"], "dead": s["dead_atoms"], "recovery": s["recovery_0.9"]})
+            rows.append({"method": "scikit-learn (paper args)", "wall_s": s["wall_s"], "ratio": 1.0, "cpu_s": s["cpu_s"], "cpu_ratio": 1.0, "steps": s["steps"], "objective": s["objective"], "dead": s["dead_atoms"], "recovery": s["recovery_0.9"]})
         o = c["ours"]
-        rows.append({"method": "ours (default stop)", "wall_s": o["wall_s"], "ratio": c.get("ratio_default"), "steps": o["steps"], "objective": o["objective"], "dead": o["dead_atoms"], "recovery": o["recovery_0.9"]})
+        rows.append({"method": "ours (default stop)", "wall_s": o["wall_s"], "ratio": c.get("ratio_default"), "cpu_s": o["cpu_s"], "cpu_ratio": c.get("cpu_ratio_default"), "steps": o["steps"], "objective": o["objective"], "dead": o["dead_atoms"], "recovery": o["recovery_0.9"]})
         if "ours_until_sklearn_objective" in c:
             u = c["ours_until_sklearn_objective"]
-            rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
+            rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "cpu_s": u["cpu_s"], "cpu_ratio": c.get("cpu_ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
         print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']} (ratio = sklearn time / ours)", rows)
     if "large" in res:
         L = res["large"]
-        print_table("ours at scale", [{k: L[k] for k in ("n", "dim", "n_atoms", "wall_s", "steps", "epochs", "s_per_epoch", "heldout_objective", "recovery_0.9")}])
+        print_table("ours at scale", [{k: L[k] for k in ("n", "dim", "n_atoms", "wall_s", "cpu_s", "steps", "epochs", "s_per_epoch", "heldout_objective", "recovery_0.9")}])
     g = res["step_cost"]
     print_table(
         f"one online step (batch {g['batch']}): time ∝ K^{g['exponent_K']:.2f} · D^{g['exponent_D']:.2f}; per epoch × N/batch",

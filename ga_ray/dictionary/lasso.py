@@ -115,6 +115,23 @@ def sparse_encode(
     return (C, info) if return_info else C
 
 
+class _single_thread:
+    """Run the coder's many small ops on one CPU thread: intra-op parallelism on (rows × K) tensors
+    gains little, and on a shared machine every parallel op waits for its slowest (descheduled) thread."""
+
+    def __init__(self, device: torch.device):
+        self.on = device.type == "cpu" and torch.get_num_threads() > 1
+        self.n = torch.get_num_threads()
+
+    def __enter__(self):
+        if self.on:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(self.n)
+
+
 def lasso_gram(
     G: torch.Tensor,
     Bx: torch.Tensor,
@@ -136,6 +153,11 @@ def lasso_gram(
     index K addresses an extra zero column of b and an identity row/column of the padded Gram, so
     padding needs no masking in the small solves.
     """
+    with _single_thread(Bx.device):
+        return _lasso_gram(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64, init=init, max_add=max_add)
+
+
+def _lasso_gram(G, Bx, alpha, *, tol, max_iter, G64, init, max_add):
     n, K = Bx.shape
     dev, dt, f64 = Bx.device, Bx.dtype, torch.float64
     if G64 is None:
