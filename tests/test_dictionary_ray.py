@@ -58,6 +58,7 @@ def test_one_and_two_ray_workers_follow_the_same_trajectory(ray_session, tmp_pat
     np.testing.assert_allclose([h["objective"] for h in r1.history], [h["objective"] for h in r2.history], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_unbroken_stage_fit(ray_session, tmp_path):
     from ga_ray.dictionary.io import load_checkpoint
     from ga_ray.dictionary.stage import fit_torch

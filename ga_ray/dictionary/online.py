@@ -78,16 +78,16 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
     """scikit-learn's `_update_inner_stats` for one batch (any size, incl. a last smaller one)."""
     n = X.shape[0]
     beta = forgetting_beta(state.step, n)
-    Ct = C.T
-    if C.device.type == "cpu" and int((C != 0).sum()) * 16 < C.numel():  # sparse codes: CSR products
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            Ct = Ct.to_sparse_csr()
-        state.A.mul_(beta).add_((Ct @ C).mul_(1.0 / n))
-        state.Bt.mul_(beta).add_((Ct @ X).mul_(1.0 / n))
+    state.A.mul_(beta)
+    state.Bt.mul_(beta)
+    used = torch.nonzero((C != 0).any(0)).squeeze(1)
+    if used.numel() < C.shape[1]:  # only the atoms this batch uses: their rows (no K × P temporary)
+        Cu = C[:, used]
+        state.A[used[:, None], used[None, :]] += (Cu.T @ Cu) / n
+        state.Bt.index_add_(0, used, Cu.T @ X, alpha=1.0 / n)
     else:
-        state.A.mul_(beta).addmm_(Ct, C, alpha=1.0 / n)
-        state.Bt.mul_(beta).addmm_(Ct, X, alpha=1.0 / n)
+        state.A.addmm_(C.T, C, alpha=1.0 / n)
+        state.Bt.addmm_(C.T, X, alpha=1.0 / n)
     return beta
 
 

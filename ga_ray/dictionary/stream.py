@@ -219,7 +219,10 @@ class BlockCoder:
                 _, Z = self.reader(p)
                 if out is None:
                     out = np.empty((len(order), Z.shape[1]), dtype=np.float32)
-                out[dest[off : off + len(local)]] = Z[local]
+                rows = Z[local]
+                if not np.isfinite(rows).all():
+                    raise ValueError(f"non-finite values in the rows of gradients piece {p}: re-run the gradients stage")
+                out[dest[off : off + len(local)]] = rows
                 off += len(local)
             pos = pos_all[order].astype(np.int64) + w.start
             X = torch.from_numpy(out).to(self.device, self.dtype)

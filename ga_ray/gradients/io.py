@@ -47,9 +47,20 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
 
 
+def parquet_files(path: str | Path) -> list[str]:
+    """The Parquet files of a stage folder (it also holds JSON metadata that pyarrow must not parse)."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    files = sorted(str(f) for f in p.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {p}")
+    return files
+
+
 def read_gradients(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Read the `gradients/` folder (or one file) with plain pyarrow, rows sorted by doc_id."""
-    table = pq.read_table(str(path), columns=columns)
+    table = pq.ParquetDataset(parquet_files(path)).read(columns=columns)
     if "doc_id" in table.column_names:
         table = table.sort_by("doc_id")
     return table
