@@ -36,6 +36,10 @@ def test_log_odds_ranks_the_over_represented_word_first():
     assert kw[0][0] == "yes" and kw[0][1] > 0
     assert "the" not in [w for w, _ in kw]  # common everywhere: not characteristic
     assert log_odds_keywords(Counter(), corpus) == []
+    # an over-represented function word is still not a keyword; a number is
+    target = word_counts(["the answer is the four"] * 5)
+    kw = [w for w, _ in log_odds_keywords(target, corpus + target, top=5)]
+    assert "the" not in kw and "is" not in kw and "four" in kw
 
 
 def test_characterise_atoms_with_token_ids():

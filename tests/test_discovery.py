@@ -56,6 +56,17 @@ def test_union_of_majority_atoms_by_hand():
     assert s["atoms_union"]["mean_f1"] == pytest.approx((0.8 + 2 / 3 + 0.8) / 3)
 
 
+def test_dominant_atom_view_by_hand():
+    s = _scores()
+    # dominant atoms: 0 -> {0,1,2}, 1 -> {3,5,6}, 2 -> {7,8,9}, 4 -> {4}
+    best = {r["family"]: r for r in s["atoms_best_dominant"]["families"]}
+    assert best["a"]["atom"] == 0 and best["a"]["precision"] == 1.0 and best["a"]["f1"] == pytest.approx(6 / 7)
+    assert best["b"]["atom"] == 1 and best["b"]["f1"] == pytest.approx(2 / 3)
+    assert best["c"]["atom"] == 2 and best["c"]["f1"] == pytest.approx(0.8)
+    union = {r["family"]: r for r in s["atoms_union_dominant"]["families"]}
+    assert union["a"]["atoms"] == [0, 4] and union["a"]["f1"] == pytest.approx(0.75)  # {0,1,2,4}
+
+
 def test_purity_of_most_coherent_atoms():
     s = _scores()
     rows = s["purity"]["atoms"]

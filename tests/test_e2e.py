@@ -26,7 +26,7 @@ TINY_WORLD = [
     "demo.torch_threads=1",
 ]
 TINY_STAGES = [
-    "data.max_length=96",
+    "data.max_length=320",
     "finetune.epochs=1",
     "finetune.batch_size=16",
     "finetune.cpus_per_worker=0.5",

@@ -121,6 +121,7 @@ def test_report_has_every_section_and_is_self_contained(tmp_path):
     first = re.search(r"<tbody><tr>(.*?)</tr>", atoms, re.S).group(1)
     assert first.count('class="ex"') == 2  # two example documents
     assert "0.01" in _section(html, "sweep") and "k-means" in _section(html, "discovery")
+    assert "dominant atom only" in _section(html, "discovery")
     assert "objective" in _section(html, "metrics") and "coherence" in _section(html, "metrics")
     # self-contained: every image is a data URI, nothing external
     srcs = re.findall(r'src="([^"]*)"', html)

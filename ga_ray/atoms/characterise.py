@@ -27,6 +27,14 @@ import numpy as np
 
 WORD_RE = re.compile(r"[^\W\d_][\w'\-]*|\d+", re.UNICODE)
 
+# English function words, never "characteristic" (numbers and content words such as "four" stay)
+FUNCTION_WORDS = frozenset(
+    """a an the and or but if of to in on at by for with from as into onto than then so that this these those
+    it its it's is are was were be been being am do does did has have had will would can could shall should may
+    might must i you he she we they me him her us them my your his our their there here what which who whom
+    whose not no nor also just very too""".split()
+)
+
 
 def split_prompt_response(input_ids: Sequence[int], loss_mask: Sequence[int]) -> tuple[list[int], list[int]]:
     ids = [int(x) for x in input_ids]
@@ -68,7 +76,8 @@ def word_counts(texts: Iterable[str]) -> Counter:
 
 
 def log_odds_keywords(target: Counter, corpus: Counter, top: int = 8, prior_strength: float = 500.0, min_count: int = 2) -> list[tuple[str, float]]:
-    """Words over-represented in `target` against `corpus` (which includes the target), by z-score.
+    """Words over-represented in `target` against `corpus` (which includes the target), by z-score;
+    English function words (`FUNCTION_WORDS`) are left out.
 
     δ_w = log((y_w+a_w)/(n+a0−y_w−a_w)) − log((r_w+a_w)/(m+a0−r_w−a_w)), σ² ≈ 1/(y_w+a_w) + 1/(r_w+a_w),
     with y the target counts, r = corpus − target the rest, a_w = a0 · corpus_w / |corpus|.
@@ -81,7 +90,7 @@ def log_odds_keywords(target: Counter, corpus: Counter, top: int = 8, prior_stre
     rest_total = max(n_corpus - n_t, 0)
     out = []
     for w, y in target.items():
-        if y < min_count:
+        if y < min_count or w in FUNCTION_WORDS:
             continue
         cw = max(corpus.get(w, 0), y)
         r = max(cw - y, 0)

@@ -13,6 +13,9 @@ Definitions (all on ORIENTED atoms; a document is active in atom k when its orie
   (> 50 %) that family, scored the same way (F1 = 0 when no atom qualifies).
 - (c) `purity`: for the 20 most coherent atoms, the share of their top documents that carry their
   most common family.
+- an extra view beside (a) and (b), `atoms_best_dominant` / `atoms_union_dominant`: the same scores
+  when each document counts only in its dominant atom (largest oriented coefficient), i.e. the
+  atoms used as a hard clustering, which is what k-means is;
 - the k-means baseline (atoms/kmeans.parquet, one cluster per document) scored by (a) and (b): a
   cluster's "top documents" are all its documents, or its `top_n` nearest to the centre when the file
   has a `distance` column.
@@ -164,6 +167,15 @@ def score_purity(fam: Families, top_doc_ids: Sequence[Sequence[int]], coherence:
     return {"atoms": rows, "mean_purity": float(np.mean([r["purity"] for r in rows])) if rows else 0.0}
 
 
+def dominant_atoms(doc_id: np.ndarray, atom: np.ndarray, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's atom with the largest (oriented, positive) coefficient; ties: lower atom."""
+    doc_id, atom, coef = np.asarray(doc_id, dtype=np.int64), np.asarray(atom, dtype=np.int64), np.asarray(coef, dtype=np.float64)
+    order = np.lexsort((atom, -coef, doc_id))
+    d, a = doc_id[order], atom[order]
+    first = np.r_[True, d[1:] != d[:-1]] if len(d) else np.zeros(0, dtype=bool)
+    return d[first], a[first]
+
+
 def discovery_scores(
     families: Families,
     code_doc_id: np.ndarray,
@@ -190,6 +202,10 @@ def discovery_scores(
         "atoms_union": score_union(families, a_set, a_doc, n_atoms, [list(t)[:top_n] for t in top_doc_ids], "atom"),
         "purity": score_purity(families, [list(t)[:top_n] for t in top_doc_ids], coherence, purity_atoms),
     }
+    # extra view (not the issue's definition): each document only in its dominant atom
+    d_doc, d_set = dominant_atoms(a_doc, a_set, np.asarray(oriented_coef, dtype=np.float64)[pos])
+    out["atoms_best_dominant"] = score_best(families, d_set, d_doc, n_atoms, "atom")
+    out["atoms_union_dominant"] = score_union(families, d_set, d_doc, n_atoms, [list(t)[:top_n] for t in top_doc_ids], "atom")
     if kmeans is not None:
         k_doc, k_cluster, k_dist = (np.asarray(kmeans[0], dtype=np.int64), np.asarray(kmeans[1], dtype=np.int64), kmeans[2])
         n_clusters = int(k_cluster.max()) + 1 if len(k_cluster) else 0

@@ -20,9 +20,7 @@ per-document machinery, batch by batch, keeps Σu per atom of the group, and ret
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -502,19 +500,3 @@ def run_coherence(ctx: StageContext) -> dict[str, Any]:
         line += f"; no label column {cc.label_column!r} in data/: discovery score skipped" if cc.label_column else "; discovery score off"
     summary["line"] = line
     return summary
-
-
-def _finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def load_atoms_table(atoms_dir: Path) -> pa.Table | None:
-    p = Path(atoms_dir) / "atoms.parquet"
-    return pq.read_table(str(p)) if p.exists() else None
-
-
-def load_json(path: Path) -> Any | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())

@@ -166,8 +166,8 @@ def step_cost_grid(quick: bool) -> dict[str, Any]:
     from ga_ray.dictionary.lasso import sparse_encode
     from ga_ray.dictionary.online import OnlineState, online_step
 
-    ks = [64, 128] if quick else [250, 500, 1000]
-    ds = [128, 256] if quick else [1700, 3400, 6800]
+    ks = [16, 32] if quick else [250, 500, 1000]
+    ds = [64, 128] if quick else [1700, 3400, 6800]
     n = 256
     rows = []
     for K in ks:
@@ -200,7 +200,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     try:
         result: dict[str, Any] = {"machine": machine_info(), "threads": threads}
         if quick:
-            N, P, K = 600, 128, 30
+            N, P, K = 300, 64, 12
         else:
             N, P, K = 5000, 6800, int(opts.get("n_atoms", 500))
         X, T, _ = planted_atoms(N, P, K, seed=0)
@@ -219,9 +219,9 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
             result["real"] = compare(Xr, None, Kr, 0.1, threads, reps, f"gradients of {run_dir}", skip_sklearn=bool(opts.get("skip_sklearn")))
 
         if not opts.get("skip_large"):
-            n_large = 2000 if quick else int(opts.get("large_n", 50_000))
-            k_large = 60 if quick else int(opts.get("large_k", 1000))
-            p_large = 128 if quick else 6800
+            n_large = 1000 if quick else int(opts.get("large_n", 50_000))
+            k_large = 24 if quick else int(opts.get("large_k", 1000))
+            p_large = 64 if quick else 6800
             XL, TL, _ = planted_atoms(n_large, p_large, k_large, seed=2)
             s = _settings(k_large, 0.1, max_epochs=float(opts.get("large_epochs", 3)))
             t, c, r = _run_ours(XL, s)

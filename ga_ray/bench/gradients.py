@@ -160,7 +160,7 @@ def _model_cfg(world: dict[str, Any]):
 
 
 def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, tag: str) -> dict[str, Any]:
-    """(a) one run of the real stage over a scratch run directory; returns gradients.json."""
+    """(a) one run of the real stage over a scratch run directory; returns _gradients.json."""
     from ga_ray.config import load_config
     from ga_ray.gradients.stage import INFO_FILE, run_gradients
     from ga_ray.pipeline import StageContext

@@ -80,11 +80,17 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
     beta = forgetting_beta(state.step, n)
     state.A.mul_(beta)
     state.Bt.mul_(beta)
-    used = torch.nonzero((C != 0).any(0)).squeeze(1)
+    nz = C != 0
+    used = torch.nonzero(nz.any(0)).squeeze(1)
     if used.numel() < C.shape[1]:  # only the atoms this batch uses: their rows (no K × P temporary)
         Cu = C[:, used]
         state.A[used[:, None], used[None, :]] += (Cu.T @ Cu) / n
-        state.Bt.index_add_(0, used, Cu.T @ X, alpha=1.0 / n)
+        CuT = Cu.T
+        if C.device.type == "cpu" and int(nz.sum()) * 16 < Cu.numel():  # very sparse: CSR × dense
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                CuT = CuT.to_sparse_csr()
+        state.Bt.index_add_(0, used, CuT @ X, alpha=1.0 / n)
     else:
         state.A.addmm_(C.T, C, alpha=1.0 / n)
         state.Bt.addmm_(C.T, X, alpha=1.0 / n)

@@ -18,6 +18,7 @@ its rows: memory does not grow with N. Pure numpy/torch (no Ray, no files); the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -219,14 +220,13 @@ class BlockCoder:
                 _, Z = self.reader(p)
                 if out is None:
                     out = np.empty((len(order), Z.shape[1]), dtype=np.float32)
-                rows = Z[local]
-                if not np.isfinite(rows).all():
-                    raise ValueError(f"non-finite values in the rows of gradients piece {p}: re-run the gradients stage")
-                out[dest[off : off + len(local)]] = rows
+                out[dest[off : off + len(local)]] = Z[local]
                 off += len(local)
             pos = pos_all[order].astype(np.int64) + w.start
             X = torch.from_numpy(out).to(self.device, self.dtype)
             norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
+            if not bool(torch.isfinite(norms).all()):
+                raise ValueError(f"non-finite values in gradients rows of window {w.index} (pieces {w.pieces}): re-run the gradients stage")
             X.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
         else:
             pos = np.zeros(0, dtype=np.int64)
@@ -274,7 +274,9 @@ class BlockCoder:
     def _as_tensor(self, a) -> torch.Tensor:
         if isinstance(a, torch.Tensor):
             return a.to(self.device, self.dtype)
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
+        with warnings.catch_warnings():  # read-only object-store views (the dictionary); only read
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
     def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor):
         Bx = X @ D.T

@@ -33,10 +33,6 @@ from ga_ray.dictionary.online import (
 from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
 
 
-# Parts coming back from Ray are read-only numpy views of the object store; they are only read.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
 class Pool(Protocol):
     def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any: ...
 
@@ -252,7 +248,11 @@ def _merge_parts(parts: list[CodedPart], device: torch.device, dtype: torch.dtyp
     unconv = sum(p.n_unconverged for p in parts)
 
     def t(a):
-        return torch.as_tensor(a).to(device, dtype) if not isinstance(a, torch.Tensor) else a.to(device, dtype)
+        if isinstance(a, torch.Tensor):
+            return a.to(device, dtype)
+        with warnings.catch_warnings():  # read-only object-store views; only read
+            warnings.simplefilter("ignore")
+            return torch.as_tensor(a).to(device, dtype)
 
     return t(X), t(C), torch.as_tensor(rec, dtype=torch.float64), torch.as_tensor(l1, dtype=torch.float64), unconv
 

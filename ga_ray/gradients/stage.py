@@ -7,7 +7,7 @@ Each actor writes the finite rows of each window to its own Parquet file in a te
 `gradients/` and streams back only per-document metadata. The driver then keeps exactly the files
 that the metadata it received names (a file written by an attempt that died before Ray recorded its
 result is an orphan and is deleted), checks that every input document appears exactly once (written,
-or excluded as non-finite), renames the files in doc-id order, writes `gradients.json`, and swaps
+or excluded as non-finite), renames the files in doc-id order, writes `_gradients.json`, and swaps
 the folder into place atomically.
 
 Why the actors write the files rather than `Dataset.write_parquet`: the driver must learn which
@@ -41,11 +41,11 @@ from ga_ray.rundir import atomic_dir, atomic_write_json
 
 log = logging.getLogger("ga_ray")
 
-INFO_FILE = "gradients.json"
+INFO_FILE = "_gradients.json"  # leading underscore: `pq.read_table("gradients/")` skips it
 """The stage's report beside the Parquet files: D, N, padding, the excluded non-finite documents."""
 
 SUMMARY_MAX_IDS = 20
-"""Excluded doc ids quoted in the manifest summary (all of them are in gradients.json)."""
+"""Excluded doc ids quoted in the manifest summary (all of them are in _gradients.json)."""
 
 
 def _data_files(data_dir: Path) -> list[Path]:
