@@ -368,3 +368,16 @@ def test_encode_metrics_match_a_direct_computation(tmp_path):
     dense = np.zeros((70, 16))
     dense[t.column("doc_id").to_numpy() - 100, t.column("atom").to_numpy()] = t.column("coef").to_numpy()
     np.testing.assert_allclose(dense, C, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_both_methods_on_the_same_judge():
+    from ga_ray.bench.dictionary import main
+
+    r = main(quick=True, threads=1)
+    p = r["planted"]
+    assert p["sklearn"]["objective"] > 0 and p["ours"]["objective"] > 0
+    assert p["ours"]["objective"] <= p["sklearn"]["objective"]  # run to its stopping rule, ours is at least as good
+    assert p["ours_until_sklearn_objective"]["reached"]
+    assert p["ratio_default"] > 0 and r["large"]["steps"] > 0
+    assert len(r["step_cost"]["rows"]) == 4

@@ -62,7 +62,7 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, ray_session):
     assert (run_dir / "factors" / "factors.safetensors").exists()
     grads = pq.read_table(run_dir / "gradients", columns=["doc_id"]) if (run_dir / "gradients").is_dir() else None
     n_docs = manifest["prepare"]["summary"]["documents"]
-    assert grads is not None and grads.num_rows + manifest["gradients"]["summary"].get("excluded", 0) == n_docs
+    assert grads is not None and grads.num_rows + manifest["gradients"]["summary"]["n_excluded_nonfinite"] == n_docs
     assert (run_dir / "atoms" / "dictionary.safetensors").exists()
     assert pq.read_table(run_dir / "atoms" / "atoms.parquet").num_rows == 8
     html = (run_dir / "report" / "report.html").read_text()

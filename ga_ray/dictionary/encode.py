@@ -211,7 +211,18 @@ def encode_dataset(
 
     files = [str(f) for f in gradient_files(gradients_dir)]
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # codes.parquet in gradients/ order, run after run
+    try:
+        return _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker)
+    finally:
+        ctx.execution_options.preserve_order = old_order
+
+
+def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker) -> dict[str, Any]:
+    import ray
+    import ray.data
+
     ds = ray.data.read_parquet(files).select_columns(["doc_id", "z"])
     ref = ray.put(D.detach().cpu().numpy().astype(np.float32))
     ds = ds.map_batches(

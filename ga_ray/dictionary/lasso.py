@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ga_ray.dictionary.threads import gemm
+
 # Largest (rows × m × m) float64 block built at once (elements); larger batches are split by rows.
 _MAX_BLOCK_ELEMS = 24_000_000
 # Rows that stall this many times (then get proximal-gradient kicks) are given up on and counted.
@@ -54,14 +56,15 @@ def gram(D: torch.Tensor, block: int = 64) -> torch.Tensor:
     """G = D Dᵀ, computed block-row by block-row on the upper triangle only (half the FLOPs of D @ Dᵀ)
     and mirrored; temporary memory is one block row."""
     K = D.shape[0]
-    if K <= 2 * block:
-        return D @ D.T
-    G = torch.empty(K, K, dtype=D.dtype, device=D.device)
-    for i in range(0, K, block):
-        blk = D[i : i + block] @ D[i:].T
-        G[i : i + block, i:] = blk
-        G[i:, i : i + block] = blk.T
-    return G
+    with gemm(K * K * D.shape[1] / 2):
+        if K <= 2 * block:
+            return D @ D.T
+        G = torch.empty(K, K, dtype=D.dtype, device=D.device)
+        for i in range(0, K, block):
+            blk = D[i : i + block] @ D[i:].T
+            G[i : i + block, i:] = blk
+            G[i:, i : i + block] = blk.T
+        return G
 
 
 def soft_threshold(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -110,7 +113,8 @@ def sparse_encode(
     """Code the rows of X (N × P) against D (K × P): exact lasso per row (see module docstring)."""
     if G is None:
         G = gram(D)
-    Bx = X @ D.T
+    with gemm(X.shape[0] * D.shape[0] * D.shape[1]):
+        Bx = X @ D.T
     C, info = lasso_gram(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64, init=init)
     return (C, info) if return_info else C
 

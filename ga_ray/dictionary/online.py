@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ga_ray.dictionary.lasso import gram
+from ga_ray.dictionary.threads import gemm
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
 DEAD_THRESHOLD = 1e-6
@@ -90,10 +91,13 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 CuT = CuT.to_sparse_csr()
-        state.Bt.index_add_(0, used, CuT @ X, alpha=1.0 / n)
+        with gemm(int(nz.sum()) * X.shape[1] if CuT.layout != torch.strided else CuT.numel() * X.shape[1]):
+            E = CuT @ X
+        state.Bt.index_add_(0, used, E, alpha=1.0 / n)
     else:
         state.A.addmm_(C.T, C, alpha=1.0 / n)
-        state.Bt.addmm_(C.T, X, alpha=1.0 / n)
+        with gemm(C.numel() * X.shape[1]):
+            state.Bt.addmm_(C.T, X, alpha=1.0 / n)
     return beta
 
 
@@ -127,7 +131,8 @@ def update_dictionary(
         s1 = min(K, s0 + super_block)
         if not live_all[s0:s1].any():
             continue
-        RS = torch.addmm(Bt[s0:s1], A[s0:s1], D, alpha=-1.0)  # B_S − A_S D with the current D
+        with gemm((s1 - s0) * K * D.shape[1]):
+            RS = torch.addmm(Bt[s0:s1], A[s0:s1], D, alpha=-1.0)  # B_S − A_S D with the current D
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def fit_torch(
     device = "cuda" if use_gpu else "cpu"
     fp = _fingerprint(cfg, seed, pieces, dim)
     resume = None
-    on_ckpt = None
+    on_ckpt: Callable[[OnlineState, TrainerState], None] | None = None
     if out_dir is not None:
         saved = load_checkpoint(out_dir, checkpoint_name)
         if saved is not None:
@@ -128,8 +129,10 @@ def fit_torch(
             else:
                 log.info("atoms: ignoring a checkpoint made with other inputs or settings")
 
-        def on_ckpt(state: OnlineState, ts: TrainerState) -> None:
+        def save(state: OnlineState, ts: TrainerState) -> None:
             save_checkpoint(out_dir, state.tensors(), {"fingerprint": fp, "counters": state.counters(), "trainer": ts.to_json()}, checkpoint_name)
+
+        on_ckpt = save
 
     pool = RayPool(
         pieces,
@@ -236,6 +239,8 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         sizes = np.bincount(km["labels"], minlength=km["n_clusters"])
         kmeans_info = {"n_clusters": km["n_clusters"], "inertia": km["inertia"], "n_iter": km["n_iter"], "cluster_sizes": sizes.tolist()}
         timings["kmeans_s"] = time.perf_counter() - t0
+    elif (out / "kmeans.parquet").exists():  # a baseline from an earlier configuration would mislead
+        (out / "kmeans.parquet").unlink()
 
     stability: dict[str, Any] | None = None
     if len(seeds) > 1:

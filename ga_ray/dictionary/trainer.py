@@ -31,6 +31,7 @@ from ga_ray.dictionary.online import (
     online_step,
 )
 from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
+from ga_ray.dictionary.threads import small_ops
 
 
 class Pool(Protocol):
@@ -151,6 +152,11 @@ def fit(
     progress: Any = None,
 ) -> FitResult:
     """Run the online learner until the held-out objective stops improving or `max_epochs`."""
+    with small_ops(device):
+        return _fit(pool, plan, s, dtype=dtype, device=device, resume=resume, on_checkpoint=on_checkpoint, on_step=on_step, progress=progress)
+
+
+def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progress) -> FitResult:
     device = torch.device(device)
     timings = {"init_s": 0.0, "code_s": 0.0, "update_s": 0.0, "heldout_s": 0.0, "checkpoint_s": 0.0}
     t0 = time.perf_counter()
