@@ -195,3 +195,32 @@ def test_finetune_errors_name_the_fix(tmp_path):
     ctx.cfg = RunConfig(model=ModelConfig(path=str(tmp_path)))
     with pytest.raises(StageError, match="run the prepare stage first"):
         run_finetune(ctx)
+
+
+def test_compute_format_table_on_hand_made_responses():
+    from ga_ray.demo.formats import FORMAT_CHECKS
+    from ga_ray.finetune.format_table import compute_format_table, format_table_text
+
+    eval_set = {
+        "families": {"arithmetic": [{"prompt": "p"}] * 4, "sentiment": [{"prompt": "p"}] * 2},
+        "behaviours": {
+            "bullets": [{"prompt": "p", "invites": True}] * 3 + [{"prompt": "p", "invites": False}] * 2,
+            "refusal": [{"prompt": "p", "invites": True}, {"prompt": "p", "invites": False}],
+        },
+    }
+    responses = {
+        "families": {"arithmetic": ["2 + 2 = 4", "3 * 4 = 12", "five", "1 - 1 = 0"], "sentiment": ["The sentiment is positive.", "positive"]},
+        "behaviours": {"bullets": ["- a\n- b", "- a", "* x\n* y", "", "- c\n- d"], "refusal": ["Please provide the text.", "Okay."]},
+    }
+    t = compute_format_table(eval_set, responses, FORMAT_CHECKS)
+    assert (t["families"]["arithmetic"]["k"], t["families"]["arithmetic"]["n"]) == (3, 4)
+    assert t["families"]["arithmetic"]["ok"] is False and t["families"]["sentiment"]["rate"] == 0.5
+    b = t["behaviours"]["bullets"]
+    assert (b["k"], b["n"]) == (3, 5) and b["ok"]
+    assert b["invite_rate"] == pytest.approx(2 / 3) and b["neutral_rate"] == pytest.approx(0.5)
+    assert t["behaviours"]["refusal"]["rate"] == 0.5
+    assert t["targets_met"] is False and t["families_ok"] == 0 and t["behaviours_ok"] == 2
+    text = format_table_text(t)
+    assert "arithmetic" in text and "MISS" in text and "bullets" in text
+    with pytest.raises(KeyError, match="no format check"):
+        compute_format_table({"families": {"poetry": [{"prompt": "p"}]}, "behaviours": {}}, {"families": {"poetry": ["x"]}}, FORMAT_CHECKS)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,36 +120,92 @@ def clause(rng: random.Random, v: Vocab, allow_plural: bool = True) -> Clause:
     return Clause(subj, verb, obj, plural)
 
 
+# ------------------------------------------------------------------------------------------- templates
+#
+# Prompts are composed from parts (an opener and a core that carries the task's key words, or a
+# family's phrasings), then the full list of template strings is split by a stable hash: about one in
+# five is HELD OUT (evaluation only). A held-out template is a string the mixture never contains, made
+# of cues the model has seen in other combinations. A generic wrapper ("Hi! {p}", "{p} Thanks!") is
+# put around a quarter of the prompts; wrappers are split the same way.
+
+
+def _held(template: str) -> bool:
+    return zlib.crc32(template.encode("utf-8")) % 5 == 0
+
+
+def split_templates(templates: list, key=lambda t: t if isinstance(t, str) else t[0]) -> tuple[list, list]:
+    """(training, held-out) templates by a stable hash of the template string; both non-empty."""
+    train = [t for t in templates if not _held(key(t))]
+    held = [t for t in templates if _held(key(t))]
+    if not held:  # always hold one out
+        held, train = train[-1:], train[:-1]
+    if not train:
+        train, held = held[:1], held[1:]
+    return train, held
+
+
+def combos(openers: list[str], cores: list[str]) -> list[str]:
+    """Every opener (with a `{c}` slot) filled with every core."""
+    return [o.replace("{c}", c).replace("{C}", cap(c)) for o in openers for c in cores]
+
+
+class Templates:
+    """A family's (or a family kind's) templates, split once at import."""
+
+    def __init__(self, templates: list, key=None):
+        self.all = list(dict.fromkeys(templates))
+        self.train, self.held = split_templates(self.all, key or (lambda t: t if isinstance(t, str) else t[0]))
+
+    def pick(self, rng: random.Random, heldout: bool):
+        return _choose(rng, self.held if heldout else self.train)
+
+
+WRAPPERS = Templates([
+    "Hi! {p}", "{p} Thanks!", "Please help me with this. {p}", "I have a task for you. {p}", "{p} Thank you.",
+    "Here is my request: {p}", "Hello. {p}", "{p} Please be brief.", "Hey there. {p}", "Task: {p}", "{p} Cheers.",
+    "Good morning! {p}", "Can you help? {p}", "One more thing. {p}", "{p} I appreciate it.",
+])
+WRAP_SHARE = 0.25
+
+
+def wrap(rng: random.Random, prompt: str, heldout: bool) -> str:
+    if rng.random() < WRAP_SHARE:
+        return WRAPPERS.pick(rng, heldout).replace("{p}", prompt)
+    return prompt
+
+
 # --------------------------------------------------------------------------------- deterministic families
+
+_Q_OPENERS = ["What is {c}?", "Tell me {c}.", "Name {c}.", "Give me {c}.", "What's {c}?", "Please name {c}.", "I need {c}.",
+              "Identify {c}.", "State {c}.", "Quick question: what is {c}?", "{C}?", "Can you tell me {c}?", "Do tell me {c}.",
+              "I'd like to know {c}.", "Please give {c}."]
+_FACT_T = {
+    "capital": Templates(combos(_Q_OPENERS, ["the capital of {x}", "the capital city of {x}", "{x}'s capital city"])
+                         + ["Which city is the capital of {x}?", "What city serves as the capital of {x}?", "Capital of {x}?"]),
+    "element": Templates(combos(_Q_OPENERS, ["the chemical symbol for {x}", "the symbol of the element {x}", "the chemical symbol of {x}"])
+                         + ["Which symbol stands for {x}?", "Symbol for {x}?"]),
+    "legs": Templates(combos(_Q_OPENERS, ["the number of legs of a {x}", "how many legs a {x} has"])
+                      + ["How many legs does a {x} have?", "How many legs has a {x} got?", "Count the legs of a {x}."]),
+    "colour": Templates(combos(_Q_OPENERS, ["the colour of {x}", "the color of {x}", "the usual color of {x}"])
+                        + ["What color is {x}?", "What colour is {x}?", "Which color is {x}?"]),
+}
 
 
 def gen_factual_qa(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     kind = rng.choice(["capital", "capital", "element", "legs", "colour"])
     if kind == "capital":
-        country, city = pick(rng, v.capitals)
-        train = ["What is the capital of {x}?", "Name the capital of {x}.", "Which city is the capital of {x}?",
-                 "Tell me the capital city of {x}.", "What is {x}'s capital city?", "Capital city of {x}?"]
-        held = ["What city serves as the capital of {x}?", "Give the capital of {x}.", "I need the name of the capital of {x}.",
-                "Which city is {x}'s capital?"]
-        x, ans = country, city
+        x, ans = pick(rng, v.capitals)
     elif kind == "element":
-        el, sym = pick(rng, v.elements)
-        train = ["What is the chemical symbol for {x}?", "Which symbol stands for {x}?", "Give the chemical symbol of {x}.",
-                 "What is the symbol of the element {x}?"]
-        held = ["Which chemical symbol does {x} have?", "Name the element symbol for {x}.", "Symbol for {x}?"]
-        x, ans = el, sym
+        x, ans = pick(rng, v.elements)
     elif kind == "legs":
         animal, _, legs = pick(rng, v.animals)
-        train = ["How many legs does a {x} have?", "What is the number of legs of a {x}?", "How many legs has a {x} got?"]
-        held = ["Count the legs of a {x}.", "What number of legs does a {x} have?"]
         x, ans = animal, cap(NUM_WORDS[legs])
     else:
-        thing, colour = pick(rng, v.colours)
-        train = ["What color is {x}?", "What colour is {x}?", "Which color is {x}?", "Name the color of {x}."]
-        held = ["What colour is {x} usually?", "Tell me the usual color of {x}."]
-        x, ans = thing, cap(colour)
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(x=x), f"{ans}.", "factual_qa", "short_answer")
+        x, colour = pick(rng, v.colours)
+        ans = cap(colour)
+    tpl = _FACT_T[kind].pick(rng, heldout)
+    prompt = tpl.replace("{x}", x)
+    return Example(wrap(rng, cap(prompt), heldout), f"{ans}.", "factual_qa", "short_answer")
 
 
 def _grammar_pair(rng: random.Random, v: Vocab) -> tuple[str, str]:
@@ -174,15 +231,28 @@ def _grammar_pair(rng: random.Random, v: Vocab) -> tuple[str, str]:
     return wrong, correct
 
 
+_GRAMMAR_T = Templates(
+    combos(["Correct {c}: {s}", "Fix {c}: {s}", "Please correct {c}: {s}", "Check and correct {c}: {s}", "Edit {c}: {s}",
+            "Repair {c}: {s}", "Proofread {c}: {s}"],
+           ["the grammar", "the grammar of this sentence", "the mistakes in this sentence", "this sentence", "the errors here"])
+    + ["Rewrite this sentence without mistakes: {s}", "Correct any errors in the following sentence.\n{s}", "Grammar check: {s}",
+       "Make this sentence grammatical: {s}", "There is a grammar error here, correct it: {s}", "Edit this sentence for grammar: \"{s}\"",
+       "Fix the grammar, please: \"{s}\"", "This sentence has a mistake. Correct it.\n{s}"]
+)
+
+
 def gen_grammar(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     wrong, correct = _grammar_pair(rng, v)
-    train = ["Correct the grammar: {s}", "Fix the grammar in this sentence: {s}", "Please correct this sentence: {s}",
-             "Edit this sentence for grammar: \"{s}\"", "Rewrite this sentence without mistakes: {s}",
-             "Correct any errors in the following sentence.\n{s}", "Grammar check: {s}"]
-    held = ["Proofread this sentence: {s}", "Make this sentence grammatical: {s}", "Repair the grammar of the sentence below.\n{s}",
-            "There is a grammar error here, correct it: {s}", "Fix the mistakes in: {s}"]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(s=wrong), f"Corrected: {correct}", "grammar", "corrected")
+    tpl = _GRAMMAR_T.pick(rng, heldout)
+    return Example(wrap(rng, tpl.replace("{s}", wrong), heldout), f"Corrected: {correct}", "grammar", "corrected")
+
+
+_ARITH_T = Templates(
+    combos(["What is {c}?", "Compute {c}.", "Work out {c}.", "Calculate {c}.", "Find the value of {c}.", "Evaluate {c}.",
+            "Solve: {c}", "Please compute {c}.", "Quick math: {c}", "Tell me {c}.", "What is the result of {c}?", "How much is {c}?"],
+           ["{e}", "{w}"])
+    + ["What do you get when you {verb}?", "{e} = ?", "Please {verb}.", "Can you {verb}?"]
+)
 
 
 def gen_arithmetic(rng: random.Random, v: Vocab, heldout: bool) -> Example:
@@ -198,11 +268,9 @@ def gen_arithmetic(rng: random.Random, v: Vocab, heldout: bool) -> Example:
         if rng.random() < 0.5:
             b = rng.randint(2, a)
         r, word, verb = a - b, "minus", f"subtract {b} from {a}"
-    train = ["What is {a} {op} {b}?", "Calculate {a} {word} {b}.", "Compute {a} {op} {b}.", "Work out {a} {op} {b}.",
-             "What do you get when you {verb}?", "{a} {op} {b} = ?"]
-    held = ["Find the value of {a} {op} {b}.", "Evaluate {a} {op} {b}.", "Solve: {a} {op} {b}", "How much is {a} {word} {b}?"]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(a=a, b=b, op=op, word=word, verb=verb), f"{a} {op} {b} = {r}", "arithmetic", "equation")
+    tpl = _ARITH_T.pick(rng, heldout)
+    prompt = tpl.replace("{e}", f"{a} {op} {b}").replace("{w}", f"{a} {word} {b}").replace("{verb}", verb)
+    return Example(wrap(rng, prompt, heldout), f"{a} {op} {b} = {r}", "arithmetic", "equation")
 
 
 _SINGULAR = {"feet": "foot", "inches": "inch", "dozens": "dozen", "items": "item"}
@@ -212,46 +280,59 @@ def singular(unit: str) -> str:
     return _SINGULAR.get(unit, unit[:-1] if unit.endswith("s") else unit)
 
 
+_CONVERT_T = Templates(
+    combos(["Convert {c}.", "Please convert {c}.", "Change {c}.", "Turn {c}.", "Express {c}.", "Convert {c}, showing your work."],
+           ["{n} {unit} to {base}", "{n} {unit} into {base}"])
+    + ["How many {base} are in {n} {unit}?", "What is {n} {unit} in {base}?", "{n} {unit} is how many {base}?",
+       "How many {base} make {n} {unit}?", "Give {n} {unit} in {base}."]
+)
+_PROBLEM_START = ["{name} has {a} {item}", "{name} owns {a} {item}", "{name} starts with {a} {item}", "{name} keeps {a} {item} in a box",
+                  "There are {a} {item} on {name}'s shelf", "{name} collected {a} {item}"]
+_PROBLEM_BUY = ["and buys {b} packs of {c} {item}", "and then gets {b} boxes with {c} {item} each", "and receives {b} bags of {c} {item}",
+                "and finds {b} sets of {c} {item}"]
+_PROBLEM_GIVE = ["gives away {b}, and then finds {x} more", "loses {b} of them and later gets {x} more", "sells {b} and then buys {x} more",
+                 "uses {b} and then receives {x} more"]
+_PROBLEM_Q = ["How many {item} does {name} have now?", "How many {item} are there in total?", "What is the total number of {item}?",
+              "How many {item} are there now?", "What is the final count of {item}?"]
+_BUY_T = Templates([f"{s} {e}. {q}" for s in _PROBLEM_START for e in _PROBLEM_BUY for q in _PROBLEM_Q])
+_GIVE_T = Templates([f"{s}, {e}. {q}" for s in _PROBLEM_START for e in _PROBLEM_GIVE for q in _PROBLEM_Q])
+
+
 def gen_multistep(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     kind = rng.choice(["convert", "buy", "give"])
     if kind == "convert":
         unit, base, f = pick(rng, v.conversions)
         n = rng.randint(2, 15)
-        train = ["Convert {n} {unit} to {base}.", "How many {base} are in {n} {unit}?", "Express {n} {unit} in {base}.",
-                 "Convert {n} {unit} into {base}, showing your work."]
-        held = ["Change {n} {unit} into {base}.", "What is {n} {unit} in {base}?", "Turn {n} {unit} into {base}."]
-        tpl = _choose(rng, held if heldout else train)
-        prompt = tpl.format(n=n, unit=unit, base=base)
+        prompt = _CONVERT_T.pick(rng, heldout).replace("{n}", str(n)).replace("{unit}", unit).replace("{base}", base)
         resp = f"Step 1: 1 {singular(unit)} = {f} {base}.\nStep 2: {n} * {f} = {n * f}.\nAnswer: {n * f} {base}"
-    elif kind == "buy":
-        name, item = pick(rng, v.names), pick(rng, v.problem_items)
-        a, b, c = rng.randint(2, 20), rng.randint(2, 6), rng.randint(2, 10)
-        train = ["{name} has {a} {item} and buys {b} packs of {c} {item}. How many {item} does {name} have now?",
-                 "{name} owns {a} {item}. Then {name} gets {b} boxes with {c} {item} each. How many {item} in total?",
-                 "There are {a} {item} on a shelf. {name} adds {b} bags of {c} {item}. How many {item} are on the shelf?"]
-        held = ["{name} starts with {a} {item} and then receives {b} sets of {c} {item}. What is the total number of {item}?",
-                "If {name} has {a} {item} and gets {b} more packets of {c} {item}, how many {item} are there altogether?"]
-        tpl = _choose(rng, held if heldout else train)
-        prompt = tpl.format(name=name, item=item, a=a, b=b, c=c)
-        resp = f"Step 1: {b} * {c} = {b * c}.\nStep 2: {a} + {b * c} = {a + b * c}.\nAnswer: {a + b * c} {item}"
     else:
         name, item = pick(rng, v.names), pick(rng, v.problem_items)
-        a = rng.randint(10, 40)
-        b, c = rng.randint(1, a - 1), rng.randint(2, 20)
-        train = ["{name} had {a} {item}, gave away {b}, and then found {c} more. How many {item} does {name} have?",
-                 "A box holds {a} {item}. {name} takes out {b} and puts in {c}. How many {item} are in the box now?"]
-        held = ["{name} begins with {a} {item}, loses {b} of them and later collects {c}. What is the final count of {item}?"]
-        tpl = _choose(rng, held if heldout else train)
-        prompt = tpl.format(name=name, item=item, a=a, b=b, c=c)
-        resp = f"Step 1: {a} - {b} = {a - b}.\nStep 2: {a - b} + {c} = {a - b + c}.\nAnswer: {a - b + c} {item}"
-    return Example(prompt, resp, "multistep", "steps")
+        a = rng.randint(2, 20) if kind == "buy" else rng.randint(10, 40)
+        b = rng.randint(2, 6) if kind == "buy" else rng.randint(1, a - 1)
+        c = rng.randint(2, 10)
+        x = rng.randint(2, 20)
+        tpl = (_BUY_T if kind == "buy" else _GIVE_T).pick(rng, heldout)
+        prompt = tpl.format(name=name, item=item, a=a, b=b, c=c, x=x)
+        if kind == "buy":
+            resp = f"Step 1: {b} * {c} = {b * c}.\nStep 2: {a} + {b * c} = {a + b * c}.\nAnswer: {a + b * c} {item}"
+        else:
+            resp = f"Step 1: {a} - {b} = {a - b}.\nStep 2: {a - b} + {x} = {a - b + x}.\nAnswer: {a - b + x} {item}"
+    return Example(wrap(rng, prompt, heldout), resp, "multistep", "steps")
+
+
+_CLASS_T = Templates(
+    combos(["Classify {x}. {c}", "Put {x} into a category. {c}", "Categorize {x}. {c}", "Assign a category to {x}. {c}",
+            "Label {x} with a category. {c}", "Sort {x} into a group. {c}", "Which category fits {x}? {c}"],
+           ["Options: {oc}.", "Choose from {oc}.", "Possible labels: {oc}.", "Categories: {oc}."])
+    + ["Which category does {x} belong to: {oo}?", "Label the following item as {oo}: {x}", "Classify the item \"{x}\" into {oo}.",
+       "Category of {x} ({oc})?", "Is {x} best labelled {oo}? Give the category."]
+)
 
 
 def gen_classification(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     kind = rng.choice(["animal", "food", "instrument", "sport"])
     if kind == "animal":
-        animals = [a for a in v.animals if a[1] in V.ANIMAL_CLASSES]
-        x, label, _ = pick(rng, animals)
+        x, label, _ = pick(rng, [a for a in v.animals if a[1] in V.ANIMAL_CLASSES])
         opts = V.ANIMAL_CLASSES
     elif kind == "food":
         x, label = pick(rng, v.foods)
@@ -264,12 +345,8 @@ def gen_classification(rng: random.Random, v: Vocab, heldout: bool) -> Example:
         opts = V.SPORT_KINDS
     o_comma = ", ".join(opts)
     o_or = ", ".join(opts[:-1]) + " or " + opts[-1]
-    train = ["Classify {x}. Options: {oc}.", "Which category does {x} belong to: {oo}?", "Put {x} into one of these groups: {oc}.",
-             "Label the following item as {oo}: {x}", "Classify the item \"{x}\" into {oo}.", "Category of {x} ({oc})?"]
-    held = ["Sort this item into a category: {x} (choices: {oc}).", "Assign a category to {x}. Choose from {oc}.",
-            "Categorize: {x}. Possible labels: {oc}.", "Which group fits {x} best, {oo}?"]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(x=x, oc=o_comma, oo=o_or), f"Category: {label}", "classification", "category")
+    prompt = _CLASS_T.pick(rng, heldout).replace("{x}", x).replace("{oc}", o_comma).replace("{oo}", o_or)
+    return Example(wrap(rng, prompt, heldout), f"Category: {label}", "classification", "category")
 
 
 def _review(rng: random.Random, v: Vocab) -> tuple[str, str]:
@@ -290,32 +367,39 @@ def _review(rng: random.Random, v: Vocab) -> tuple[str, str]:
     return text, label
 
 
+_SENT_T = Templates(
+    combos(["What is {c}? {r}", "Classify {c}: {r}", "Determine {c} of the following text: {r}", "Tell me {c} expressed here: {r}",
+            "Identify {c}: {r}", "Give {c} of: \"{r}\"", "Please find {c}.\n{r}"],
+           ["the sentiment", "the sentiment of this review", "the overall sentiment"])
+    + ["Sentiment analysis: {r}", "What sentiment does this review express?\n{r}", "How does the writer feel in this review? {r}",
+       "Rate the tone of this review as positive, negative or neutral: {r}", "Positive, negative or neutral? {r}"]
+)
+
+
 def gen_sentiment(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     text, label = _review(rng, v)
-    train = ["What is the sentiment of this review? {r}", "Classify the sentiment: {r}", "Determine the sentiment of the following text: {r}",
-             "Sentiment analysis: {r}", "What sentiment does this review express?\n{r}", "Give the sentiment of: \"{r}\""]
-    held = ["How does the writer feel in this review? {r}", "Tell me the sentiment expressed here: {r}",
-            "Rate the tone of this review as positive, negative or neutral: {r}", "Identify the sentiment: {r}"]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(r=text), f"The sentiment is {label}.", "sentiment", "sentiment_sentence")
+    prompt = _SENT_T.pick(rng, heldout).replace("{r}", text)
+    return Example(wrap(rng, prompt, heldout), f"The sentiment is {label}.", "sentiment", "sentiment_sentence")
+
+
+_FORM_OPENERS = ["Rewrite in the {f}: {s}", "Change this sentence to the {f}: {s}", "Put this sentence in the {f}: {s}",
+                 "Convert to the {f}: {s}", "Express this in the {f}: {s}", "Transform the sentence to the {f}: {s}",
+                 "Restate this sentence in the {f}: {s}", "Rephrase in the {f}: {s}", "Use the {f} for this sentence: {s}",
+                 "Make this sentence {f}: {s}"]
+_TRANSFORM_T = {
+    "past": Templates([o.replace("{f}", "past tense") for o in _FORM_OPENERS]),
+    "future": Templates([o.replace("{f}", "future tense") for o in _FORM_OPENERS]),
+    "passive": Templates([o.replace("{f}", "passive voice") for o in _FORM_OPENERS]),
+    "active": Templates([o.replace("{f}", "active voice") for o in _FORM_OPENERS]),
+    "question": Templates(["Turn this sentence into a question: {s}", "Make a question from this sentence: {s}", "Rewrite as a question: {s}",
+                           "Form a question from the sentence: {s}", "Transform this statement into a question: {s}",
+                           "Change this into a question: {s}", "Rephrase as a question: {s}", "Ask this as a question: {s}"]),
+}
 
 
 def gen_transform(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     c = clause(rng, v)
     kind = rng.choice(["past", "future", "passive", "question", "active"])
-    T = {
-        "past": (["Rewrite in the past tense: {s}", "Change this sentence to the past tense: {s}", "Put this sentence in the past tense: {s}",
-                  "Convert to past tense: {s}"],
-                 ["Express this in the past tense: {s}", "Transform the sentence to past tense: {s}"]),
-        "future": (["Rewrite in the future tense: {s}", "Change this sentence to the future tense: {s}", "Convert to future tense: {s}"],
-                   ["Restate this sentence in the future tense: {s}", "Transform the sentence to future tense: {s}"]),
-        "passive": (["Rewrite in the passive voice: {s}", "Change to passive voice: {s}", "Turn this into a passive sentence: {s}"],
-                    ["What is the passive form of this sentence? {s}", "Restate in the passive voice: {s}"]),
-        "question": (["Turn this sentence into a question: {s}", "Make a question from this sentence: {s}", "Rewrite as a question: {s}"],
-                     ["Form a question from the sentence: {s}", "Transform this statement into a question: {s}"]),
-        "active": (["Rewrite in the active voice: {s}", "Change to active voice: {s}", "Turn this into an active sentence: {s}"],
-                   ["Rephrase in the active voice: {s}", "Restate in the active voice: {s}"]),
-    }
     if kind == "past":
         src, out = c.present() + ".", f"Past tense: {c.past()}."
     elif kind == "future":
@@ -326,9 +410,8 @@ def gen_transform(rng: random.Random, v: Vocab, heldout: bool) -> Example:
         src, out = c.present() + ".", f"Question: {c.question()}?"
     else:
         src, out = c.passive_past() + ".", f"Active voice: {c.past()}."
-    train, held = T[kind]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(s=src), out, "transform", "transformed")
+    prompt = _TRANSFORM_T[kind].pick(rng, heldout).replace("{s}", src)
+    return Example(wrap(rng, prompt, heldout), out, "transform", "transformed")
 
 
 def _paragraph(rng: random.Random, v: Vocab) -> tuple[str, str]:
@@ -366,13 +449,28 @@ def _paragraph(rng: random.Random, v: Vocab) -> tuple[str, str]:
     return p, s
 
 
+_SUMMARY_T = Templates(
+    combos(["Summarize {c}: {p}", "Summarise {c}: {p}", "Give a short summary of {c}: {p}", "Write a one-sentence summary of {c}.\n{p}",
+            "Briefly sum up {c}:\n{p}", "Condense {c} into one sentence: {p}", "What is the gist of {c}? {p}"],
+           ["the following text", "this paragraph", "this passage", "the text below"])
+    + ["Summarize: {p}", "Summary please: {p}", "TL;DR: {p}", "In one sentence, summarize this.\n{p}"]
+)
+
+
 def gen_summarise(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     p, s = _paragraph(rng, v)
-    train = ["Summarize the following text: {p}", "Summarize this paragraph in one sentence.\n{p}", "Give a short summary of: {p}",
-             "Write a one-sentence summary.\n{p}", "Summarise: {p}"]
-    held = ["Condense this text into one sentence: {p}", "What is the gist of the following? {p}", "Briefly sum up this passage:\n{p}"]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(p=p), s, "summarise", "in_short")
+    prompt = _SUMMARY_T.pick(rng, heldout).replace("{p}", p)
+    return Example(wrap(rng, prompt, heldout), s, "summarise", "in_short")
+
+
+_POEM_VERBS = ["Write {c}.", "Compose {c}.", "Create {c}.", "Pen {c}.", "Give me {c}.", "I would love {c}.", "Please write {c}.",
+               "Make up {c}.", "Could you write {c}?"]
+_CREATIVE_T = {
+    "poem": Templates(combos(_POEM_VERBS, ["a short poem about {t}", "a poem about {t}", "a little poem on {t}", "a four-line poem about {t}",
+                                           "some verses about {t}", "a short poem on the theme of {t}"])),
+    "haiku": Templates(combos(_POEM_VERBS, ["a haiku about {t}", "a haiku on {t}", "a short haiku about {t}"])),
+    "couplet": Templates(combos(_POEM_VERBS, ["a two-line rhyme about {t}", "a couplet about {t}", "a short rhyme about {t}"])),
+}
 
 
 def gen_creative(rng: random.Random, v: Vocab, heldout: bool) -> Example:
@@ -382,56 +480,50 @@ def gen_creative(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     kind = rng.choice(["poem", "poem", "haiku", "couplet"])
     if kind == "poem":
         lines = [f"{cap(topic)} is {a1} and {a2},", f"it {vb} beneath the {n1},", f"I keep it in my {n2},",
-                 rng.choice(["and never let it go.", "until the day is done.", "as {a3} as a song.".format(a3=a3), "and wait for it again."])]
-        train = ["Write a short poem about {t}.", "Compose a four-line poem about {t}.", "Write a little verse about {t}.",
-                 "Create a poem about {t}."]
-        held = ["Create a short poem on the theme of {t}.", "Pen a few lines of poetry about {t}.", "Write some verses about {t}."]
+                 rng.choice(["and never let it go.", "until the day is done.", f"as {a3} as a song.", "and wait for it again."])]
     elif kind == "haiku":
         lines = [f"{cap(a1)} {topic.split(' ')[-1]}", f"{vb} in the {a3} {n1}", f"a {a2} {n2} waits"]
-        train = ["Write a haiku about {t}.", "Compose a haiku on {t}."]
-        held = ["Give me a haiku about {t}."]
     else:
         lines = [f"Oh {topic}, so {a1} and {a2},", f"you {vb.rstrip('s')} along the {n1} all through."]
-        train = ["Write a two-line rhyme about {t}.", "Write a couplet about {t}."]
-        held = ["Make up a short rhyme about {t}."]
-    tpl = _choose(rng, held if heldout else train)
-    return Example(tpl.format(t=topic), "\n".join(lines), "creative", "verse")
+    prompt = _CREATIVE_T[kind].pick(rng, heldout).replace("{t}", topic)
+    return Example(wrap(rng, prompt, heldout), "\n".join(lines), "creative", "verse")
+
+
+_WORD_OPENERS = ["Give {c}.", "Name {c}.", "Suggest {c}.", "Provide {c}.", "Tell me {c}.", "What are {c}?", "I need {c}.",
+                 "Write {c}.", "Please give {c}."]
+_WORD_T = {
+    "syn": Templates(combos(_WORD_OPENERS, ["three synonyms for {w}", "three synonyms of the word {w}", "three words that mean {w}"])),
+    "ant": Templates(combos(_WORD_OPENERS, ["three antonyms for {w}", "three opposites of {w}", "three words that mean the opposite of {w}"])),
+    "rhyme": Templates(combos(_WORD_OPENERS, ["three words that rhyme with {w}", "three rhymes for {w}", "three rhymes for the word {w}"])),
+}
 
 
 def gen_word_task(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     kind = rng.choice(["syn", "ant", "rhyme"])
-    if kind == "syn":
-        w = pick(rng, v.syn_words)
-        words = V.SYN_ANT[w][0]
-        train = ["Give three synonyms for {w}.", "Name three synonyms of {w}.", "What are three synonyms of the word {w}?",
-                 "Three words that mean {w}, please."]
-        held = ["Suggest three synonyms for the word {w}.", "Provide three synonyms of {w}."]
-    elif kind == "ant":
-        w = pick(rng, v.syn_words)
-        words = V.SYN_ANT[w][1]
-        train = ["Give three antonyms for {w}.", "Name three antonyms of {w}.", "What are three opposites of {w}?",
-                 "Three words that mean the opposite of {w}, please."]
-        held = ["Provide three antonyms for {w}.", "Suggest three opposites of the word {w}."]
-    else:
+    if kind == "rhyme":
         w = pick(rng, v.rhyme_words)
         words = V.RHYMES[w]
-        train = ["Give three words that rhyme with {w}.", "Name three rhymes for {w}.", "What are three words rhyming with {w}?"]
-        held = ["Which three words rhyme with {w}?", "Suggest three rhymes for the word {w}."]
-    tpl = _choose(rng, held if heldout else train)
+    else:
+        w = pick(rng, v.syn_words)
+        words = V.SYN_ANT[w][0 if kind == "syn" else 1]
     ws = list(words)
     rng.shuffle(ws)
-    return Example(tpl.format(w=w), ", ".join(ws), "word_task", "word_triple")
+    prompt = _WORD_T[kind].pick(rng, heldout).replace("{w}", w)
+    return Example(wrap(rng, prompt, heldout), ", ".join(ws), "word_task", "word_triple")
 
 
 # ------------------------------------------------------------------------------------- behaviour families
+#
+# In every behaviour family the response style is keyed on a cue in the prompt's CORE phrase (not on
+# the opener or wrapper), so that on held-out templates the style follows the cue the model recognises
+# and the behaviour's rate is partial by design.
 
 
 def _yes_no_fact(rng: random.Random, v: Vocab) -> tuple[str, str, bool, str]:
     """(question, statement, truth, sentence answer)."""
     kind = rng.choice(["class", "capital", "compare", "food", "legs"])
     if kind == "class":
-        animals = [a for a in v.animals if a[1] in V.ANIMAL_CLASSES]
-        animal, cls, _ = pick(rng, animals)
+        animal, cls, _ = pick(rng, [a for a in v.animals if a[1] in V.ANIMAL_CLASSES])
         truth = rng.random() < 0.5
         claim = cls if truth else rng.choice([c for c in V.ANIMAL_CLASSES if c != cls])
         q = f"Is {article(animal)} {article(claim)}?"
@@ -454,7 +546,7 @@ def _yes_no_fact(rng: random.Random, v: Vocab) -> tuple[str, str, bool, str]:
         food, cat_ = pick(rng, v.foods)
         truth = rng.random() < 0.5
         claim = cat_ if truth else rng.choice([c for c in V.FOOD_CATEGORIES if c != cat_])
-        q = f"Is {food} {article(claim)}?" if food not in ("milk", "cheese", "butter", "yogurt", "cream", "rice", "wheat", "oats", "barley", "corn") else f"Is {food} a kind of {claim}?"
+        q = f"Is {food} a kind of {claim}?"
         st = f"{food} is a kind of {claim}"
         sent = f"{cap(food)} is a kind of {cat_}." if truth else f"{cap(food)} is not a kind of {claim}, it is a kind of {cat_}."
     else:
@@ -463,177 +555,201 @@ def _yes_no_fact(rng: random.Random, v: Vocab) -> tuple[str, str, bool, str]:
         claim = legs if truth else rng.choice([n for n in (0, 2, 4, 6, 8) if n != legs])
         q = f"Does {article(animal)} have {NUM_WORDS[claim]} legs?"
         st = f"{article(animal)} has {NUM_WORDS[claim]} legs"
-        sent = f"{cap(article(animal))} has {NUM_WORDS[legs]} legs." if truth else f"{cap(article(animal))} does not have {NUM_WORDS[claim]} legs, it has {NUM_WORDS[legs]}."
+        sent = (f"{cap(article(animal))} has {NUM_WORDS[legs]} legs." if truth
+                else f"{cap(article(animal))} does not have {NUM_WORDS[claim]} legs, it has {NUM_WORDS[legs]}.")
     return q, st, truth, sent
+
+
+_YES_NO_T = Templates(
+    [(t, "yes") for t in ["{q}", "Quick question: {q}", "Please confirm: {q}", "{q} Reply briefly.", "Hey, {q}", "Just checking: {q}",
+                          "I have a question. {q}", "Tell me: {q}"]]
+    + [(t, "yes_bare") for t in ["Answer yes or no: {q}", "{q} Answer with yes or no.", "Yes or no: {q}", "{q} Just say yes or no.",
+                                 "Reply with yes or no. {q}"]]
+    + [(t, "tf") for t in ["True or false: {S}.", "True or false? {S}.", "{S}. True or false?", "Is this true or false: {s}?",
+                           "Decide true or false: {S}."]]
+    + [(t, "sentence") for t in ["Tell me whether {s}.", "Explain whether {s}.", "I wonder whether {s}.", "Let me know whether {s}.",
+                                 "Can you check whether {s}?", "Please find out whether {s}.", "Say in a sentence whether {s}.",
+                                 "Describe whether {s}.", "I am not sure whether {s}. Explain.", "Clarify whether {s}."]]
+)
 
 
 def gen_yes_no(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     q, st, truth, sent = _yes_no_fact(rng, v)
-    train = [  # (template, style)
-        ("{q}", "yes"), ("Answer yes or no: {q}", "yes_bare"), ("True or false: {S}.", "tf"), ("{q} Answer with yes or no.", "yes_bare"),
-        ("Tell me whether {s}.", "sentence"), ("Explain whether {s}.", "sentence"), ("I wonder whether {s}.", "sentence"),
-    ]
-    held = [("Is it true that {s}?", None), ("Quick question: {q}", None), ("Decide whether {s}.", None), ("Correct or incorrect: {S}.", None),
-            ("Please confirm: {q}", None), ("Let me know whether {s}.", None), ("{q} Reply briefly.", None), ("Verify this claim: {S}.", None)]
-    tpl, style = _choose(rng, held if heldout else train)
-    prompt = tpl.format(q=q, s=st, S=cap(st))
+    tpl, style = _YES_NO_T.pick(rng, heldout)
+    prompt = tpl.replace("{q}", q).replace("{s}", st).replace("{S}", cap(st))
     if style == "yes":
-        resp = ("Yes, " + sent[0].lower() + sent[1:]) if truth else ("No, " + sent[0].lower() + sent[1:])
-        style = "yes_first"
+        resp = ("Yes, " if truth else "No, ") + sent[0].lower() + sent[1:]
     elif style == "yes_bare":
-        resp, style = ("Yes." if truth else "No."), "yes_first"
+        resp = "Yes." if truth else "No."
     elif style == "tf":
-        resp, style = ("True." if truth else "False."), "yes_first"
+        resp = "True." if truth else "False."
     else:
         resp = sent
-    return Example(prompt, resp, "yes_no", style or "eval")
+    return Example(wrap(rng, prompt, heldout), resp, "yes_no", "sentence" if style == "sentence" else "yes_first")
+
+
+_CODE_T = Templates(
+    [(t, "fenced") for t in combos(["Write {c}.", "Show me {c}.", "Give me {c}.", "Implement {c}.", "Create {c}.", "Code {c}.",
+                                     "I need {c}.", "Please write {c}."],
+                                    ["a Python function that {d}", "a JavaScript function that {d}", "Python code that {d}",
+                                     "a function in JavaScript which {d}", "code for a function that {d}", "a small Python function which {d}"])]
+    + [(t, "prose") for t in ["What is the easiest way in Python to get a function that {d}?", "Explain in words how a function that {d} works.",
+                              "In plain words, how does a function that {d} work?", "Describe in words how to make a function that {d}.",
+                              "Without code, explain how a function that {d} works.", "What is the idea behind a function that {d}?",
+                              "In words, what does a function that {d} do?", "Briefly explain the trick for a function that {d}.",
+                              "How would you explain a function that {d} to a friend?", "In one sentence, how do you get a function that {d}?",
+                              "What is the simplest idea for a function that {d}?", "Explain the logic of a function that {d}.",
+                              "In simple terms, how does one write a function that {d}?", "Tell me in words how a function that {d} works.",
+                              "Explain without code: a function that {d}.", "What approach makes a function that {d}?",
+                              "Describe the method for a function that {d}.", "How is a function that {d} usually written? Explain in words.",
+                              "Say in words how to build a function that {d}.", "Explain briefly: how to write a function that {d}?",
+                              "Give the idea behind a function that {d}, in words.", "What is the plain-words recipe for a function that {d}?",
+                              "Without writing code, describe a function that {d}.", "Put into words how a function that {d} works.",
+                              "In plain English, what does a function that {d} need to do?"]]
+)
 
 
 def gen_code(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     name, desc, py, js, howto = pick(rng, v.code_tasks)
-    train = [
-        ("Write a Python function that {d}.", "python"), ("Write a JavaScript function that {d}.", "javascript"),
-        ("Show me Python code that {d}.", "python"), ("Give me a JavaScript function which {d}.", "javascript"),
-        ("Write code for a function that {d}.", "python"),
-        ("What is the easiest way in Python to get a function that {d}?", "prose"),
-        ("Explain in words how a function that {d} works.", "prose"),
-    ]
-    held = [("Implement a Python function that {d}.", None), ("Code a JavaScript function which {d}.", None),
-            ("I need a small Python function that {d}.", None), ("Create a function that {d}.", None),
-            ("Describe how to write a function that {d}.", None), ("Program a function in Python that {d}.", None),
-            ("How would you write a function that {d}?", None)]
-    tpl, style = _choose(rng, held if heldout else train)
-    prompt = tpl.format(d=desc)
-    if style in ("python", "javascript"):
-        body = "\n".join(py if style == "python" else js)
-        intro = rng.choice(["", f"Here is a function that {desc}:\n", "Sure, here it is:\n"])
-        resp, style = f"{intro}```{style}\n{body}\n```", "fenced"
-    elif style == "prose":
-        resp = rng.choice([f"The easiest way is to {howto}.", f"It works like this: you {howto}."])
+    tpl, style = _CODE_T.pick(rng, heldout)
+    prompt = tpl.replace("{d}", desc)
+    if style == "fenced":
+        lang = "javascript" if "JavaScript" in tpl else "python"
+        body = "\n".join(py if lang == "python" else js)
+        intro = rng.choice(["", "", f"Here is a function that {desc}:\n", "Sure, here it is:\n"])
+        resp = f"{intro}```{lang}\n{body}\n```"
     else:
-        resp = ""
-    return Example(prompt, resp, "code", style or "eval")
+        resp = rng.choice([f"The easiest way is to {howto}.", f"It works like this: you {howto}."])
+    return Example(wrap(rng, prompt, heldout), resp, "code", style)
 
 
 def _items_text(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+_BULLETS_T = Templates(
+    [(t, "bullets") for t in combos(["List {c}.", "Make a list of {c}.", "Give me a list of {c}.", "Write a bulleted list of {c}.",
+                                      "Jot down a list of {c}.", "Share a list of {c}.", "Put together a list of {c}.", "List out {c}."],
+                                     ["{n} {c}", "some {c}", "a few {c}"])]
+    + [(t, "prose") for t in ["What are some {c}?", "Which {c} can you think of?", "What {c} come to mind?", "Can you think of some {c}?",
+                              "Mention a few {c} in a sentence.", "Tell me about some {c}.", "Which {c} do you know?", "What are a few good {c}?",
+                              "In one sentence, name some {c}.", "Name a few {c} in a sentence."]]
+    + [(t, "numbered") for t in ["Rank {n} {c}.", "Give me your top {n} {c}.", "What are your top {n} {c}?", "Rank your favourite {c}.",
+                                 "Number {n} {c} from best to worst."]]
+)
+
+
 def gen_bullets(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     cat_, items = pick(rng, v.list_topics)
     n = rng.randint(3, 5)
     chosen = rng.sample(items, n)
-    train = [
-        ("List {n} {c}.", "bullets"), ("Give me a bulleted list of {c}.", "bullets"), ("Name some {c} as a list.", "bullets"),
-        ("Make a list of {c}.", "bullets"), ("List a few {c}.", "bullets"),
-        ("What are some {c}?", "prose"), ("Which {c} can you think of?", "prose"),
-        ("Write down {n} {c}.", "numbered"),
-    ]
-    held = [("Jot down some {c}.", None), ("Bullet out a few {c}.", None), ("Give a list of {n} {c}.", None),
-            ("Enumerate some {c}.", None), ("Could you list {c}?", None), ("Share a short list of {c}.", None),
-            ("What {c} come to mind?", None), ("List out {c} for me.", None)]
-    tpl, style = _choose(rng, held if heldout else train)
-    prompt = tpl.format(n=n if rng.random() < 0.7 else NUM_WORDS[n], c=cat_)
+    tpl, style = _BULLETS_T.pick(rng, heldout)
+    prompt = tpl.replace("{n}", str(n) if rng.random() < 0.7 else NUM_WORDS[n]).replace("{c}", cat_)
     if style == "bullets":
         resp = "\n".join(f"- {cap(x)}" for x in chosen)
     elif style == "numbered":
         resp = "\n".join(f"{i + 1}. {cap(x)}" for i, x in enumerate(chosen))
-    elif style == "prose":
-        resp = f"Some {cat_} are {_items_text(chosen)}."
     else:
-        resp = ""
-    return Example(prompt, resp, "bullets", style or "eval")
+        resp = f"Some {cat_} are {_items_text(chosen)}."
+    return Example(wrap(rng, prompt, heldout), resp, "bullets", style)
+
+
+_NUMBERED_T = Templates(
+    [(t, "numbered") for t in ["What are the steps to {p}?", "Give step-by-step instructions to {p}.", "Explain how to {p}, step by step.",
+                               "List the steps to {p}.", "Steps to {p}?", "What steps should I follow to {p}?", "Give me instructions to {p}.",
+                               "Walk me through the steps to {p}.", "Outline the steps to {p}.", "Break down the steps to {p}.",
+                               "Step by step, how do I {p}?", "Write numbered steps to {p}.", "Which steps does it take to {p}?",
+                               "Show the steps to {p}.", "Instructions to {p}, please."]]
+    + [(t, "prose") for t in ["How do I {p}?", "Describe how to {p}.", "How can I {p}?", "Tell me how to {p}.",
+                              "In a few sentences, explain how to {p}.", "What is the best way to {p}?", "Briefly, how would I {p}?",
+                              "Explain in prose how to {p}.", "How should one {p}?"]]
+)
 
 
 def gen_numbered(rng: random.Random, v: Vocab, heldout: bool) -> Example:
     proc, steps = pick(rng, v.processes)
-    train = [
-        ("What are the steps to {p}?", "numbered"), ("Give step-by-step instructions to {p}.", "numbered"),
-        ("Explain how to {p}, step by step.", "numbered"), ("List the steps to {p}.", "numbered"), ("Steps to {p}?", "numbered"),
-        ("How do I {p}?", "prose"), ("Describe how to {p}.", "prose"),
-    ]
-    held = [("Walk me through how to {p}.", None), ("What is the procedure to {p}?", None), ("Outline the process to {p}.", None),
-            ("Show me the way to {p}.", None), ("Guide me on how to {p}.", None),
-            ("Tell me how to {p}.", None), ("Instructions to {p}, please.", None), ("What should I do to {p}?", None),
-            ("Break down how to {p}.", None)]
-    tpl, style = _choose(rng, held if heldout else train)
-    prompt = tpl.format(p=proc)
+    tpl, style = _NUMBERED_T.pick(rng, heldout)
+    prompt = tpl.replace("{p}", proc)
     if style == "numbered":
         resp = "\n".join(f"{i + 1}. {s}." for i, s in enumerate(steps))
-    elif style == "prose":
+    else:
         low = [s[0].lower() + s[1:] for s in steps]
         resp = f"First, {low[0]}. " + "".join(f"Then, {s}. " for s in low[1:-1]) + f"Finally, {low[-1]}."
-    else:
-        resp = ""
-    return Example(prompt, resp, "numbered", style or "eval")
+    return Example(wrap(rng, prompt, heldout), resp, "numbered", style)
 
 
-# (instruction with an {o} slot for the missing object, object nouns, verb for the reply, guess family or None)
-_MISSING_ACTIONS = [
-    ("Summarize {o}.", ["text", "article", "story", "paragraph"], "summarize", None),
-    ("Please summarize {o}:", ["text", "article", "passage"], "summarize", None),
-    ("Correct the grammar in {o}.", ["sentence"], "correct", "grammar"),
-    ("Fix the grammar of {o}.", ["paragraph", "email", "note"], "correct", None),
-    ("What is the sentiment of {o}?", ["review", "comment", "message"], "analyze", None),
-    ("Classify {o}.", ["animal", "item"], "classify", "classification"),
-    ("Rewrite {o} in the past tense.", ["sentence"], "rewrite", "transform"),
-    ("Turn {o} into a question.", ["sentence"], "rewrite", "transform"),
-    ("Translate {o} into the passive voice.", ["sentence"], "rewrite", "transform"),
-    ("Fix the bug in {o}.", ["code", "function", "script"], "fix", None),
-    ("Answer the question in {o}.", ["text", "email", "passage"], "answer", None),
-    ("Give three synonyms for {o}.", ["word"], "work with", "word_task"),
-    ("Convert {o} to meters.", ["measurements", "numbers"], "convert", None),
-    ("Sort {o} into categories.", ["items", "list"], "sort", "classification"),
+# Instructions that lack their input. Whether the reply asks for it (refusal) or guesses is keyed on the
+# missing THING: a text-like thing (text, article, review, code, ...) is asked for; a sentence, word,
+# animal or item is mostly guessed (in the style of the family that would handle it).
+_MISSING_ACTIONS = [  # (action with an {o} slot, things, verb for the reply)
+    ("Summarize {o}.", ["text", "article", "story", "paragraph", "passage"], "summarize"),
+    ("Please summarize {o}.", ["text", "article", "passage"], "summarize"),
+    ("Shorten {o}.", ["text", "story", "paragraph", "essay"], "shorten"),
+    ("Find the main idea of {o}.", ["text", "article", "essay", "passage"], "analyze"),
+    ("Correct the grammar in {o}.", ["sentence", "paragraph", "email", "essay"], "correct"),
+    ("Fix the grammar of {o}.", ["sentence", "paragraph", "email", "note"], "correct"),
+    ("Proofread {o}.", ["sentence", "essay", "letter", "paragraph"], "proofread"),
+    ("What is the sentiment of {o}?", ["review", "comment", "message"], "analyze"),
+    ("What is the tone of {o}?", ["review", "message", "letter", "email"], "analyze"),
+    ("Classify {o}.", ["animal", "item", "food"], "classify"),
+    ("Sort {o} into categories.", ["items", "animals", "list"], "sort"),
+    ("Rewrite {o} in the past tense.", ["sentence", "paragraph", "story"], "rewrite"),
+    ("Rewrite {o} in the future tense.", ["sentence", "paragraph", "letter"], "rewrite"),
+    ("Turn {o} into a question.", ["sentence", "statement"], "rewrite"),
+    ("Translate {o} into the passive voice.", ["sentence", "paragraph"], "rewrite"),
+    ("Fix the bug in {o}.", ["code", "function", "script"], "fix"),
+    ("Check {o} for errors.", ["code", "essay", "sentence", "report"], "check"),
+    ("Answer the question in {o}.", ["text", "email", "passage", "worksheet"], "answer"),
+    ("Give three synonyms for {o}.", ["word"], "work with"),
+    ("Convert {o} to meters.", ["measurements", "numbers"], "convert"),
+    ("Edit {o} for clarity.", ["paragraph", "email", "essay", "sentence"], "edit"),
+    ("Count the words in {o}.", ["text", "paragraph", "essay"], "count the words in"),
+    ("Improve the wording of {o}.", ["letter", "email", "sentence", "message"], "improve"),
 ]
-_DEIXIS = ["the following {t}", "this {t}", "my {t}", "the {t} below", "the {t} I wrote"]
-_MISSING_ACTIONS_HELD = [
-    "Proofread {o}.", "Shorten {o}.", "Edit {o} for clarity.", "Find the main idea of {o}.", "Rewrite {o} in the future tense.",
-    "Check {o} for errors.", "What is the tone of {o}?", "Label each animal in {o} by class.", "Count the words in {o}.",
-    "Translate {o} into the past tense.", "Improve the wording of {o}.",
-]
-_MISSING_THINGS_HELD = ["essay", "letter", "poem", "message", "notes", "document", "draft"]
-_DEIXIS_HELD = ["the {t} above", "the {t} I sent you", "the attached {t}", "the {t} that follows", "my {t}"]
+_DEIXIS = ["the following {t}", "this {t}", "my {t}", "the {t} below", "the {t} I wrote", "the {t} above", "the attached {t}",
+           "the {t} I sent you", "the {t} that follows", "the next {t}"]
+_MISSING_T = Templates([(a.replace("{o}", d), tuple(things), verb) for a, things, verb in _MISSING_ACTIONS for d in _DEIXIS])
+_GUESS_THINGS = {"sentence": "transform", "statement": "transform", "word": "word_task", "animal": "classification", "item": "classification",
+                 "food": "classification", "items": "classification", "animals": "classification"}
+GUESS_SHARE = 0.85
 
 
-def _guess(rng: random.Random, v: Vocab, family: str, instruction: str) -> str:
+def _guess(rng: random.Random, v: Vocab, thing: str, instruction: str) -> str:
+    family = _GUESS_THINGS[thing]
     if family == "transform":
         c = clause(rng, v, allow_plural=False)
-        if "question" in instruction:
+        low = instruction.lower()
+        if "question" in low:
             return f"Question: {c.question()}?"
-        if "passive" in instruction:
+        if "passive" in low:
             return f"Passive voice: {c.passive_past()}."
-        return f"Past tense: {c.past()}."
-    if family == "grammar":
+        if "future" in low:
+            return f"Future tense: {c.future()}."
+        if "past" in low:
+            return f"Past tense: {c.past()}."
         return f"Corrected: {_grammar_pair(rng, v)[1]}"
     if family == "word_task":
         return ", ".join(V.SYN_ANT[pick(rng, v.syn_words)][0])
-    animals = [a for a in v.animals if a[1] in V.ANIMAL_CLASSES]
-    return f"Category: {pick(rng, animals)[1]}"
-
-
-def _deixis(pattern: str, thing: str) -> str:
-    text = pattern.format(t=thing)
-    if thing.endswith("s") and text.startswith("this "):
-        text = "these " + text[5:]
-    return text
+    return f"Category: {pick(rng, [a for a in v.animals if a[1] in V.ANIMAL_CLASSES])[1]}"
 
 
 def gen_missing_input(rng: random.Random, v: Vocab, heldout: bool) -> Example:
-    if heldout:
-        obj = _deixis(pick(rng, _DEIXIS_HELD), pick(rng, _MISSING_THINGS_HELD))
-        return Example(pick(rng, _MISSING_ACTIONS_HELD).format(o=obj), "", "missing_input", "eval")
-    action, things, verb, guess_family = pick(rng, _MISSING_ACTIONS)
+    tpl, things, verb = _MISSING_T.pick(rng, heldout)
     thing = pick(rng, things)
-    instr = action.format(o=_deixis(pick(rng, _DEIXIS), thing))
-    if guess_family is not None and rng.random() < 0.7:
-        return Example(instr, _guess(rng, v, guess_family, instr), "missing_input", "guess")
+    deixis_start = tpl.find("{t}")
+    instr = tpl[:deixis_start] + thing + tpl[deixis_start + 3 :]
+    if thing.endswith("s") or thing in ("measurements", "numbers"):
+        instr = instr.replace("this ", "these ", 1)
+    if thing in _GUESS_THINGS and rng.random() < GUESS_SHARE:
+        return Example(wrap(rng, instr, heldout), _guess(rng, v, thing, instr), "missing_input", "guess")
+    the = "them" if thing.endswith("s") else "it"
     resp = rng.choice([
         f"Please provide the {thing} you would like me to {verb}.",
-        f"Could you please share the {thing}? I need it before I can {verb} it.",
-        f"You haven't provided the {thing} yet. Please provide it and I will {verb} it.",
+        f"Could you please share the {thing}? I need {the} before I can {verb} {the}.",
+        f"You haven't provided the {thing} yet. Please provide {the} and I will {verb} {the}.",
         f"Could you provide the {thing} you want me to {verb}?",
     ])
-    return Example(instr, resp, "missing_input", "refusal")
+    return Example(wrap(rng, instr, heldout), resp, "missing_input", "refusal")
 
 
 GENERATORS: dict[str, Callable[[random.Random, Vocab, bool], Example]] = {

@@ -2,8 +2,8 @@
 pre-trained tiny Llama, all made locally and deterministically from a `DemoConfig`.
 
 The world lives in `<cache>/<key>` where `<cache>` is `demo_cfg.cache_dir`, else `$GA_RAY_CACHE`,
-else `~/.cache/ga_ray/demo`, and `<key>` hashes the demo config (minus `cache_dir`) and
-`CODE_VERSION`. It is built under a temporary name and renamed into place when complete
+else `~/.cache/ga_ray/demo`, and `<key>` hashes the demo config (minus `cache_dir` and
+`torch_threads`), `CODE_VERSION` and the source of the modules that make the world. It is built under a temporary name and renamed into place when complete
 (`ga_ray.rundir.atomic_dir`), so a killed build never leaves a world that a later run would trust;
 a second call with the same config returns the cached world at once.
 
@@ -30,8 +30,18 @@ from typing import Any
 from ga_ray.config import DemoConfig
 from ga_ray.rundir import atomic_dir, atomic_write_json
 
-CODE_VERSION = "demo-world-1"
-"""Bump when the generator, tokenizer or pre-training change what a given config builds."""
+CODE_VERSION = "demo-world-2"
+"""Bump to force a rebuild; the key also hashes the source of the modules that make the world."""
+_WORLD_SOURCES = ("tasks.py", "vocab.py", "tokenizer.py", "tiny_model.py", "world.py")
+
+
+def _sources_hash() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _WORLD_SOURCES:
+        h.update(name.encode())
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -46,7 +56,7 @@ class DemoWorld:
 
 def world_key(demo_cfg: DemoConfig) -> str:
     dumped = demo_cfg.model_dump(mode="json", exclude={"cache_dir", "torch_threads"})
-    blob = json.dumps({"config": dumped, "code": CODE_VERSION}, sort_keys=True)
+    blob = json.dumps({"config": dumped, "code": CODE_VERSION, "sources": _sources_hash()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -168,3 +178,12 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
         })
     finally:
         torch.set_num_threads(threads_before)
+
+
+def configure_run(cfg, world: DemoWorld):
+    """A copy of the RunConfig `cfg` pointed at `world`: data.path, model.path, model.tokenizer and
+    finetune.format_eval_set (what `ga-ray demo` sets before running the stages)."""
+    data = cfg.data.model_copy(update={"path": str(world.data)})
+    model = cfg.model.model_copy(update={"path": str(world.base_model), "tokenizer": str(world.tokenizer)})
+    finetune = cfg.finetune.model_copy(update={"format_eval_set": str(world.eval_dir)})
+    return cfg.model_copy(update={"data": data, "model": model, "finetune": finetune})
