@@ -93,7 +93,8 @@ def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | N
     typer.echo(f"run directory: {run_dir}")
 
 
-def _stage_command(name: str, help_text: str) -> None:
+def _stage_command(name: str, help_text: str, always: bool = False) -> None:
+    """Register a stage command; `always` stages (the report) rebuild on every call."""
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = Path("runs/run"),
@@ -105,7 +106,7 @@ def _stage_command(name: str, help_text: str) -> None:
             cfg = _load(config, run_dir, set_, address)
         except ConfigError as exc:
             _fail(str(exc))
-        _run(cfg, run_dir, [name], name if force else None)
+        _run(cfg, run_dir, [name], name if (force or always) else None)
 
     command.__doc__ = help_text
     app.command(name, help=help_text)(command)
@@ -154,7 +155,7 @@ def atoms_cmd(
 
 
 _stage_command("coherence", "Orient atoms, score coherence on raw gradients, characterise (writes atoms/atoms.parquet).")
-_stage_command("report", "Build report/report.html and its figures from the run's artifacts.")
+_stage_command("report", "Build report/report.html and its figures from the run's artifacts.", always=True)
 
 
 @app.command("run")

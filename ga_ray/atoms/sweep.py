@@ -131,8 +131,9 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
     res = compute_coherence(cfg, run_dir.stage_dir("data"), _adapter(cfg, run_dir), items)
     coh_s = time.perf_counter() - t0
 
+    slots = [sum(len(t) for t in r["top_ids"] if len(t) >= 2) for _, r, _, _ in fitted]  # documents each α's atoms cost
     rows = []
-    for (a, r, fit_s, metrics), off in zip(fitted, offsets):
+    for i, ((a, r, fit_s, metrics), off) in enumerate(zip(fitted, offsets)):
         K = r["K"]
         coh = res.coherence[off : off + K]
         counts = coherence_counts(coh)
@@ -150,7 +151,7 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
                 "mean_l0": round(float(n_active.sum()) / max(1, n_docs), 4),
                 "objective": _objective(metrics),
                 "fit_s": round(fit_s, 3),
-                "coherence_s": round(coh_s * K / max(1, len(items)), 3),
+                "coherence_s": round(coh_s * slots[i] / max(1, sum(slots)), 3),  # share of the joint pass
                 "atoms_dir": str((sweep_dir / alpha_dirname(a)).relative_to(run_dir.root)),
                 "coherence": [None if not np.isfinite(x) else round(float(x), 6) for x in coh],
             }
