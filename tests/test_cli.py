@@ -49,4 +49,8 @@ def test_unknown_bench_and_force():
 def test_missing_data_path_is_actionable(tmp_path):
     out = runner.invoke(app, ["run", "demo", "--run-dir", str(tmp_path / "r"), "--set", "data.path=/no/such/file.jsonl"])
     assert out.exit_code == 2, out.output
-    assert "/no/such/file.jsonl" in _plain(out.output)
+    assert "error: model.path is not set" in _plain(out.output) and "Traceback" not in out.output
+    out = runner.invoke(
+        app, ["prepare", "demo", "--run-dir", str(tmp_path / "r"), "--set", "data.path=/no/such/file.jsonl", "--set", f"model.path={tmp_path}"]
+    )
+    assert out.exit_code == 2 and "/no/such/file.jsonl" in _plain(out.output), out.output
