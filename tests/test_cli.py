@@ -53,4 +53,4 @@ def test_missing_data_path_is_actionable(tmp_path):
     out = runner.invoke(
         app, ["prepare", "demo", "--run-dir", str(tmp_path / "r"), "--set", "data.path=/no/such/file.jsonl", "--set", f"model.path={tmp_path}"]
     )
-    assert out.exit_code == 2 and "/no/such/file.jsonl" in _plain(out.output), out.output
+    assert out.exit_code == 2 and "has no tokenizer" in _plain(out.output) and "set model.tokenizer" in out.output, out.output
