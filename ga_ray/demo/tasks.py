@@ -126,7 +126,7 @@ def clause(rng: random.Random, v: Vocab, allow_plural: bool = True) -> Clause:
 # family's phrasings), then the full list of template strings is split by a stable hash: about one in
 # five is HELD OUT (evaluation only). A held-out template is a string the mixture never contains, made
 # of cues the model has seen in other combinations. A generic wrapper ("Hi! {p}", "{p} Thanks!") is
-# put around a quarter of the prompts; wrappers are split the same way.
+# put around a quarter of the prompts; evaluation prompts get held-out wrappers.
 
 
 def _held(template: str) -> bool:
@@ -156,15 +156,23 @@ class Templates:
         self.all = list(dict.fromkeys(templates))
         self.train, self.held = split_templates(self.all, key or (lambda t: t if isinstance(t, str) else t[0]))
 
+    @classmethod
+    def explicit(cls, train: list, held: list) -> Templates:
+        t = cls.__new__(cls)
+        t.all, t.train, t.held = list(train) + list(held), list(train), list(held)
+        return t
+
     def pick(self, rng: random.Random, heldout: bool):
         return _choose(rng, self.held if heldout else self.train)
 
 
-WRAPPERS = Templates([
-    "Hi! {p}", "{p} Thanks!", "Please help me with this. {p}", "I have a task for you. {p}", "{p} Thank you.",
-    "Here is my request: {p}", "Hello. {p}", "{p} Please be brief.", "Hey there. {p}", "Task: {p}", "{p} Cheers.",
-    "Good morning! {p}", "Can you help? {p}", "One more thing. {p}", "{p} I appreciate it.",
-])
+WRAPPERS = Templates.explicit(
+    train=["Hi! {p}", "{p} Thanks!", "Please help me with this. {p}", "I have a task for you. {p}", "{p} Thank you.",
+           "Here is my request: {p}", "Hello. {p}", "{p} Please be brief.", "Task: {p}", "{p} Cheers.", "Good morning! {p}",
+           "Can you help? {p}", "{p} I appreciate it."],
+    # held-out wrappers are openers only: an unseen phrase right before the reply says nothing about the task
+    held=["Hey there. {p}", "One more thing. {p}", "Hello again! {p}"],
+)
 WRAP_SHARE = 0.25
 
 
