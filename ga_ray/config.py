@@ -200,7 +200,7 @@ class DictionaryConfig(Section):
     """Rows per online step."""
     max_epochs: float = 20.0
     """Upper bound on passes over the data."""
-    tol: float = 1e-4
+    tol: float = 1e-3
     """Stop when the held-out objective improves by less than this (relative) over `patience` checks."""
     patience: int = 3
     """Held-out checks without improvement before stopping."""
