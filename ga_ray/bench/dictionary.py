@@ -54,23 +54,14 @@ def exact_scores(X: np.ndarray, D: np.ndarray, alpha: float, tol: float = 1e-6, 
 
 
 def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
+    """The stage's default settings (one place defines them), at this benchmark's K and alpha."""
+    from dataclasses import replace
+
     from ga_ray.config import DictionaryConfig
+    from ga_ray.dictionary.stage import fit_settings
 
     c = DictionaryConfig()
-    base = dict(
-        n_atoms=n_atoms,
-        alpha=alpha,
-        batch_size=c.batch_size,
-        max_epochs=c.max_epochs,
-        tol=c.tol,
-        patience=c.patience,
-        eval_every=c.eval_every,
-        init=c.init,
-        seed=c.seed,
-        dup_threshold=c.dup_threshold,
-    )
-    base.update(kw)
-    return FitSettings(**base)
+    return replace(fit_settings(c, c.seed), n_atoms=n_atoms, alpha=alpha, **kw)
 
 
 def _run_sklearn(X: np.ndarray, n_atoms: int, alpha: float, threads: int) -> tuple[float, float, np.ndarray, int]:
