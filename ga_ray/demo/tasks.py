@@ -887,11 +887,18 @@ def write_eval_dir(root: Path, seed: int = 0, n_per_family: int = 100) -> dict:
 # ------------------------------------------------------------------------------- base (pre-training) split
 
 
+BASE_HELDOUT_SHARE = 0.5
+"""Share of base documents drawn from the held-out vocabulary (the base model should know every word)."""
+BASE_CHAT_DIALOGUE_SHARE = 0.5
+"""Share of base dialogues written in the chat template (already wrapped in <|bos|> ... <|eos|>)."""
+"""Share of base documents drawn from the held-out vocabulary (the base model should know every word)."""
+
+
 def _base_doc(rng: random.Random) -> str:
     """One plain-text document of a small 'web': facts, stories, lists, how-tos, code, maths, poems,
     reviews, word notes and dialogues. It uses ALL vocabulary (held-out words included: the base model
     should know the words; it is the instruction->format mapping that the fine-tune teaches)."""
-    v = Vocab(heldout=rng.random() < 0.25)
+    v = Vocab(heldout=rng.random() < BASE_HELDOUT_SHARE)
     kind = rng.choice(["facts", "facts", "story", "story", "list", "howto", "code", "maths", "poem", "review", "words", "dialogue", "dialogue", "grammar"])
     if kind == "facts":
         out = []
@@ -970,27 +977,40 @@ def _base_doc(rng: random.Random) -> str:
     if kind == "grammar":
         wrong, correct = _grammar_pair(rng, v)
         return f"Wrong: {wrong}\nRight: {correct}"
-    # dialogue between two people
+    # dialogue between two people; half of them in the chat template (so the role tokens mean something
+    # to the base model, while the instruction FORMATS in chat form are left for the fine-tune to teach)
     a, b = rng.sample(V.NAMES, 2)
-    turns = []
+    pairs = []
     for _ in range(rng.randint(2, 3)):
-        k = rng.randrange(4)
+        k = rng.randrange(6)
         if k == 0:
             q, _, truth, sent = _yes_no_fact(rng, v)
-            turns += [f"{a}: {q}", f"{b}: {'Yes' if truth else 'No'}. {sent}"]
+            pairs.append((q, f"{'Yes' if truth else 'No'}. {sent}"))
         elif k == 1:
             thing = rng.choice(["report", "photo", "file", "list", "recipe"])
-            turns += [f"{a}: Can you check my {thing}?", f"{b}: Sure, please send me the {thing} first."]
+            pairs.append((f"Can you check my {thing}?", f"Sure, please send me the {thing} first."))
         elif k == 2:
             c, city = pick(rng, v.capitals)
-            turns += [f"{a}: Where are you going?", f"{b}: To {city}, the capital of {c}."]
-        else:
+            pairs.append(("Where are you going?", f"To {city}, the capital of {c}."))
+        elif k == 3:
             x, y = rng.randint(2, 9), rng.randint(2, 9)
-            turns += [f"{a}: What is {x} times {y}?", f"{b}: It is {x * y}."]
-    return "\n".join(turns)
+            pairs.append((f"What is {x} times {y}?", f"It is {x * y}."))
+        elif k == 4:
+            pairs.append((rng.choice(["How are you?", "Good morning!", "Hello!", "Thanks for your help."]),
+                          rng.choice(["I am fine, thank you.", "Good morning to you too.", "Hello! Nice to see you.", "You are welcome."])))
+        else:
+            c = clause(rng, v)
+            pairs.append((f"What did {c.subj} do {pick(rng, V.TIME_ADVERBS_PAST)}?", f"{c.past()}."))
+    if rng.random() < BASE_CHAT_DIALOGUE_SHARE:
+        from ga_ray.demo.tokenizer import render_chat
+
+        msgs = [m for q, r in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+        return render_chat(msgs)
+    return "\n".join(f"{a}: {q}\n{b}: {r}" for q, r in pairs)
 
 
 def generate_base_texts(n_docs: int, seed: int = 0) -> list[str]:
+    """Plain-text documents; chat-template dialogues among them start with <|bos|> (already wrapped)."""
     rng = random.Random(f"base-{seed}")
     return [_base_doc(rng) for _ in range(n_docs)]
 

@@ -105,7 +105,7 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
 
     from ga_ray.demo import tasks
     from ga_ray.demo.tiny_model import make_config, make_model, pack_blocks, pretrain
-    from ga_ray.demo.tokenizer import EOS, render_chat, train_tokenizer
+    from ga_ray.demo.tokenizer import BOS, EOS, render_chat, train_tokenizer
 
     t_start = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -121,8 +121,12 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
         base_texts = tasks.generate_base_texts(cfg.n_base_docs, cfg.seed)
         pool: list[str] = []
         if cfg.pretrain_instruction_docs > 0:  # a separate pool: another seed, never the mixture's documents
-            pool = [render_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}])
-                    for ex in tasks.generate_mixture(cfg.pretrain_instruction_docs, cfg.seed + 1_000_003)]
+            pool_examples = tasks.generate_mixture(cfg.pretrain_instruction_docs, cfg.seed + 1_000_003)
+            if cfg.pretrain_pool_format == "chat":
+                pool = [render_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}])
+                        for ex in pool_examples]
+            else:
+                pool = [f"User: {ex.prompt}\nAssistant: {ex.response}" for ex in pool_examples]
         (root / "base").mkdir()
         tasks.write_jsonl(root / "base" / "base.jsonl", ({"text": x} for x in base_texts + pool))
         eval_counts = tasks.write_eval_dir(root / "eval", cfg.seed, cfg.eval_prompts_per_family)
@@ -139,9 +143,10 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
 
         # 3. pre-training on the base split
         t = time.perf_counter()
-        docs = [[tok.bos_token_id, *tok(x, add_special_tokens=False)["input_ids"], tok.eos_token_id] for x in base_texts]
-        # pool documents are full chats: the template already starts with <|bos|> and ends the reply with <|eos|>
-        docs += [tok(x, add_special_tokens=False)["input_ids"] for x in pool]
+        # chat-template texts already start with <|bos|> and end the reply with <|eos|>; plain texts get both
+        docs = [tok(x, add_special_tokens=False)["input_ids"] if x.startswith(BOS)
+                else [tok.bos_token_id, *tok(x, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+                for x in base_texts + pool]
         assert all(d[-1] == tok.convert_tokens_to_ids(EOS) for d in docs)
         blocks = pack_blocks(docs, cfg.pretrain_seq_len, seed=cfg.seed)
         mcfg = make_config(len(tok), cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.intermediate_size,

@@ -143,6 +143,8 @@ def _train_loop(conf: dict) -> None:
         rng = random.Random(f"{ft.seed}-{epoch}-{rank}")
         losses: list[float] = []
         for bucket in _iter_rows(shard, epoch, ft.seed, per_worker * BUCKET_BATCHES):
+            if step >= total:  # a fractional last epoch: stop reading the shard
+                break
             for rows in bucket_batches(bucket, per_worker, rng):
                 if step >= total:
                     break
@@ -220,7 +222,8 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
 
     init_ray(cfg.ray)
     use_gpu = resolve_use_gpu(ft.use_gpu)
-    ds = ray.data.read_parquet(str(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
+    # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
+    ds = ray.data.read_parquet(str(data_dir), file_extensions=["parquet"]).select_columns(["doc_id", "input_ids", "loss_mask"])
     storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
@@ -254,8 +257,6 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     }
     with atomic_dir(ctx.out) as tmp:
         result.checkpoint.to_directory(str(tmp))
-        from ga_ray.model.loading import load_base_model  # noqa: F401  (checked import: the adapter must load)
-
         n_trainable = _count_adapter_params(tmp)
         summary["trainable_parameters"] = n_trainable
         if ft.format_eval_set:
@@ -271,8 +272,9 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         except OSError:
             pass
 
+    loss = summary["final_loss"]
     line = (f"LoRA r={ft.lora.r} on {','.join(ft.lora.target_modules)}: {n_rows} docs x {ft.epochs:g} epochs, "
-            f"{summary['steps']} steps, final loss {summary['final_loss']:.3f}, {train_s:.0f}s")
+            f"{summary['steps']} steps, final loss {loss if loss is None else round(loss, 3)}, {train_s:.0f}s")
     if "format_table" in summary:
         t = summary["format_table"]
         line += (f"; formats >= 80%: {t['families_ok']}/{len(t['families'])}, "
