@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+CONTENT_HASH_MAX_BYTES = 64 << 20
+"""Files above this size are fingerprinted by size and modification time instead of content."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -75,7 +77,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def fingerprint_path(path: Path) -> str:
-    """Content hash of a file, or of a folder's files (names, sizes and bytes), ignoring temp files."""
+    """Hash of a file, or of a folder's files (names, sizes and bytes; big files by size and mtime), ignoring temp files."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
@@ -87,8 +89,13 @@ def fingerprint_path(path: Path) -> str:
     else:
         return "missing"
     for f in files:
+        st = f.stat()
         h.update(str(f.relative_to(root)).encode())
-        h.update(str(f.stat().st_size).encode())
+        h.update(str(st.st_size).encode())
+        if st.st_size > CONTENT_HASH_MAX_BYTES:
+            # multi-GB weights: re-reading them on every run costs minutes; size + mtime catch a replaced file
+            h.update(str(st.st_mtime_ns).encode())
+            continue
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
