@@ -320,9 +320,9 @@ class DemoConfig(Section):
     pretrain_instruction_docs: int = 0
     """Chat-formatted instruction documents from a SEPARATE pool (another seed, same training templates) added
     to the base split; 0 keeps pre-training free of chat-formatted text (the fine-tune teaches the chat format)."""
-    pretrain_pool_format: Literal["chat", "plain"] = "chat"
-    """How the instruction pool is written in pre-training: `chat` (the chat template) or `plain`
-    ("User: ...\nAssistant: ..." text, so that the fine-tune has to teach the chat format)."""
+    pretrain_pool_chat_share: float = 1.0
+    """Share of the instruction pool written in the chat template; the rest is plain "User: ...\nAssistant: ..."
+    text, whose formats the base model then knows only outside the chat template (the fine-tune must bridge it)."""
     eval_prompts_per_family: int = 100
     """Held-out prompts written per deterministic family for the format table (behaviour sets are always 100 = 60 + 40)."""
     torch_threads: int | None = None

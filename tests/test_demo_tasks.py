@@ -97,3 +97,19 @@ def test_write_eval_dir_and_rows(tmp_path):
     r = tasks.to_row(ex, 5)
     assert r["id"] == 5 and r["task"] == ex.task
     assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+
+
+def test_base_split_mixes_plain_text_and_chat_dialogues():
+    from ga_ray.demo.tokenizer import BOS, EOS
+
+    texts = tasks.generate_base_texts(400, seed=0)
+    chats = [t for t in texts if t.startswith(BOS)]
+    assert 0 < len(chats) < 0.2 * len(texts)
+    assert all(t.endswith(EOS) and "<|user|>" in t and "<|assistant|>" in t for t in chats)
+    plain = [t for t in texts if not t.startswith(BOS)]
+    assert not any(tok in t for t in plain for tok in ("<|user|>", "<|assistant|>", EOS))
+    kinds = {"```": 0, "\n- ": 0, "\n1. ": 0, " = ": 0}
+    for t in plain:
+        for k in kinds:
+            kinds[k] += k in t
+    assert all(v > 0 for v in kinds.values()), kinds  # code, bullets, numbers and maths all occur in plain text

@@ -86,3 +86,20 @@ def test_failed_build_leaves_no_world(monkeypatch, tmp_path):
         build_demo_world(cfg, progress=False)
     assert not world_path(cfg).exists()
     assert list(tmp_path.iterdir()) == []  # no half-built temp folder either
+
+
+def test_instruction_pool_in_pretraining(tmp_path):
+    """The pool is a separate sample (another seed): none of its documents is in the mixture."""
+    from ga_ray.demo import tasks
+    from ga_ray.demo.tokenizer import BOS
+    from ga_ray.demo.world import build_demo_world
+
+    w = build_demo_world(tiny_demo_config(tmp_path, pretrain_instruction_docs=20, pretrain_pool_chat_share=0.5), progress=False)
+    base = [r["text"] for r in tasks.read_jsonl(w.root / "base" / "base.jsonl")]
+    pool = base[40:]
+    assert len(pool) == 20 and w.info["n_pool_docs"] == 20
+    assert sum(t.startswith(BOS) for t in pool) == 10
+    assert sum(t.startswith("User: ") and "\nAssistant: " in t for t in pool) == 10
+    mixture_responses = {r["messages"][0]["content"] + r["messages"][1]["content"] for r in tasks.read_jsonl(w.data)}
+    pool_examples = tasks.generate_mixture(20, w.info["config"]["seed"] + 1_000_003)
+    assert not any(e.prompt + e.response in mixture_responses for e in pool_examples)

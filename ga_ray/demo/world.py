@@ -122,11 +122,10 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
         pool: list[str] = []
         if cfg.pretrain_instruction_docs > 0:  # a separate pool: another seed, never the mixture's documents
             pool_examples = tasks.generate_mixture(cfg.pretrain_instruction_docs, cfg.seed + 1_000_003)
-            if cfg.pretrain_pool_format == "chat":
-                pool = [render_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}])
-                        for ex in pool_examples]
-            else:
-                pool = [f"User: {ex.prompt}\nAssistant: {ex.response}" for ex in pool_examples]
+            n_chat = round(cfg.pretrain_pool_chat_share * len(pool_examples))
+            pool = [render_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}])
+                    if i < n_chat else f"User: {ex.prompt}\nAssistant: {ex.response}"
+                    for i, ex in enumerate(pool_examples)]
         (root / "base").mkdir()
         tasks.write_jsonl(root / "base" / "base.jsonl", ({"text": x} for x in base_texts + pool))
         eval_counts = tasks.write_eval_dir(root / "eval", cfg.seed, cfg.eval_prompts_per_family)
