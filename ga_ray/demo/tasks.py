@@ -27,7 +27,7 @@ import json
 import random
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ga_ray.demo import vocab as V
@@ -129,18 +129,13 @@ def clause(rng: random.Random, v: Vocab, allow_plural: bool = True) -> Clause:
 # put around a quarter of the prompts; evaluation prompts get held-out wrappers.
 
 
-def _held(template: str) -> bool:
-    return zlib.crc32(template.encode("utf-8")) % 5 == 0
-
-
 def split_templates(templates: list, key=lambda t: t if isinstance(t, str) else t[0]) -> tuple[list, list]:
-    """(training, held-out) templates by a stable hash of the template string; both non-empty."""
-    train = [t for t in templates if not _held(key(t))]
-    held = [t for t in templates if _held(key(t))]
-    if not held:  # always hold one out
-        held, train = train[-1:], train[:-1]
-    if not train:
-        train, held = held[:1], held[1:]
+    """(training, held-out): templates ordered by a stable hash of their string, every fifth held out
+    (so about 20% of every list, at least one, never all)."""
+    order = sorted(templates, key=lambda t: (zlib.crc32(key(t).encode("utf-8")), key(t)))
+    held_keys = {key(t) for t in order[::5]} if len(order) > 1 else set()
+    train = [t for t in templates if key(t) not in held_keys]
+    held = [t for t in templates if key(t) in held_keys]
     return train, held
 
 
@@ -152,9 +147,19 @@ def combos(openers: list[str], cores: list[str]) -> list[str]:
 class Templates:
     """A family's (or a family kind's) templates, split once at import."""
 
-    def __init__(self, templates: list, key=None):
+    def __init__(self, templates: list, key=None, stratify: bool = False):
+        """`stratify`: templates are (string, style, ...) tuples, split within each style so that the
+        held-out set keeps the training mix of styles."""
         self.all = list(dict.fromkeys(templates))
-        self.train, self.held = split_templates(self.all, key or (lambda t: t if isinstance(t, str) else t[0]))
+        key = key or (lambda t: t if isinstance(t, str) else t[0])
+        if not stratify:
+            self.train, self.held = split_templates(self.all, key)
+            return
+        held_keys: set[str] = set()
+        for style in dict.fromkeys(t[1] for t in self.all):
+            held_keys |= {key(t) for t in split_templates([t for t in self.all if t[1] == style], key)[1]}
+        self.train = [t for t in self.all if key(t) not in held_keys]
+        self.held = [t for t in self.all if key(t) in held_keys]
 
     @classmethod
     def explicit(cls, train: list, held: list) -> Templates:
@@ -393,7 +398,8 @@ def gen_sentiment(rng: random.Random, v: Vocab, heldout: bool) -> Example:
 _FORM_OPENERS = ["Rewrite in the {f}: {s}", "Change this sentence to the {f}: {s}", "Put this sentence in the {f}: {s}",
                  "Convert to the {f}: {s}", "Express this in the {f}: {s}", "Transform the sentence to the {f}: {s}",
                  "Restate this sentence in the {f}: {s}", "Rephrase in the {f}: {s}", "Use the {f} for this sentence: {s}",
-                 "Make this sentence {f}: {s}"]
+                 "Make this sentence {f}: {s}", "Write this sentence in the {f}: {s}", "Give the {f} of this sentence: {s}",
+                 "Switch this sentence to the {f}: {s}", "Rewrite the following sentence in the {f}.\n{s}"]
 _TRANSFORM_T = {
     "past": Templates([o.replace("{f}", "past tense") for o in _FORM_OPENERS]),
     "future": Templates([o.replace("{f}", "future tense") for o in _FORM_OPENERS]),
@@ -401,7 +407,10 @@ _TRANSFORM_T = {
     "active": Templates([o.replace("{f}", "active voice") for o in _FORM_OPENERS]),
     "question": Templates(["Turn this sentence into a question: {s}", "Make a question from this sentence: {s}", "Rewrite as a question: {s}",
                            "Form a question from the sentence: {s}", "Transform this statement into a question: {s}",
-                           "Change this into a question: {s}", "Rephrase as a question: {s}", "Ask this as a question: {s}"]),
+                           "Change this into a question: {s}", "Rephrase as a question: {s}", "Ask this as a question: {s}",
+                           "Rewrite this statement as a question: {s}", "Convert this sentence into a question: {s}",
+                           "Write this as a question: {s}", "Make this sentence a question: {s}", "Turn the following into a question: {s}",
+                           "Restate this sentence as a question: {s}", "Give the question form of this sentence: {s}"]),
 }
 
 
@@ -498,7 +507,7 @@ def gen_creative(rng: random.Random, v: Vocab, heldout: bool) -> Example:
 
 
 _WORD_OPENERS = ["Give {c}.", "Name {c}.", "Suggest {c}.", "Provide {c}.", "Tell me {c}.", "What are {c}?", "I need {c}.",
-                 "Write {c}.", "Please give {c}."]
+                 "Write {c}.", "Please give {c}.", "Come up with {c}.", "Find {c}.", "Please name {c}."]
 _WORD_T = {
     "syn": Templates(combos(_WORD_OPENERS, ["three synonyms for {w}", "three synonyms of the word {w}", "three words that mean {w}"])),
     "ant": Templates(combos(_WORD_OPENERS, ["three antonyms for {w}", "three opposites of {w}", "three words that mean the opposite of {w}"])),
@@ -577,7 +586,8 @@ _YES_NO_T = Templates(
                            "Decide true or false: {S}."]]
     + [(t, "sentence") for t in ["Tell me whether {s}.", "Explain whether {s}.", "I wonder whether {s}.", "Let me know whether {s}.",
                                  "Can you check whether {s}?", "Please find out whether {s}.", "Say in a sentence whether {s}.",
-                                 "Describe whether {s}.", "I am not sure whether {s}. Explain.", "Clarify whether {s}."]]
+                                 "Describe whether {s}.", "I am not sure whether {s}. Explain.", "Clarify whether {s}."]],
+    stratify=True,
 )
 
 
@@ -613,7 +623,8 @@ _CODE_T = Templates(
                               "Say in words how to build a function that {d}.", "Explain briefly: how to write a function that {d}?",
                               "Give the idea behind a function that {d}, in words.", "What is the plain-words recipe for a function that {d}?",
                               "Without writing code, describe a function that {d}.", "Put into words how a function that {d} works.",
-                              "In plain English, what does a function that {d} need to do?"]]
+                              "In plain English, what does a function that {d} need to do?"]],
+    stratify=True,
 )
 
 
@@ -643,7 +654,8 @@ _BULLETS_T = Templates(
                               "Mention a few {c} in a sentence.", "Tell me about some {c}.", "Which {c} do you know?", "What are a few good {c}?",
                               "In one sentence, name some {c}.", "Name a few {c} in a sentence."]]
     + [(t, "numbered") for t in ["Rank {n} {c}.", "Give me your top {n} {c}.", "What are your top {n} {c}?", "Rank your favourite {c}.",
-                                 "Number {n} {c} from best to worst."]]
+                                 "Number {n} {c} from best to worst."]],
+    stratify=True,
 )
 
 
@@ -670,7 +682,8 @@ _NUMBERED_T = Templates(
                                "Show the steps to {p}.", "Instructions to {p}, please."]]
     + [(t, "prose") for t in ["How do I {p}?", "Describe how to {p}.", "How can I {p}?", "Tell me how to {p}.",
                               "In a few sentences, explain how to {p}.", "What is the best way to {p}?", "Briefly, how would I {p}?",
-                              "Explain in prose how to {p}.", "How should one {p}?"]]
+                              "Explain in prose how to {p}.", "How should one {p}?"]],
+    stratify=True,
 )
 
 
@@ -1013,7 +1026,3 @@ def generate_base_texts(n_docs: int, seed: int = 0) -> list[str]:
     """Plain-text documents; chat-template dialogues among them start with <|bos|> (already wrapped)."""
     rng = random.Random(f"base-{seed}")
     return [_base_doc(rng) for _ in range(n_docs)]
-
-
-def example_dict(ex: Example) -> dict:
-    return asdict(ex)

@@ -332,6 +332,8 @@ CONVERSIONS = [
     ("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("hours", "minutes", 60), ("minutes", "seconds", 60),
     ("kilograms", "grams", 1000), ("liters", "milliliters", 1000), ("days", "hours", 24), ("weeks", "days", 7),
     ("feet", "inches", 12), ("yards", "feet", 3), ("dozens", "items", 12), ("centimeters", "millimeters", 10),
+    ("years", "months", 12), ("tons", "kilograms", 1000), ("pounds", "ounces", 16), ("gallons", "quarts", 4),
+    ("decades", "years", 10), ("centuries", "years", 100), ("pints", "cups", 2), ("hours", "seconds", 3600),
 ]
 ITEMS_FOR_PROBLEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "cards", "eggs", "coins"]
 

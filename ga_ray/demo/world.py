@@ -107,7 +107,7 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
     from ga_ray.demo.tiny_model import make_config, make_model, pack_blocks, pretrain
     from ga_ray.demo.tokenizer import BOS, EOS, render_chat, train_tokenizer
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     try:
@@ -163,6 +163,7 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
                        f"loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f} ({timings['pretrain_s']:.1f}s)")
 
         timings["total_s"] = time.perf_counter() - t_start
+        timings["cpu_s"] = time.process_time() - cpu_start  # CPU seconds of this process (all threads): less noisy on a shared machine
         atomic_write_json(root / "world.json", {
             "key": world_key(cfg),
             "code_version": CODE_VERSION,
