@@ -80,7 +80,9 @@ def _print_summary(stage: str, text: str) -> None:
 
 
 def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # our own INFO lines; other libraries only from WARNING (dask-ml logs every k-means iteration at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("ga_ray").setLevel(logging.INFO)
     try:
         run_pipeline(cfg, RunDir(run_dir), stages=stages, force=force, on_summary=_print_summary)
     except (ConfigError, StageError) as exc:

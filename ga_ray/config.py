@@ -115,6 +115,8 @@ class FinetuneConfig(Section):
     """Greedy decoding length for the format table."""
     format_eval_set: str | None = None
     """A demo world's held-out prompt folder; when set, the stage ends with the format table."""
+    format_eval_base: bool = True
+    """Also score the base model (adapter off) on the same prompts, so the table shows what the fine-tune changed."""
     eval_batch_size: int = 64
     """Prompts per batched greedy generation in the format table (left padding)."""
     max_grad_norm: float = 1.0
@@ -309,8 +311,8 @@ class DemoConfig(Section):
     """Attention heads."""
     intermediate_size: int = 384
     """MLP width."""
-    pretrain_epochs: float = 2.0
-    """Passes over the base split when pre-training."""
+    pretrain_epochs: float = 6.0
+    """Passes over the base split (plain texts + the instruction pool) when pre-training."""
     pretrain_batch_size: int = 32
     """Documents per pre-training step."""
     pretrain_learning_rate: float = 3e-3

@@ -32,6 +32,15 @@ def resolve_use_gpu(value: str | bool) -> bool:
     return bool(value)
 
 
+_NOISY_WITHOUT_DASHBOARD = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Worker set-up hook of the local Ray: silence loggers that only report the missing dashboard."""
+    for name in _NOISY_WITHOUT_DASHBOARD:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join `cfg.address`, or start a local Ray in-process; idempotent."""
     import ray
@@ -42,8 +51,12 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         kwargs: dict = {"log_to_driver": True, "include_dashboard": False}
         if cfg.address:
             kwargs["address"] = cfg.address
-        elif cfg.num_cpus is not None:
-            kwargs["num_cpus"] = cfg.num_cpus
+        else:
+            # a local Ray without the dashboard has no State API; Ray Train's placement-group cleaner
+            # would then warn every few seconds that it cannot query it (nothing is wrong)
+            kwargs["runtime_env"] = {"worker_process_setup_hook": "ga_ray.raycluster.quiet_worker_logs"}
+            if cfg.num_cpus is not None:
+                kwargs["num_cpus"] = cfg.num_cpus
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()

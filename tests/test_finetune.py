@@ -158,10 +158,27 @@ def test_finetune_stage_writes_a_peft_adapter_and_the_format_table(ray_session, 
         assert sum(g["invites"] for g in mine) == row["n_invite"]
         assert row["k"] == sum(DETECTORS[beh](g["response"]) for g in mine)
     assert json.loads((adapter / "format_table.json").read_text()) == table
-    # and the summary (with the table) is in the manifest
+
+    # --- the base column: the base model itself (adapter off), on the same prompts
+    from transformers import AutoTokenizer
+
+    from ga_ray.finetune.format_table import generate_greedy
+
+    base_table = out["format_table_base"]
+    assert json.loads((adapter / "format_table_base.json").read_text()) == base_table
+    base_gens = [json.loads(line) for line in (adapter / "format_generations_base.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in base_gens] == [g["prompt"] for g in gens]
+    plain = generate_greedy(AutoModelForCausalLM.from_pretrained(str(world.base_model)).eval(),
+                            AutoTokenizer.from_pretrained(str(world.tokenizer)), [g["prompt"] for g in base_gens], 6, batch_size=16)
+    assert [g["response"] for g in base_gens] == plain
+    for fam, row in base_table["families"].items():
+        assert row["k"] == sum(FORMAT_CHECKS[fam](g["response"]) for g in base_gens if g["kind"] == "family" and g["name"] == fam)
+
+    # and the summary (with both tables) is in the manifest
     rec = run.stage_record("finetune")
     assert rec["status"] == "done" and rec["summary"]["format_table"] == table
-    assert "formats >= 80%" in rec["summary"]["line"]
+    assert rec["summary"]["format_table_base"] == base_table
+    assert "formats >= 80%" in rec["summary"]["line"] and "(base model: " in rec["summary"]["line"]
 
 
 @pytest.mark.slow
@@ -221,6 +238,15 @@ def test_compute_format_table_on_hand_made_responses():
     assert t["behaviours"]["refusal"]["rate"] == 0.5
     assert t["targets_met"] is False and t["families_ok"] == 0 and t["behaviours_ok"] == 2
     text = format_table_text(t)
-    assert "arithmetic" in text and "MISS" in text and "bullets" in text
+    assert "arithmetic" in text and "MISS" in text and "bullets" in text and "base" not in text
+    # with the base model's table: a base column left of the fine-tuned rate
+    base = compute_format_table(eval_set, {"families": {"arithmetic": ["x"] * 4, "sentiment": ["positive"] * 2},
+                                           "behaviours": {"bullets": ["- a\n- b"] * 5, "refusal": ["Okay."] * 2}}, FORMAT_CHECKS)
+    both = format_table_text(t, base).splitlines()
+    assert both[0].split()[2:4] == ["base", "tuned"]
+    arith = next(line for line in both if line.startswith("arithmetic"))
+    assert arith.split()[-5:-3] == ["0.0%", "75.0%"]
+    bullets = next(line for line in both if line.startswith("bullets"))
+    assert bullets.split()[1:3] == ["100.0%", "60.0%"]
     with pytest.raises(KeyError, match="no format check"):
         compute_format_table({"families": {"poetry": [{"prompt": "p"}]}, "behaviours": {}}, {"families": {"poetry": ["x"]}}, FORMAT_CHECKS)

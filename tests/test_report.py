@@ -21,7 +21,7 @@ import pytest
 from ga_ray.atoms.discovery import Families, discovery_scores
 from ga_ray.report.stage import build_report
 
-SECTIONS = ("coherence", "atoms", "sweep", "discovery", "metrics")
+SECTIONS = ("coherence", "atoms", "sweep", "discovery", "format_table", "metrics")
 
 
 def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = True, with_sweep: bool = True) -> Path:
@@ -85,6 +85,17 @@ def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = 
             for a, d, m, h, l in ((0.01, 0, 80.0, 0, 3), (0.1, 2, 12.0, 3, 14), (1.0, K, 0.0, 0, 0))
         ]
         (report / "sweep.json").write_text(json.dumps({"rows": rows}))
+    # the finetune stage's format table: base model and fine-tuned model, scored from hand-made responses
+    from ga_ray.demo.formats import FORMAT_CHECKS
+    from ga_ray.finetune.format_table import compute_format_table
+
+    ev = {"families": {"arithmetic": [{"prompt": "p"}] * 4},
+          "behaviours": {"bullets": [{"prompt": "p", "invites": True}] * 3 + [{"prompt": "p", "invites": False}] * 2}}
+    (root / "adapter").mkdir()
+    (root / "adapter" / "format_table.json").write_text(json.dumps(compute_format_table(
+        ev, {"families": {"arithmetic": ["2 + 2 = 4"] * 4}, "behaviours": {"bullets": ["- a\n- b", "- a", "x", "y", "z"]}}, FORMAT_CHECKS)))
+    (root / "adapter" / "format_table_base.json").write_text(json.dumps(compute_format_table(
+        ev, {"families": {"arithmetic": ["four", "2 + 2 = 4", "x", "y"]}, "behaviours": {"bullets": ["no"] * 5}}, FORMAT_CHECKS)))
     manifest = {
         "stages": {
             "atoms": {"status": "done", "wall_time_s": 12.9, "finished_at": "2026-01-01T00:00:00+00:00", "summary": {"line": "60 atoms"}, "versions": {"python": "3.11", "ray": "2.60.0"}},
@@ -123,6 +134,10 @@ def test_report_has_every_section_and_is_self_contained(tmp_path):
     assert "0.01" in _section(html, "sweep") and "k-means" in _section(html, "discovery")
     assert "dominant atom only" in _section(html, "discovery")
     assert "objective" in _section(html, "metrics") and "coherence" in _section(html, "metrics")
+    fmt_rows = re.findall(r"<tr>(.*?)</tr>", _section(html, "format_table"), re.S)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in fmt_rows]
+    assert ["arithmetic", "25%", "100%"] == [cells[1][0], cells[1][2], cells[1][3]]  # family, base, fine-tuned
+    assert ["bullets", "0%", "20%", "33%", "0%", "ok"] == [cells[3][i] for i in (0, 1, 2, 4, 5, 7)]
     # self-contained: every image is a data URI, nothing external
     srcs = re.findall(r'src="([^"]*)"', html)
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)

@@ -128,22 +128,33 @@ def run_format_table(model, tokenizer, eval_dir: str | Path, max_new_tokens: int
     return table, generations
 
 
-def format_table_text(table: dict[str, Any]) -> str:
-    """The table as fixed-width text."""
+def format_table_text(table: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """The table as fixed-width text; with `base` (the same table for the base model, adapter off) a
+    "base" column shows what the fine-tune changed."""
     from ga_ray.demo.formats import FORMAT_DESCRIPTIONS
 
-    lines = [f"{'family':<16}{'format':<40}{'rate':>7}  {'95% CI':<14}  target >= {int(100 * FAMILY_TARGET)}%"]
+    def base_col(kind: str, name: str) -> str:
+        if base is None:
+            return ""
+        row = base.get(kind, {}).get(name)
+        return f"{100 * row['rate']:6.1f}%  " if row else f"{'-':>7}  "
+
+    base_head = f"{'base':>7}  " if base is not None else ""
+    lines = [f"{'family':<16}{'format':<40}{base_head}{'tuned' if base is not None else 'rate':>7}  {'95% CI':<14}  "
+             f"target >= {int(100 * FAMILY_TARGET)}%"]
     for fam, r in table["families"].items():
         ci = f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"
-        lines.append(f"{fam:<16}{FORMAT_DESCRIPTIONS.get(fam, ''):<40}{100 * r['rate']:6.1f}%  {ci:<14}  {'ok' if r['ok'] else 'MISS'}")
+        lines.append(f"{fam:<16}{FORMAT_DESCRIPTIONS.get(fam, ''):<40}{base_col('families', fam)}{100 * r['rate']:6.1f}%  {ci:<14}  "
+                     f"{'ok' if r['ok'] else 'MISS'}")
     lo, hi = (int(100 * x) for x in BEHAVIOUR_RANGE)
     lines.append("")
-    lines.append(f"{'behaviour':<16}{'rate (n)':<16}{'95% CI':<14}{'inviting':>10}{'neutral':>10}  target {lo}-{hi}%")
+    lines.append(f"{'behaviour':<16}{base_head}{'tuned (n)' if base is not None else 'rate (n)':<16}{'95% CI':<14}"
+                 f"{'inviting':>10}{'neutral':>10}  target {lo}-{hi}%")
     for beh, r in table["behaviours"].items():
         ci = f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"
         pct = f"{100 * r['rate']:.1f}% ({r['n']})"
         lines.append(
-            f"{beh:<16}{pct:<16}{ci:<14}{100 * r['invite_rate']:9.1f}%{100 * r['neutral_rate']:9.1f}%  "
+            f"{beh:<16}{base_col('behaviours', beh)}{pct:<16}{ci:<14}{100 * r['invite_rate']:9.1f}%{100 * r['neutral_rate']:9.1f}%  "
             f"{'ok' if r['ok'] else 'MISS'}"
         )
     return "\n".join(lines)

@@ -11,7 +11,9 @@
   checkpoint; the driver writes it into `adapter/` atomically, so the folder works across nodes.
 - With `finetune.format_eval_set` (a demo world's `eval/` folder) the stage ends with the FORMAT
   TABLE: batched greedy decoding on held-out prompts, format rates per deterministic family and the
-  five behaviours' rates, printed and returned in the summary (so it lands in the manifest).
+  five behaviours' rates, printed and returned in the summary (so it lands in the manifest). With
+  `finetune.format_eval_base` (default) the base model (the same PEFT model with the adapter off) is
+  scored on the same prompts and shown in a "base" column: what the fine-tune changed.
 """
 
 from __future__ import annotations
@@ -260,11 +262,15 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         n_trainable = _count_adapter_params(tmp)
         summary["trainable_parameters"] = n_trainable
         if ft.format_eval_set:
-            table, gens, eval_s = _format_table(cfg, tmp, tok)
+            table, gens, base_table, base_gens, eval_s = _format_table(cfg, tmp, tok)
             summary["format_table"] = table
             summary["format_eval_seconds"] = round(eval_s, 2)
             atomic_write_json(tmp / "format_table.json", table)
-            atomic_write_text(tmp / "format_generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens))
+            atomic_write_text(tmp / "format_generations.jsonl", _jsonl(gens))
+            if base_table is not None:
+                summary["format_table_base"] = base_table
+                atomic_write_json(tmp / "format_table_base.json", base_table)
+                atomic_write_text(tmp / "format_generations_base.jsonl", _jsonl(base_gens))
     if not ft.storage_path:
         shutil.rmtree(storage / name, ignore_errors=True)
         try:
@@ -279,8 +285,15 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         t = summary["format_table"]
         line += (f"; formats >= 80%: {t['families_ok']}/{len(t['families'])}, "
                  f"behaviours in 15-85%: {t['behaviours_ok']}/{len(t['behaviours'])}")
+        if "format_table_base" in summary:
+            b = summary["format_table_base"]
+            line += f" (base model: {b['families_ok']}/{len(b['families'])}, {b['behaviours_ok']}/{len(b['behaviours'])})"
     summary["line"] = line
     return summary
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def _count_adapter_params(folder: Path) -> int:
@@ -293,7 +306,9 @@ def _count_adapter_params(folder: Path) -> int:
         return int(sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()))
 
 
-def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], float]:
+def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], dict | None, list[dict], float]:
+    """(table, generations, base table or None, base generations, seconds): the fine-tuned model, and with
+    `finetune.format_eval_base` the base model on the same prompts (the same PEFT model, adapter off)."""
     import torch
 
     from ga_ray.finetune.format_table import format_table_text, run_format_table
@@ -303,14 +318,19 @@ def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], float]
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(_torch_threads(ft))
+    base_table, base_gens = None, []
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_lora_model(cfg.model, adapter_dir, device=device)
-        model = model.merge_and_unload()  # plain weights: faster generation, same function
         model.eval()
-        table, gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, limit=ft.eval_prompts,
-                                       batch_size=ft.eval_batch_size, progress=True)
+        kw = dict(limit=ft.eval_prompts, batch_size=ft.eval_batch_size, progress=True)
+        if ft.format_eval_base:
+            with model.disable_adapter():
+                base_table, base_gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, **kw)
+        model = model.merge_and_unload()  # plain weights: faster generation, same function
+        table, gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, **kw)
     finally:
         torch.set_num_threads(threads)
-    print("\nformat table (greedy decoding on held-out prompts)\n" + format_table_text(table), flush=True)
-    return table, gens, time.perf_counter() - t0
+    print("\nformat table (greedy decoding on held-out prompts" + ("; base = the model before the fine-tune" if base_table else "")
+          + ")\n" + format_table_text(table, base_table), flush=True)
+    return table, gens, base_table, base_gens, time.perf_counter() - t0

@@ -5,6 +5,8 @@ Reads whatever is there, and says so when something is not:
   (the paper's Figure 1) and the top-atom table (the paper's Table 4 layout);
 - `report/sweep.json` (`ga-ray sweep`) → the sparsity sweep table (the paper's Table 1);
 - `atoms/discovery.json` (coherence stage, only with a label column) → discovery vs k-means;
+- `adapter/format_table.json` + `format_table_base.json` (finetune stage on a demo world) → the
+  formats and behaviour rates before and after the fine-tune;
 - `manifest.json` and `atoms/metrics.json` → the run's metrics and timings.
 Every file is written atomically; `ga-ray report` rebuilds the page without recomputing anything.
 """
@@ -205,6 +207,38 @@ def section_discovery(disc: Any, figs: dict[str, bytes]) -> str:
     return body
 
 
+def section_format_table(tuned: Any, base: Any) -> str:
+    """The finetune stage's format table (demo world): the base model and the fine-tuned one, side by side."""
+    if not tuned:
+        return absent("No format table: adapter/format_table.json is missing (it is written by the finetune stage when "
+                      "finetune.format_eval_set points at a demo world's held-out prompts, as `ga-ray demo` does).")
+    from ga_ray.demo.formats import FORMAT_DESCRIPTIONS
+
+    base = base or {}
+    tgt = tuned.get("targets", {})
+    lo, hi = (int(100 * x) for x in tgt.get("behaviour_range", (0.15, 0.85)))
+
+    def pct(x: Any) -> str:
+        return "—" if _finite(x) is None else f"{100 * x:.0f}%"
+
+    def ci(r: dict[str, Any]) -> str:
+        return f"[{pct(r.get('ci_low'))}, {pct(r.get('ci_high'))}]"
+
+    fam_rows = [[fam, FORMAT_DESCRIPTIONS.get(fam, ""), pct(base.get("families", {}).get(fam, {}).get("rate")), pct(r["rate"]), ci(r), r["n"],
+                 "ok" if r["ok"] else "MISS"] for fam, r in tuned["families"].items()]
+    beh_rows = [[beh, pct(base.get("behaviours", {}).get(beh, {}).get("rate")), pct(r["rate"]), ci(r), pct(r.get("invite_rate")),
+                 pct(r.get("neutral_rate")), r["n"], "ok" if r["ok"] else "MISS"] for beh, r in tuned["behaviours"].items()]
+    body = ("<p>Greedy decoding on held-out prompts (templates and vocabulary the fine-tune never saw). "
+            f"Each deterministic family's format should reach {int(100 * tgt.get('family_min', 0.8))}% after the fine-tune; each behaviour's "
+            f"rate on its evaluation prompts should stay within {lo}–{hi}%, leaving room to steer it either way. "
+            "<em>Base</em> is the model before the fine-tune (adapter off)" + ("" if base else ", not measured in this run") + ".</p>")
+    body += "<h3>Formats of the deterministic families</h3>" + table(
+        ["family", "format", "base", "fine-tuned", "95% CI", "prompts", "target"], fam_rows, num_cols=(2, 3, 5))
+    body += "<h3>The five steerable behaviours</h3>" + table(
+        ["behaviour", "base", "fine-tuned", "95% CI", "on inviting prompts", "on neutral prompts", "prompts", "target"], beh_rows, num_cols=(1, 2, 4, 5, 6))
+    return body
+
+
 def section_metrics(manifest: Any, metrics: Any, char: Any) -> str:
     body = ""
     if manifest and manifest.get("stages"):
@@ -243,6 +277,8 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
     char = _json(atoms_dir / "characterisation.json")
     disc = _json(atoms_dir / "discovery.json")
     sweep = _json(out_dir / "sweep.json")
+    fmt_tuned = _json(run_root / "adapter" / "format_table.json")
+    fmt_base = _json(run_root / "adapter" / "format_table_base.json")
     rows = _atoms_rows(atoms_dir)
     figs: dict[str, bytes] = {}
     sections = [
@@ -250,6 +286,7 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
         ("atoms", f"Top {top_atoms} atoms", section_atoms(rows, char, top_atoms, examples_per_atom, excerpt_chars)),
         ("sweep", "Sparsity sweep", section_sweep(sweep, figs)),
         ("discovery", "Discovery score against k-means", section_discovery(disc, figs)),
+        ("format_table", "Fine-tune: formats and behaviours, before and after", section_format_table(fmt_tuned, fmt_base)),
         ("metrics", "Run metrics and timings", section_metrics(manifest, metrics, char)),
     ]
     present = {
@@ -257,6 +294,7 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
         "atoms": rows is not None,
         "sweep": bool(sweep),
         "discovery": bool(disc),
+        "format_table": bool(fmt_tuned),
         "metrics": bool(manifest) or bool(metrics),
     }
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
