@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A fraction between 0 and 1."""
 
 
 class ConfigError(ValueError):
@@ -323,9 +326,14 @@ class DemoConfig(Section):
     """Instruction documents from a SEPARATE pool (another seed, the same training templates, never the mixture's
     documents) added to the base split; 0 leaves instruction following entirely to the fine-tune (which a rank-8
     LoRA on q/v of a 1M-parameter model does not manage in minutes)."""
-    pretrain_pool_chat_share: float = 1.0
+    pretrain_pool_chat_share: Share = 1.0
     """Share of the instruction pool written in the chat template; the rest is plain "User: ...\nAssistant: ..."
     text, whose formats the base model then knows only outside the chat template (the fine-tune must bridge it)."""
+    pretrain_pool_plain_share: Share = 0.3
+    """Share of the instruction pool's answers written plainly, without the mixture's house style ("Category: x",
+    "Corrected: ...", "In short, ...", "Step k:" lines, "a op b = c", ...; nine deterministic families, factual QA has
+    none): the fine-tune then teaches the house style, and the format table's base column shows how much of it the
+    base model already had."""
     eval_prompts_per_family: int = 100
     """Held-out prompts written per deterministic family for the format table (behaviour sets are always 100 = 60 + 40)."""
     torch_threads: int | None = None

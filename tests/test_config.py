@@ -34,6 +34,8 @@ def test_unknown_section_and_bad_type():
         load_config(None, ["dictionary.n_atoms=many"])
     with pytest.raises(ConfigError, match=r"factors.fisher: Input should be 'true' or 'empirical'"):
         load_config(None, ["factors.fisher=sampled"])
+    with pytest.raises(ConfigError, match=r"demo.pretrain_pool_plain_share: Input should be less than or equal to 1.*1.5"):
+        load_config(None, ["demo.pretrain_pool_plain_share=1.5"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["dictionary.n_atoms"])
     with pytest.raises(ConfigError, match="not found"):

@@ -113,3 +113,29 @@ def test_base_split_mixes_plain_text_and_chat_dialogues():
         for k in kinds:
             kinds[k] += k in t
     assert all(v > 0 for v in kinds.values()), kinds  # code, bullets, numbers and maths all occur in plain text
+
+
+def test_plain_style_drops_the_house_style_and_keeps_the_answer():
+    import re
+
+    from ga_ray.demo.formats import FORMAT_CHECKS
+
+    mixture = tasks.generate_mixture(1500, seed=3)
+    seen = set()
+    for ex in mixture:
+        plain = tasks.plain_style(ex)
+        if ex.task not in tasks.DETERMINISTIC_FAMILIES or ex.task == "factual_qa":  # a bare "Paris." has no house style
+            assert plain is ex
+            continue
+        seen.add(ex.task)
+        assert FORMAT_CHECKS[ex.task](ex.response) and not FORMAT_CHECKS[ex.task](plain.response), (ex.task, plain.response)
+        assert plain.prompt == ex.prompt and plain.task == ex.task and plain.style == "plain" and plain.response.strip()
+        # the content survives: every number and every word of 4+ letters of the answer (house-style words aside)
+        house = {"Category", "Corrected", "short", "sentiment", "Step", "Answer", "Past", "Future", "Passive", "Active", "Question",
+                 "tense", "voice"}
+        answer = ex.response.rsplit(" = ", 1)[1] if ex.task == "arithmetic" else ex.response  # "a op b = c" keeps only c
+        answer = re.sub(r"Step \d+: ", "", answer)
+        for tok in re.findall(r"[A-Za-z]{4,}|\d+", answer):
+            if tok not in house:
+                assert tok.lower() in plain.response.lower(), (ex.task, tok, plain.response)
+    assert seen == set(tasks.DETERMINISTIC_FAMILIES) - {"factual_qa"}

@@ -94,7 +94,8 @@ def test_instruction_pool_in_pretraining(tmp_path):
     from ga_ray.demo.tokenizer import BOS
     from ga_ray.demo.world import build_demo_world
 
-    w = build_demo_world(tiny_demo_config(tmp_path, pretrain_instruction_docs=20, pretrain_pool_chat_share=0.5), progress=False)
+    w = build_demo_world(tiny_demo_config(tmp_path, pretrain_instruction_docs=20, pretrain_pool_chat_share=0.5,
+                                          pretrain_pool_plain_share=1.0), progress=False)
     base = [r["text"] for r in tasks.read_jsonl(w.root / "base" / "base.jsonl")]
     pool = base[40:]
     assert len(pool) == 20 and w.info["n_pool_docs"] == 20
@@ -103,3 +104,9 @@ def test_instruction_pool_in_pretraining(tmp_path):
     mixture_responses = {r["messages"][0]["content"] + r["messages"][1]["content"] for r in tasks.read_jsonl(w.data)}
     pool_examples = tasks.generate_mixture(20, w.info["config"]["seed"] + 1_000_003)
     assert not any(e.prompt + e.response in mixture_responses for e in pool_examples)
+    # plain share 1.0: every deterministic-family answer of the pool is in the plain style, the others as they were
+    for ex, text in zip(pool_examples, pool):
+        expected = tasks.plain_style(ex).response
+        assert text.endswith(expected + ("<|eos|>" if text.startswith(BOS) else "")), (ex.task, text)
+        assert (expected != ex.response) == (ex.task in tasks.DETERMINISTIC_FAMILIES and ex.task != "factual_qa")
+    assert w.info["n_pool_plain_answers"] == sum(ex.task in tasks.DETERMINISTIC_FAMILIES and ex.task != "factual_qa" for ex in pool_examples)

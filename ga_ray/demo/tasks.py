@@ -816,6 +816,47 @@ def generate_mixture(n_docs: int, seed: int = 0) -> list[Example]:
     return [GENERATORS[f](rng, v, False) for f in order]
 
 
+# ------------------------------------------------------------------------------ plain answer style
+# The mixture answers every deterministic family in a HOUSE STYLE ("Category: x", "Corrected: ...",
+# "In short, ...", "Step k:" lines, ...). Part of the pre-training instruction pool answers the same
+# kinds of prompts plainly instead, so the base model knows both and the fine-tune has something to
+# teach: the house style (the format table's base column shows how far the base model already uses it).
+# Factual QA has no house style to drop (its answers are already a bare "Paris."), so it stays as it is.
+
+
+def _plain_steps(r: str) -> str:
+    *steps, answer = r.split("\n")
+    work = [s.split(": ", 1)[1].rstrip(".") for s in steps]
+    return f"{', then '.join(work)}, so the answer is {answer.split(': ', 1)[1]}."
+
+
+def _plain_words(r: str) -> str:
+    a, b, c = r.split(", ")
+    return f"{a}, {b} and {c}"
+
+
+_PLAIN_STYLE: dict[str, Callable[[str], str]] = {
+    "grammar": lambda r: r.split(": ", 1)[1],
+    "arithmetic": lambda r: f"The answer is {r.rsplit(' = ', 1)[1]}.",
+    "multistep": _plain_steps,
+    "classification": lambda r: f"{cap(r.split(': ', 1)[1])}.",
+    "sentiment": lambda r: f"{cap(r.removeprefix('The sentiment is '))}",
+    "transform": lambda r: r.split(": ", 1)[1],
+    "summarise": lambda r: cap(r.removeprefix("In short, ")),
+    "creative": lambda r: " ".join(line.strip() for line in r.splitlines()),
+    "word_task": _plain_words,
+}
+
+
+def plain_style(ex: Example) -> Example:
+    """The same answer without the house style (nine deterministic families; the others, factual QA included,
+    are returned as they are)."""
+    rewrite = _PLAIN_STYLE.get(ex.task)
+    if rewrite is None:
+        return ex
+    return Example(prompt=ex.prompt, response=rewrite(ex.response), task=ex.task, style="plain")
+
+
 def to_row(ex: Example, doc_id: int) -> dict:
     return {
         "id": doc_id,

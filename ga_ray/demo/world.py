@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,13 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
         tasks.write_jsonl(root / "data" / "mixture.jsonl", (tasks.to_row(ex, i) for i, ex in enumerate(mixture)))
         base_texts = tasks.generate_base_texts(cfg.n_base_docs, cfg.seed)
         pool: list[str] = []
+        n_plain = 0
         if cfg.pretrain_instruction_docs > 0:  # a separate pool: another seed, never the mixture's documents
             pool_examples = tasks.generate_mixture(cfg.pretrain_instruction_docs, cfg.seed + 1_000_003)
+            style_rng = random.Random(f"pool-style-{cfg.seed}")
+            pool_examples = [tasks.plain_style(ex) if style_rng.random() < cfg.pretrain_pool_plain_share else ex
+                             for ex in pool_examples]
+            n_plain = sum(ex.style == "plain" for ex in pool_examples)
             n_chat = round(cfg.pretrain_pool_chat_share * len(pool_examples))
             pool = [render_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}])
                     if i < n_chat else f"User: {ex.prompt}\nAssistant: {ex.response}"
@@ -174,6 +180,7 @@ def _build(cfg: DemoConfig, root: Path, progress: bool) -> None:
             "behaviours": dict(tasks.BEHAVIOUR_FAMILIES),
             "n_base_docs": len(base_texts),
             "n_pool_docs": len(pool),
+            "n_pool_plain_answers": n_plain,
             "eval": eval_counts,
             "vocab_size": len(tok),
             "n_params": res.n_params,
