@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ga_ray.config import DemoConfig, FinetuneConfig, LoraConfig, ModelConfig, RunConfig
-from ga_ray.finetune.stage import BUCKET_BATCHES, batches_per_epoch, bucket_batches, lr_factor, response_loss
+from ga_ray.finetune.stage import BUCKET_BATCHES, batches_per_epoch, bucket_batches, epoch_batches, lr_factor, response_loss
 
 # ------------------------------------------------------------------------------------------ pure pieces
 
@@ -48,16 +48,37 @@ def test_lr_schedule():
 
 
 @pytest.mark.parametrize("n_rows,bs", [(1, 4), (37, 4), (64, 4), (500, 8), (129, 8)])
-def test_bucketing_covers_every_row_once_and_counts_batches(n_rows, bs):
+def test_epoch_batches_cover_every_row_once_and_depend_on_the_seed_alone(n_rows, bs):
     rng = random.Random(0)
     rows = [{"doc_id": i, "input_ids": [0] * rng.randint(1, 30)} for i in range(n_rows)]
-    batches = []
-    bucket = bs * BUCKET_BATCHES
-    for i in range(0, n_rows, bucket):
-        batches += bucket_batches(rows[i : i + bucket], bs, rng)
+    batches = epoch_batches(rows, bs, seed=3, epoch=0, rank=0)
     assert sorted(r["doc_id"] for b in batches for r in b) == list(range(n_rows))
     assert len(batches) == batches_per_epoch(n_rows, bs)
     assert all(len(b) <= bs for b in batches)
+    ids = [[r["doc_id"] for r in b] for b in batches]
+    assert ids == [[r["doc_id"] for r in b] for b in epoch_batches(rows, bs, seed=3, epoch=0, rank=0)]
+    if n_rows > bs:  # another epoch or seed: another order
+        assert ids != [[r["doc_id"] for r in b] for b in epoch_batches(rows, bs, seed=3, epoch=1, rank=0)]
+        assert ids != [[r["doc_id"] for r in b] for b in epoch_batches(rows, bs, seed=4, epoch=0, rank=0)]
+    # inside a bucket, batches are cut from length-sorted rows: each batch spans a narrow range of lengths
+    bucket = bs * BUCKET_BATCHES
+    if n_rows >= bucket:
+        first_bucket = batches[:BUCKET_BATCHES]
+        spans = sorted((min(len(r["input_ids"]) for r in b), max(len(r["input_ids"]) for r in b)) for b in first_bucket)
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))
+
+
+def test_load_shard_sorts_by_doc_id_whatever_order_ray_data_delivers(ray_session):
+    import ray.data
+
+    from ga_ray.finetune.stage import load_shard
+
+    rng = random.Random(1)
+    items = [{"doc_id": i, "input_ids": [i, i + 1], "loss_mask": [0, 1]} for i in range(300)]
+    rng.shuffle(items)
+    rows = load_shard(ray.data.from_items(items, override_num_blocks=7))
+    assert [r["doc_id"] for r in rows] == list(range(300))
+    assert all(list(r["input_ids"]) == [r["doc_id"], r["doc_id"] + 1] for r in rows)
 
 
 # ------------------------------------------------------------------------------------- the stage (Ray)
@@ -179,6 +200,28 @@ def test_finetune_stage_writes_a_peft_adapter_and_the_format_table(ray_session, 
     assert rec["status"] == "done" and rec["summary"]["format_table"] == table
     assert rec["summary"]["format_table_base"] == base_table
     assert "formats >= 80%" in rec["summary"]["line"] and "(base model: " in rec["summary"]["line"]
+
+
+@pytest.mark.slow
+def test_finetune_is_reproducible(ray_session, tiny, tmp_path):
+    """Same data, config and seed: the same adapter, bit for bit (one worker), whatever order Ray Data reads in."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ga_ray.pipeline import run_pipeline
+    from ga_ray.rundir import RunDir
+
+    world, root, n = tiny
+    adapters = []
+    for name in ("a", "b"):
+        run = RunDir(tmp_path / name)
+        shutil.copytree(root / "run" / "data", run.stage_dir("data"))
+        run_pipeline(_config(world, epochs=1.0), run, stages=["finetune"])
+        adapters.append(load_file(str(run.stage_dir("adapter") / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        assert torch.equal(adapters[0][k], adapters[1][k]), k
 
 
 @pytest.mark.slow
