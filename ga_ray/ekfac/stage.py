@@ -129,7 +129,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         raise StageError(f"{data_dir} holds no documents; check the prepare stage's output")
     threshold = subsample_threshold(doc_ids, fcfg.seed, fcfg.lambda_max_docs)
 
-    ds = ray.data.read_parquet(_parquet_files(data_dir), columns=_COLUMNS)
+    ds = ray.data.read_parquet(_parquet_files(data_dir)).select_columns(_COLUMNS)
     if fcfg.num_workers > 1:
         # small blocks, so that every worker gets documents (Parquet files are read whole, in one block)
         rows_per_block = max(1, min(1024, -(-len(doc_ids) // (4 * fcfg.num_workers))))

@@ -233,9 +233,9 @@ def section_format_table(tuned: Any, base: Any) -> str:
             f"rate on its evaluation prompts should stay within {lo}–{hi}%, leaving room to steer it either way. "
             "<em>Base</em> is the model before the fine-tune (adapter off)" + ("" if base else ", not measured in this run") + ".</p>")
     body += "<h3>Formats of the deterministic families</h3>" + table(
-        ["family", "format", "base", "fine-tuned", "95% CI", "prompts", "target"], fam_rows, num_cols=(2, 3, 5))
+        ["family", "format", "base", "fine-tuned", "95% CI (fine-tuned)", "prompts", "target"], fam_rows, num_cols=(2, 3, 5))
     body += "<h3>The five steerable behaviours</h3>" + table(
-        ["behaviour", "base", "fine-tuned", "95% CI", "on inviting prompts", "on neutral prompts", "prompts", "target"], beh_rows, num_cols=(1, 2, 4, 5, 6))
+        ["behaviour", "base", "fine-tuned", "95% CI (fine-tuned)", "on inviting prompts", "on neutral prompts", "prompts", "target"], beh_rows, num_cols=(1, 2, 4, 5, 6))
     return body
 
 
