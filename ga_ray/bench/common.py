@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -61,3 +62,21 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
     """With --json, the figures as one JSON object on the last line."""
     if as_json:
         print(json.dumps(result, default=float))
+
+
+def scratch_stage(root: Path, name: str, stage: str, world: dict[str, Any], links: dict[str, Path], overrides: list[str]):
+    """A StageContext over a scratch run directory `root/name` that runs `stage` on the benchmark world's model
+    and adapter: `links` (run-directory folder -> existing folder) are symlinked in, `overrides` go on top of
+    the model settings. The caller removes `ctx.run_dir.root` when done."""
+    from ga_ray.config import load_config
+    from ga_ray.pipeline import StageContext
+    from ga_ray.rundir import RunDir
+
+    rd = RunDir(root / name)
+    for folder, target in links.items():
+        (rd.root / folder).symlink_to(Path(target).resolve(), target_is_directory=True)
+    cfg = load_config(None, [f"model.path={world['model_path']}", f"model.adapter={world['adapter']}", "model.dtype=float32",
+                             "finetune.enabled=false", *overrides])
+    out = rd.stage_dir(stage)
+    out.mkdir()
+    return StageContext(cfg=cfg, run_dir=rd, stage=stage, out=out)

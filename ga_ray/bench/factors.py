@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.bench.common import machine_info, print_table
+from ga_ray.bench.common import machine_info, print_table, scratch_stage
 
 SYNTH = {"vocab_size": 2048, "hidden_size": 160, "n_layers": 4, "n_heads": 4, "intermediate_size": 432}
 QUICK = {"vocab_size": 256, "hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64}
@@ -142,32 +142,18 @@ def paper_loop_gradients(model, blocks, rows: list[dict]) -> list[dict]:
 
 
 def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, max_tokens: int, top_k: int) -> dict[str, Any]:
-    from ga_ray.config import load_config
     from ga_ray.ekfac.stage import run_factors
-    from ga_ray.pipeline import StageContext
-    from ga_ray.rundir import RunDir
 
-    rd = RunDir(root / f"run_w{workers}")
-    (rd.root / "data").symlink_to(data_dir.resolve(), target_is_directory=True)
-    cfg = load_config(
-        None,
-        [
-            f"model.path={world['model_path']}",
-            f"model.adapter={world['adapter']}",
-            "model.dtype=float32",
-            "finetune.enabled=false",
-            f"factors.num_workers={workers}",
-            f"factors.cpus_per_worker={cpus_per_worker}",
-            f"factors.batch_size={batch_size}",
-            f"factors.max_tokens_per_batch={max_tokens}",
-            f"factors.top_k={top_k}",
-            "factors.use_gpu=false",
-        ],
-    )
-    out = rd.stage_dir("factors")
-    out.mkdir()
-    summary = run_factors(StageContext(cfg=cfg, run_dir=rd, stage="factors", out=out))
-    shutil.rmtree(rd.root, ignore_errors=True)
+    ctx = scratch_stage(root, f"run_w{workers}", "factors", world, {"data": data_dir}, [
+        f"factors.num_workers={workers}",
+        f"factors.cpus_per_worker={cpus_per_worker}",
+        f"factors.batch_size={batch_size}",
+        f"factors.max_tokens_per_batch={max_tokens}",
+        f"factors.top_k={top_k}",
+        "factors.use_gpu=false",
+    ])
+    summary = run_factors(ctx)
+    shutil.rmtree(ctx.run_dir.root, ignore_errors=True)
     return summary
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.bench.common import machine_info, print_table, time_median
+from ga_ray.bench.common import machine_info, print_table, scratch_stage, time_median
 
 SYNTH = {"vocab_size": 2048, "hidden_size": 160, "n_layers": 4, "n_heads": 4, "intermediate_size": 432}
 
@@ -161,34 +161,19 @@ def _model_cfg(world: dict[str, Any]):
 
 def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, tag: str) -> dict[str, Any]:
     """(a) one run of the real stage over a scratch run directory; returns _gradients.json."""
-    from ga_ray.config import load_config
     from ga_ray.gradients.stage import INFO_FILE, run_gradients
-    from ga_ray.pipeline import StageContext
-    from ga_ray.rundir import RunDir
 
-    rd = RunDir(root / f"run_{tag}")
-    (rd.root / "data").symlink_to(data_dir, target_is_directory=True)
-    (rd.root / "factors").symlink_to(Path(world["factors"]).resolve(), target_is_directory=True)
     g = world["gradients"]
-    cfg = load_config(
-        None,
-        [
-            f"model.path={world['model_path']}",
-            f"model.adapter={world['adapter']}",
-            "model.dtype=float32",
-            "finetune.enabled=false",
-            f"gradients.num_actors={n_actors}",
-            "gradients.cpus_per_actor=1",
-            f"gradients.batch_size={g['batch_size']}",
-            f"gradients.max_tokens_per_batch={g['max_tokens_per_batch']}",
-            f"gradients.window_docs={g['window_docs']}",
-        ],
-    )
-    out = rd.root / "gradients"
-    out.mkdir()
-    run_gradients(StageContext(cfg=cfg, run_dir=rd, stage="gradients", out=out))
-    info = json.loads((out / INFO_FILE).read_text())
-    shutil.rmtree(rd.root, ignore_errors=True)
+    ctx = scratch_stage(root, f"run_{tag}", "gradients", world, {"data": data_dir, "factors": Path(world["factors"])}, [
+        f"gradients.num_actors={n_actors}",
+        "gradients.cpus_per_actor=1",
+        f"gradients.batch_size={g['batch_size']}",
+        f"gradients.max_tokens_per_batch={g['max_tokens_per_batch']}",
+        f"gradients.window_docs={g['window_docs']}",
+    ])
+    run_gradients(ctx)
+    info = json.loads((ctx.out / INFO_FILE).read_text())
+    shutil.rmtree(ctx.run_dir.root, ignore_errors=True)
     return info
 
 
