@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ga_ray.config import ConfigError, RunConfig, load_config
-from ga_ray.pipeline import STAGE_NAMES, StageError, run_pipeline
+from ga_ray.config import RunConfig, load_config
+from ga_ray.errors import ConfigError, GaRayError, StageError
+from ga_ray.pipeline import STAGE_NAMES, run_pipeline
 from ga_ray.rundir import RunDir
 
 app = typer.Typer(
@@ -55,7 +56,7 @@ def _user_error(exc: BaseException) -> str | None:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, (StageError, ConfigError)):
+        if isinstance(cur, GaRayError):
             return str(cur)
         cause = getattr(cur, "cause", None)
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
@@ -85,7 +86,7 @@ def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | N
     logging.getLogger("ga_ray").setLevel(logging.INFO)
     try:
         run_pipeline(cfg, RunDir(run_dir), stages=stages, force=force, on_summary=_print_summary)
-    except (ConfigError, StageError) as exc:
+    except GaRayError as exc:
         _fail(str(exc))
     except Exception as exc:
         msg = _user_error(exc)
@@ -225,7 +226,7 @@ def sweep_cmd(
         _fail(str(exc))
     except ValueError:
         _fail(f"--alphas {alphas!r}: expected comma-separated numbers, e.g. 0.01,0.1,1.0")
-    from ga_ray.atoms.sweep import run_sweep
+    from ga_ray.coherence.sweep import run_sweep
 
     try:
         run_sweep(cfg, RunDir(run_dir), values)

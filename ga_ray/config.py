@@ -15,14 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ga_ray.errors import ConfigError
+
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 """A fraction between 0 and 1."""
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message says what and where."""
 
 
 class Section(BaseModel):
@@ -297,6 +295,67 @@ class ReportConfig(Section):
     """Characters shown of each example's prompt and response."""
 
 
+class DetectorSpec(Section):
+    """A user-defined behaviour detector: a regex applied by a rule."""
+
+    name: str
+    """Detector (behaviour) name; must not be one of the built-ins (yes_no, code, bullets, numbered, refusal)."""
+    pattern: str
+    """Python regular expression searched in each line."""
+    rule: Literal["first_line", "any_line", "at_least_n_lines"] = "any_line"
+    """Fires when the first non-empty line matches, when any line does, or when at least `n` lines do."""
+    n: int = Field(default=1, ge=1)
+    """Lines needed with `at_least_n_lines`."""
+    ignore_case: bool = True
+    """Match case-insensitively."""
+
+
+class GroupsConfig(Section):
+    enabled: bool = True
+    """Run the groups stage (atoms grouped into behaviours, without labels)."""
+
+
+class SteerConfig(Section):
+    atoms: list[int] = []
+    """Atoms to steer by id (e.g. [469, 299])."""
+    by_behaviour: bool = True
+    """For each detector, steer the atom whose top documents' responses the detector fires on most (ties: coherence)."""
+    top_coherent: int = 0
+    """Also steer the N most coherent atoms."""
+    alphas: list[float] = [0.5, 1.0, 2.0, 5.0, 10.0]
+    """Step sizes; each is written in both signs (toward, away), plus the alpha = 0 baseline."""
+    units: Literal["absolute", "relative"] = "absolute"
+    """`absolute`: theta' = theta -/+ alpha*v (the paper's); `relative`: v scaled so that ||dtheta|| = alpha*||theta||."""
+    mode: Literal["paper", "linear"] = "paper"
+    """`paper`: A and B each moved along their part of v; `linear`: the exact first-order change as a rank-2r LoRA."""
+    merge: bool = False
+    """Also write a merged full-model folder per variant (for tools without LoRA support)."""
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds (0.0.0.0 exposes it to the network: a warning is printed)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """HTTP port."""
+    engine: Literal["auto", "peft", "vllm"] = "auto"
+    """`peft`: transformers + PEFT (CPU or GPU); `vllm`: vLLM multi-LoRA (GPU); `auto`: vllm when CUDA and vLLM are there."""
+    api_key_env: str | None = "GA_RAY_API_KEY"
+    """Environment variable holding the API key; when set, requests need `Authorization: Bearer <key>`."""
+
+
+class EvaluationConfig(Section):
+    endpoint: str | None = None
+    """OpenAI-compatible base URL to evaluate through (None: start the run's own serve app)."""
+    prompts: str | None = None
+    """JSONL of `prompt`, `behaviour`, `kind: invite|neutral` (None: the demo world's held-out sets)."""
+    max_tokens: int = Field(default=300, ge=1)
+    """New tokens per answer (greedy)."""
+    concurrency: int = Field(default=16, ge=1)
+    """Requests in flight."""
+    kl_budget: float = Field(default=0.1, ge=0.0)
+    """Recommended alpha: the largest |alpha| whose neutral-prompt token KL to alpha = 0 stays within this (nats/token)."""
+
+
 class DemoConfig(Section):
     n_docs: int = 5000
     """Instruction documents in the synthetic mixture."""
@@ -365,6 +424,16 @@ class RunConfig(Section):
     """atoms stage (dictionary learning)."""
     coherence: CoherenceConfig = CoherenceConfig()
     """coherence stage and characterisation."""
+    detectors: list[DetectorSpec] = []
+    """User behaviour detectors, beside the five built-ins; used by steer (choosing atoms) and evaluate."""
+    groups: GroupsConfig = GroupsConfig()
+    """groups stage (atoms grouped into behaviours)."""
+    steer: SteerConfig = SteerConfig()
+    """steer stage (steered PEFT adapters in variants/)."""
+    serve: ServeConfig = ServeConfig()
+    """`ga-ray serve` (OpenAI-compatible endpoints on Ray Serve)."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """evaluate stage."""
     report: ReportConfig = ReportConfig()
     """report stage."""
 

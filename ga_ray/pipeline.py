@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ga_ray.errors import StageError
 from ga_ray.config import RunConfig, dump_config, section_fingerprint_data
 from ga_ray.rundir import RunDir, atomic_write_text, fingerprint_obj, fingerprint_path
 
 log = logging.getLogger("ga_ray")
-
-
-class StageError(RuntimeError):
-    """A stage failed for a reason the user can act on; the message says what to fix."""
 
 
 @dataclass
@@ -86,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "factors",
-        "ga_ray.ekfac.stage:run_factors",
+        "ga_ray.factors.stage:run_factors",
         "factors",
         ("model", "factors"),
         upstream=("prepare", "finetune"),
@@ -102,25 +99,49 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "atoms",
-        "ga_ray.dictionary.stage:run_atoms",
+        "ga_ray.atoms.stage:run_atoms",
         "atoms",
         ("dictionary",),
         upstream=("gradients",),
     ),
     Stage(
         "coherence",
-        "ga_ray.atoms.stage:run_coherence",
+        "ga_ray.coherence.stage:run_coherence",
         "atoms",
         ("model", "coherence"),
         upstream=("prepare", "finetune", "atoms"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
     ),
     Stage(
+        "groups",
+        "ga_ray.groups.stage:run_groups",
+        "groups",
+        ("groups",),
+        upstream=("atoms", "coherence"),
+        enabled=lambda c: c.groups.enabled,
+    ),
+    Stage(
+        "steer",
+        "ga_ray.steer.stage:run_steer",
+        "variants",
+        ("model", "steer", "detectors"),
+        upstream=("prepare", "finetune", "factors", "atoms", "coherence", "groups"),
+        external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
+    ),
+    Stage(
+        "evaluate",
+        "ga_ray.evaluate.stage:run_evaluate",
+        "eval",
+        ("model", "serve", "evaluation", "detectors"),
+        upstream=("prepare", "finetune", "steer"),
+        external=lambda c: [c.model.path, c.evaluation.prompts, c.finetune.format_eval_set],
+    ),
+    Stage(
         "report",
         "ga_ray.report.stage:run_report",
         "report",
         ("report",),
-        upstream=("prepare", "finetune", "factors", "gradients", "atoms", "coherence"),
+        upstream=("prepare", "finetune", "factors", "gradients", "atoms", "coherence", "groups", "steer", "evaluate"),
     ),
 )
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ga_ray.atoms.coherence import Group, GroupAccumulator, coherence_from_sums, dense_coherence, flatten_unit, plan_groups
-from ga_ray.atoms.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
+from ga_ray.coherence.coherence import Group, GroupAccumulator, coherence_from_sums, dense_coherence, flatten_unit, plan_groups
+from ga_ray.coherence.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
 
 torch.set_num_threads(1)
 
@@ -148,8 +148,8 @@ def _dense_raw_gradients(model, blocks, rows) -> np.ndarray:
 def test_computer_equals_dense_bruteforce():
     from conftest import make_random_docs, make_tiny_lora_model
 
-    from ga_ray.atoms.stage import CoherenceComputer
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.coherence.stage import CoherenceComputer
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     model = make_tiny_lora_model(seed=3)
     blocks = find_lora_blocks(model)
@@ -215,7 +215,7 @@ def _config(paths, **coh):
 def test_coherence_stage_equals_dense_and_label_never_needed(ray_session, tmp_path):
     from conftest import make_tiny_lora_model, write_tiny_run
 
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
     from ga_ray.pipeline import run_pipeline
     from ga_ray.rundir import RunDir
 
@@ -325,8 +325,8 @@ def test_label_column_is_read_only_by_the_discovery_step():
 def test_adapter_num_params_reads_the_safetensors_header(tmp_path):
     from conftest import make_tiny_lora_model
 
-    from ga_ray.atoms.stage import adapter_num_params
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.coherence.stage import adapter_num_params
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     model = make_tiny_lora_model(target_modules=("q_proj", "v_proj", "down_proj"), r=3)
     model.save_pretrained(tmp_path / "adapter")

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ga_ray.atoms.characterise import (
+from ga_ray.coherence.characterise import (
     Decoder,
     characterise_atoms,
     chat_completions_url,

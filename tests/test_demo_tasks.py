@@ -9,7 +9,7 @@ import pytest
 
 from ga_ray.demo import tasks
 from ga_ray.demo.formats import FORMAT_CHECKS
-from ga_ray.evaluation.detectors import DETECTORS
+from ga_ray.detectors import DETECTORS
 
 
 def test_mixture_is_deterministic_by_seed():

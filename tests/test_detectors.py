@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ga_ray.evaluation.detectors import DETECTORS, behaviour_rate, rate, wilson_interval
+from ga_ray.detectors import DETECTORS, behaviour_rate, rate, wilson_interval
 
 CASES = [
     # yes_no: first non-empty line

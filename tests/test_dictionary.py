@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ga_ray.dictionary.lasso import gram, kkt_violation, lasso_gram, lasso_objective, row_objective, sparse_encode
-from ga_ray.dictionary.online import (
+from ga_ray.atoms.lasso import gram, kkt_violation, lasso_gram, lasso_objective, row_objective, sparse_encode
+from ga_ray.atoms.online import (
     OnlineState,
     duplicate_atoms,
     forgetting_beta,
@@ -17,10 +17,10 @@ from ga_ray.dictionary.online import (
     update_dictionary_reference,
     update_stats,
 )
-from ga_ray.dictionary.stability import match_atoms, stability_report
-from ga_ray.dictionary.stream import BlockCoder, StreamPlan, even_pieces, tensor_reader
-from ga_ray.dictionary.synthetic import planted_atoms, recovery
-from ga_ray.dictionary.trainer import FitSettings, LocalPool, TrainerState, fit, learn_dictionary
+from ga_ray.atoms.stability import match_atoms, stability_report
+from ga_ray.atoms.stream import BlockCoder, StreamPlan, even_pieces, tensor_reader
+from ga_ray.atoms.synthetic import planted_atoms, recovery
+from ga_ray.atoms.trainer import FitSettings, LocalPool, TrainerState, fit, learn_dictionary
 
 
 @pytest.fixture(autouse=True)
@@ -278,7 +278,7 @@ def test_planted_atoms_are_recovered():
 
 
 def test_resume_after_kill_equals_unbroken_run(tmp_path):
-    from ga_ray.dictionary.io import load_checkpoint, save_checkpoint
+    from ga_ray.atoms.io import load_checkpoint, save_checkpoint
 
     X, _, _ = planted_atoms(400, 32, 12, seed=2)
     s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=3, seed=1, tol=1e-3, patience=2, eval_every=5, checkpoint_every=4)
@@ -340,7 +340,7 @@ def test_hungarian_matching_finds_permuted_sign_flipped_atoms():
 def test_encode_metrics_match_a_direct_computation(tmp_path):
     import pyarrow.parquet as pq
 
-    from ga_ray.dictionary.encode import encode_local
+    from ga_ray.atoms.encode import encode_local
 
     rng = np.random.default_rng(10)
     D = torch.tensor(_unit_rows(rng, 16, 24), dtype=torch.float32)

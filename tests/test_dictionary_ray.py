@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ga_ray.config import load_config
-from ga_ray.dictionary.synthetic import planted_atoms, recovery
+from ga_ray.atoms.synthetic import planted_atoms, recovery
 from ga_ray.gradients.io import gradients_table
 
 
@@ -45,7 +45,7 @@ def _cfg(*overrides: str):
 
 
 def test_one_and_two_ray_workers_follow_the_same_trajectory(ray_session, tmp_path):
-    from ga_ray.dictionary.stage import fit_torch
+    from ga_ray.atoms.stage import fit_torch
 
     g, _, _ = write_gradients(tmp_path, n=320)
     r1, plan = fit_torch(g, _cfg("dictionary.num_workers=1", "dictionary.max_epochs=2").dictionary, 5, progress=False)
@@ -60,8 +60,8 @@ def test_one_and_two_ray_workers_follow_the_same_trajectory(ray_session, tmp_pat
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_unbroken_stage_fit(ray_session, tmp_path):
-    from ga_ray.dictionary.io import load_checkpoint
-    from ga_ray.dictionary.stage import fit_torch
+    from ga_ray.atoms.io import load_checkpoint
+    from ga_ray.atoms.stage import fit_torch
 
     g, _, _ = write_gradients(tmp_path)
     cfg = _cfg("dictionary.checkpoint_every=5", "dictionary.tol=1e-3", "dictionary.patience=2").dictionary
@@ -90,7 +90,7 @@ def test_resume_after_kill_equals_unbroken_stage_fit(ray_session, tmp_path):
 
 
 def _run_stage(tmp_path: Path, *overrides: str):
-    from ga_ray.dictionary.stage import run_atoms
+    from ga_ray.atoms.stage import run_atoms
     from ga_ray.pipeline import StageContext
     from ga_ray.rundir import RunDir
 
@@ -104,7 +104,7 @@ def _run_stage(tmp_path: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_stage_writes_dictionary_codes_metrics_kmeans_and_stability(ray_session, tmp_path):
-    from ga_ray.dictionary.io import read_dictionary
+    from ga_ray.atoms.io import read_dictionary
 
     g, T, Z = write_gradients(tmp_path / "run")
     summary, out = _run_stage(tmp_path, "dictionary.kmeans_clusters=4", "dictionary.n_seeds=2", "dictionary.max_epochs=8")

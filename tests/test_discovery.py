@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ga_ray.atoms.discovery import Families, discovery_scores, majority_family, read_labels
+from ga_ray.coherence.discovery import Families, discovery_scores, majority_family, read_labels
 
 # docs 0-3: family a; 4-6: b; 7-8: c; 9: unlabelled
 LABELS = ["a", "a", "a", "a", "b", "b", "b", "c", "c", None]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_random_docs, make_tiny_lora_model
-from ga_ray.data.collate import collate
-from ga_ray.ekfac.compute import (
+from ga_ray.kernel.collate import collate
+from ga_ray.factors.compute import (
     FactorSettings,
     NonFiniteFactorError,
     compute_factors,
@@ -18,9 +18,9 @@ from ga_ray.ekfac.compute import (
     in_subsample,
     subsample_threshold,
 )
-from ga_ray.ekfac.eigen import canonical_signs, eigen_scores, eigendecompose, lambda_mass_kept, select_top_k
-from ga_ray.gradients.per_document import IGNORE, one_document_gradients_reference, per_document_gradients
-from ga_ray.model.lora_blocks import block_modules, find_lora_blocks
+from ga_ray.factors.eigen import canonical_signs, eigen_scores, eigendecompose, lambda_mass_kept, select_top_k
+from ga_ray.kernel.per_document import IGNORE, one_document_gradients_reference, per_document_gradients
+from ga_ray.kernel.lora_blocks import block_modules, find_lora_blocks
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import write_tiny_run
 from ga_ray.config import load_config
-from ga_ray.ekfac.factors import Factors
+from ga_ray.factors.factors import Factors
 from ga_ray.pipeline import StageContext, StageError
 from ga_ray.rundir import RunDir
 from test_ekfac import assert_same_factors
@@ -29,7 +29,7 @@ def _split_data(data_dir, n_files: int = 4) -> None:
 
 
 def _run(paths, root_name: str, overrides: list[str]):
-    from ga_ray.ekfac.stage import run_factors
+    from ga_ray.factors.stage import run_factors
 
     cfg = load_config(
         None, [f"model.path={paths['model']}", f"model.adapter={paths['adapter']}", "finetune.enabled=false", "factors.cpus_per_worker=0.5", *overrides]
@@ -59,10 +59,10 @@ def test_one_and_two_workers_agree_with_in_process(tmp_path, ray_session, capsys
     assert_same_factors(f1, f2, rtol=1e-6)
 
     # the same numbers from the plain in-process computation (LocalComm), on the same subsample
-    from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, compute_factors, in_subsample, subsample_threshold
-    from ga_ray.model.loading import load_lora_model
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.collate import collate
+    from ga_ray.factors.compute import FactorSettings, compute_factors, in_subsample, subsample_threshold
+    from ga_ray.kernel.loading import load_lora_model
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     cfg = load_config(None, [f"model.path={paths['model']}"])
     model = load_lora_model(cfg.model, paths["adapter"])
@@ -81,7 +81,7 @@ def test_one_and_two_workers_agree_with_in_process(tmp_path, ray_session, capsys
     )
     assert_same_factors(f1, ref, rtol=1e-6)
     # the 2-worker Λ, all-reduced over both shards, is exactly the in-process Λ in its own eigenbasis
-    from ga_ray.ekfac.compute import lambda_pass
+    from ga_ray.factors.compute import lambda_pass
 
     lam = lambda_pass(model, blocks, [collate(sub[i : i + 4]) for i in range(0, len(sub), 4)], {b.name: (b.Q_S, b.Q_A) for b in f2.blocks}, FactorSettings(fisher="true", seed=3))
     assert lam.n_docs == 16

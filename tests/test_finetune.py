@@ -139,7 +139,7 @@ def test_finetune_stage_writes_a_peft_adapter_and_the_format_table(ray_session, 
 
     from ga_ray.demo import tasks
     from ga_ray.demo.formats import FORMAT_CHECKS
-    from ga_ray.evaluation.detectors import DETECTORS
+    from ga_ray.detectors import DETECTORS
     from ga_ray.pipeline import run_pipeline
     from ga_ray.rundir import RunDir
 

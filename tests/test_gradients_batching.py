@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ga_ray.gradients.batching import naive_batches, padding_stats, plan_batches, plan_windowed
+from ga_ray.kernel.batching import naive_batches, padding_stats, plan_batches, plan_windowed
 
 
 def _realistic_lengths(n: int, seed: int = 0) -> np.ndarray:

@@ -36,7 +36,7 @@ TOP_K = 10
 # ------------------------------------------------------------------------------------ the tiny world
 def _load_model(model_path: Path, adapter: Path):
     from ga_ray.config import ModelConfig
-    from ga_ray.model.loading import load_lora_model
+    from ga_ray.kernel.loading import load_lora_model
 
     return load_lora_model(ModelConfig(path=str(model_path), dtype="float32"), adapter)
 
@@ -47,9 +47,9 @@ def _rows(data_dir: Path) -> list[dict]:
 
 def _write_factors(model, rows: list[dict], out: Path) -> None:
     """EKFAC factors of the tiny world, computed in-process with the factors machinery."""
-    from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, compute_factors
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.collate import collate
+    from ga_ray.factors.compute import FactorSettings, compute_factors
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     blocks = find_lora_blocks(model)
     batches = lambda: (collate(rows[i : i + 6]) for i in range(0, len(rows), 6))  # noqa: E731

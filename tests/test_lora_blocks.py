@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama, make_tiny_lora_model
-from ga_ray.model.lora_blocks import LoraBlockError, block_modules, block_parameters, find_lora_blocks
+from ga_ray.kernel.lora_blocks import LoraBlockError, block_modules, block_parameters, find_lora_blocks
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

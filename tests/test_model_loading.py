@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama, make_tiny_lora_model
 
 from ga_ray.config import ModelConfig
-from ga_ray.model.loading import (
+from ga_ray.kernel.loading import (
     ModelLoadError,
     check_adapter_fits,
     load_base_model,

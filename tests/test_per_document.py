@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import make_random_docs, make_tiny_lora_model
-from ga_ray.data.collate import collate
-from ga_ray.gradients.per_document import (
+from ga_ray.kernel.collate import collate
+from ga_ray.kernel.per_document import (
     IGNORE,
     doc_seed,
     doc_uniforms,
@@ -16,7 +16,7 @@ from ga_ray.gradients.per_document import (
     per_document_gradients,
     sample_from_logits,
 )
-from ga_ray.model.lora_blocks import find_lora_blocks
+from ga_ray.kernel.lora_blocks import find_lora_blocks
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -11,7 +11,7 @@ import pytest
 from test_prepare_helpers import TEMPLATE_NO_SYSTEM, TEMPLATE_SYSTEM, make_tokenizer, save_tokenizer
 
 from ga_ray.config import RunConfig
-from ga_ray.data.collate import collate
+from ga_ray.kernel.collate import collate
 from ga_ray.data.errors import SKIP_HINT
 from ga_ray.data.io import read_prepare_report, read_prepared
 from ga_ray.data.tokenize import encode_conversation

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import make_random_docs, make_tiny_lora_model
-from ga_ray.data.collate import collate
-from ga_ray.ekfac.compute import FactorSettings, compute_factors
-from ga_ray.ekfac.eigen import eigen_scores, select_top_k
-from ga_ray.ekfac.factors import FactorBlock, Factors, short_block_name
-from ga_ray.ekfac.projection import FactorsError, Projector
-from ga_ray.gradients.per_document import per_document_gradients
-from ga_ray.model.lora_blocks import find_lora_blocks
+from ga_ray.kernel.collate import collate
+from ga_ray.factors.compute import FactorSettings, compute_factors
+from ga_ray.factors.eigen import eigen_scores, select_top_k
+from ga_ray.factors.factors import FactorBlock, Factors, short_block_name
+from ga_ray.factors.projection import FactorsError, Projector
+from ga_ray.kernel.per_document import per_document_gradients
+from ga_ray.kernel.lora_blocks import find_lora_blocks
 
 SHAPES = [("blk.lora_A", "A", (3, 7)), ("blk.lora_B", "B", (5, 3)), ("other.lora_A", "A", (2, 4))]
 

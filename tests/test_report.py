@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ga_ray.atoms.discovery import Families, discovery_scores
+from ga_ray.coherence.discovery import Families, discovery_scores
 from ga_ray.report.stage import build_report
 
 SECTIONS = ("coherence", "atoms", "sweep", "discovery", "format_table", "metrics")

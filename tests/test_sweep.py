@@ -25,7 +25,7 @@ def write_gradients(run: Path, doc_ids: np.ndarray, D: int = 10, seed: int = 0) 
 
 
 def test_sweep_needs_stored_gradients(tmp_path):
-    from ga_ray.atoms.sweep import run_sweep
+    from ga_ray.coherence.sweep import run_sweep
     from ga_ray.config import load_config
     from ga_ray.pipeline import StageError
     from ga_ray.rundir import RunDir
@@ -43,10 +43,10 @@ def test_sweep_on_tiny_data(ray_session, tmp_path):
     from conftest import make_tiny_lora_model, write_tiny_run
     from test_coherence import _dense_raw_gradients
 
-    from ga_ray.atoms.coherence import dense_coherence
-    from ga_ray.atoms.sweep import run_sweep
+    from ga_ray.coherence.coherence import dense_coherence
+    from ga_ray.coherence.sweep import run_sweep
     from ga_ray.config import load_config
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
     from ga_ray.rundir import RunDir
 
     K, top_n = 5, 6

@@ -1,502 +1,315 @@
-"""coherence stage: orient the atoms, score their coherence on RAW gradients, characterise them.
+"""atoms stage: dictionary learning on the unit-normalised projected gradients.
 
-Reads `atoms/dictionary.safetensors` and `atoms/codes.parquet` (the atoms stage), the model and
-adapter, and `data/` (token ids and loss masks only). Writes, into `atoms/`, each file atomically:
-- `dictionary_oriented.safetensors`: `dictionary` (K×D, row k multiplied by its sign) and `sign` (K);
-  steering must use this one so that "toward" an atom means "more like its documents";
-- `atoms.parquet`: `atom`, `coherence`, `n_active_docs` (non-zero codes, the paper's "active docs"),
-  `n_positive_docs` (oriented coefficient > 0), `top_doc_ids`, `top_coefs` (oriented), `sign_flipped`,
-  `coef_sum` (raw sum over active documents), `n_invalid_top_docs` (zero / non-finite raw gradient);
-- `characterisation.json`: per atom, excerpts of its top documents, characteristic words, and (only
-  with `coherence.label_endpoint`) a label with the prompt and raw answer;
-- `discovery.json`: only when `data/` has the `coherence.label_column` (see `discovery.py`), computed
-  last; the label column is read nowhere else.
+Reads `gradients/`, writes into `atoms/`:
+- `dictionary.safetensors` (key "dictionary", K × D float32),
+- `codes.parquet` (sparse `doc_id`, `atom`, `coef`) from a final encoding pass (Ray Data map_batches),
+- `metrics.json` (objective, FVU, L0, documents per atom, dead atoms, mutual coherence, timings,
+  training history, k-means baseline, stability across seeds),
+- `kmeans.parquet` (`doc_id`, `cluster`) from dask-ml k-means on Ray (unless disabled).
 
-Ray wiring: the work is a list of atom groups (`coherence.plan_groups`); a Ray Data `map_batches`
-over an actor pool (`CoherenceActor`, `compute=ActorPoolStrategy`, `num_gpus` per actor) gives each
-actor whole groups. An actor recomputes its group's documents' raw LoRA gradients with the one-pass
-per-document machinery, batch by batch, keeps Σu per atom of the group, and returns per-atom scalars.
+Backends: `torch` (default; the distributed online learner, checkpointed in `atoms/checkpoint/` and
+resumed after a kill) and `sklearn` (the paper's exact MiniBatchDictionaryLearning call).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
 
-from ga_ray.atoms.coherence import Group, GroupAccumulator, flatten_unit, plan_groups
-from ga_ray.atoms.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
+from ga_ray.config import DictionaryConfig, RayConfig
+from ga_ray.atoms.io import (
+    gradient_dim,
+    gradient_files,
+    list_pieces,
+    load_checkpoint,
+    read_all,
+    read_dictionary,
+    remove_checkpoint,
+    save_checkpoint,
+    write_dictionary,
+)
+from ga_ray.atoms.online import OnlineState, mutual_coherence
+from ga_ray.atoms.stream import StreamPlan
+from ga_ray.atoms.trainer import FitResult, FitSettings, TrainerState, fit
 from ga_ray.pipeline import StageContext, StageError
-from ga_ray.rundir import atomic_write_bytes, atomic_write_json
+from ga_ray.raycluster import init_ray, resolve_use_gpu
+from ga_ray.rundir import atomic_write_json
 
 log = logging.getLogger("ga_ray")
 
-DOC_COLUMNS = ["doc_id", "input_ids", "loss_mask"]  # the only data/ columns read before the discovery score
+
+def seeds_override(seeds: int) -> list[str]:
+    """What `ga-ray atoms --seeds N` means: `--set dictionary.n_seeds=N`."""
+    if seeds < 1:
+        raise StageError(f"--seeds must be at least 1 (got {seeds})")
+    return [f"dictionary.n_seeds={int(seeds)}"]
 
 
-# ------------------------------------------------------------------------------------------- I/O
-
-
-def data_files(data_dir: Path) -> list[Path]:
-    files = sorted(p for p in Path(data_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise StageError(f"no Parquet documents in {data_dir}: run the prepare stage first (`ga-ray prepare`)")
-    return files
-
-
-def read_documents(data_dir: Path, doc_ids: Sequence[int] | None = None, columns: Sequence[str] = DOC_COLUMNS) -> pa.Table:
-    """`doc_id`, `input_ids`, `loss_mask` of data/ (only `doc_ids` when given), never other columns."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    ds = pads.dataset([str(f) for f in data_files(data_dir)], format="parquet")
-    flt = None if doc_ids is None else pc.field("doc_id").isin(pa.array(np.asarray(list(doc_ids), dtype=np.int64)))
-    return ds.to_table(columns=list(columns), filter=flt)
-
-
-def read_dictionary(atoms_dir: Path) -> np.ndarray:
-    from safetensors.numpy import load_file
-
-    path = Path(atoms_dir) / "dictionary.safetensors"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    tensors = load_file(str(path))
-    if "dictionary" not in tensors:
-        raise StageError(f"{path} has no 'dictionary' tensor (keys: {', '.join(tensors)}): re-run the atoms stage")
-    return tensors["dictionary"]
-
-
-def read_codes(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    path = Path(atoms_dir) / "codes.parquet"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    t = pq.read_table(str(path), columns=["doc_id", "atom", "coef"])
-    return (
-        t.column("doc_id").to_numpy().astype(np.int64),
-        t.column("atom").to_numpy().astype(np.int64),
-        t.column("coef").to_numpy().astype(np.float32),
+def make_plan(cfg: DictionaryConfig, piece_rows: list[int], dim: int, seed: int) -> StreamPlan:
+    n = int(sum(piece_rows))
+    window_rows = max(cfg.batch_size, int(cfg.shuffle_buffer_mb * 2**20 / (4 * max(dim, 1))))
+    return StreamPlan(
+        piece_rows=tuple(int(r) for r in piece_rows),
+        batch_size=max(1, min(cfg.batch_size, n)),
+        window_rows=window_rows,
+        seed=seed,
+        heldout_fraction=cfg.heldout_fraction,
+        heldout_max_rows=cfg.heldout_max_rows,
     )
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def write_safetensors_atomic(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save
-
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
-
-
-def adapter_num_params(adapter_path: Path) -> int | None:
-    """P = number of LoRA weights of the adapter, from its safetensors header (no model load)."""
-    f = Path(adapter_path) / "adapter_model.safetensors"
-    if not f.exists():
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(f), framework="numpy") as fh:
-        for key in fh.keys():
-            if "lora_A" in key or "lora_B" in key:
-                total += int(np.prod(fh.get_slice(key).get_shape()))
-    return total or None
-
-
-# -------------------------------------------------------------------- compute (no Ray, no files)
-
-
-class CoherenceComputer:
-    """Runs coherence groups on one model: raw per-document gradients, batch by batch."""
-
-    def __init__(self, model: Any, blocks: Sequence[Any], *, max_docs: int = 16, max_tokens: int = 4096, pad_id: int | None = None):
-        self.model = model
-        self.blocks = list(blocks)
-        self.order = [b.name for b in self.blocks]
-        self.P = int(sum(b.numel for b in self.blocks))
-        self.device = next(model.parameters()).device
-        self.max_docs = int(max_docs)
-        self.max_tokens = int(max_tokens)
-        if pad_id is None:
-            pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-        self.pad_id = int(pad_id) if pad_id is not None else 0
-
-    def run_group(self, group: Group, docs: Mapping[int, tuple[Sequence[int], Sequence[int]]]) -> dict[str, Any]:
-        from ga_ray.data.collate import collate
-        from ga_ray.gradients.batching import plan_batches
-        from ga_ray.gradients.per_document import per_document_gradients
-
-        acc = GroupAccumulator(group, self.P, device=self.device)
-        ids = list(group.doc_ids)
-        lengths = np.asarray([len(docs[d][0]) for d in ids], dtype=np.int64)
-        t0 = time.perf_counter()
-        for idx in plan_batches(lengths, self.max_docs, self.max_tokens):
-            rows = [{"doc_id": ids[i], "input_ids": docs[ids[i]][0], "loss_mask": docs[ids[i]][1]} for i in idx]
-            batch = collate(rows, pad_id=self.pad_id).to(self.device)
-            res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction="sum")
-            U, _, valid = flatten_unit(res.grads, self.order)
-            del res
-            acc.add([ids[i] for i in idx], U, valid)
-            del U, batch
-        out = acc.result()
-        out["n_docs"] = len(ids)
-        out["seconds"] = time.perf_counter() - t0
-        return out
-
-
-# --------------------------------------------------------------------------------- Ray wiring
-
-
-class CoherenceActor:
-    """Ray Data callable class: model + adapter loaded once per actor; one group per row."""
-
-    def __init__(self, model_cfg: dict[str, Any], adapter_path: str, max_docs: int, max_tokens: int, use_gpu: bool, dtype: str | None, threads: int):
-        import torch
-
-        from ga_ray.config import ModelConfig
-        from ga_ray.model.loading import load_lora_model
-        from ga_ray.model.lora_blocks import find_lora_blocks
-
-        torch.set_num_threads(max(1, int(threads)))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        model = load_lora_model(ModelConfig(**model_cfg), adapter_path, device=device, dtype=dtype)
-        self.computer = CoherenceComputer(model, find_lora_blocks(model), max_docs=max_docs, max_tokens=max_tokens)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out: dict[str, list] = {k: [] for k in ("group", "atom", "sq_norm_sum", "unit_count", "k", "coherence", "invalid_docs", "n_docs", "seconds", "n_params")}
-        for row in batch.to_pylist():
-            group = Group(atoms=list(row["atoms"]), members=[list(m) for m in row["members"]], doc_ids=list(row["doc_ids"]))
-            docs = {int(d): (ids, mask) for d, ids, mask in zip(row["doc_ids"], row["input_ids"], row["loss_mask"])}
-            res = self.computer.run_group(group, docs)
-            for i, a in enumerate(res["atom"]):
-                out["group"].append(int(row["group"]))
-                out["atom"].append(int(a))
-                out["sq_norm_sum"].append(float(res["sq_norm_sum"][i]))
-                out["unit_count"].append(float(res["unit_count"][i]))
-                out["k"].append(int(res["k"][i]))
-                out["coherence"].append(float(res["coherence"][i]))
-                out["invalid_docs"].append([d for d in res["invalid_docs"] if d in set(group.members[i])])
-                out["n_docs"].append(int(res["n_docs"]))
-                out["seconds"].append(float(res["seconds"]))
-                out["n_params"].append(int(self.computer.P))
-        return pa.table(
-            {
-                "group": pa.array(out["group"], pa.int64()),
-                "atom": pa.array(out["atom"], pa.int64()),
-                "sq_norm_sum": pa.array(out["sq_norm_sum"], pa.float64()),
-                "unit_count": pa.array(out["unit_count"], pa.float64()),
-                "k": pa.array(out["k"], pa.int64()),
-                "coherence": pa.array(out["coherence"], pa.float64()),
-                "invalid_docs": pa.array(out["invalid_docs"], pa.list_(pa.int64())),
-                "n_docs": pa.array(out["n_docs"], pa.int64()),
-                "seconds": pa.array(out["seconds"], pa.float64()),
-                "n_params": pa.array(out["n_params"], pa.int64()),
-            }
-        )
-
-
-@dataclass
-class CoherenceResult:
-    coherence: np.ndarray  # [n_items] float64 (NaN: fewer than 2 top documents)
-    k: np.ndarray  # [n_items] top documents used
-    n_invalid: np.ndarray  # [n_items] top documents with a zero / non-finite raw gradient
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids: Sequence[Sequence[int]]) -> CoherenceResult:
-    """Coherence of every item (atom) from its top documents, on a Ray Data actor pool.
-
-    Only the union of the top documents is read and recomputed; memory per actor is bounded by
-    `coherence.group_memory_mb` (the per-atom sums) plus one batch of raw gradients.
-    """
-    import ray
-
-    from ga_ray.raycluster import init_ray, resolve_num_gpus
-
-    cc = cfg.coherence
-    n = len(top_doc_ids)
-    coh = np.full(n, np.nan)
-    ks = np.asarray([len(t) for t in top_doc_ids], dtype=np.int64)
-    n_invalid = np.zeros(n, dtype=np.int64)
-    t0 = time.perf_counter()
-    P = adapter_num_params(adapter_path)
-    per_atom_bytes = 4 * (P or 1)
-    max_atoms = max(1, int(cc.group_memory_mb * 2**20 // per_atom_bytes)) if P else 64
-    groups = plan_groups({i: list(t) for i, t in enumerate(top_doc_ids)}, max_atoms, min_groups=max(1, cc.num_actors))
-    stats: dict[str, Any] = {"n_params": P, "n_groups": len(groups), "atoms_per_group_max": max_atoms}
-    if not groups:
-        stats.update(n_union=0, n_computed=0, seconds=0.0)
-        return CoherenceResult(coh, ks, n_invalid, stats)
-
-    union = sorted({d for g in groups for d in g.doc_ids})
-    table = read_documents(data_dir, union)
-    docs = {int(d): (ids, m) for d, ids, m in zip(table.column("doc_id").to_pylist(), table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())}
-    missing = [d for d in union if d not in docs]
-    if missing:
-        raise StageError(
-            f"{len(missing)} top documents of the atoms are not in {data_dir} (e.g. doc_id {missing[:5]}): "
-            "the atoms were fitted on other data; re-run the gradients and atoms stages"
-        )
-    items = []
-    for gi, g in enumerate(groups):
-        items.append(
-            {
-                "group": gi,
-                "atoms": [int(a) for a in g.atoms],
-                "members": [[int(d) for d in m] for m in g.members],
-                "doc_ids": [int(d) for d in g.doc_ids],
-                "input_ids": [[int(t) for t in docs[d][0]] for d in g.doc_ids],
-                "loss_mask": [[int(t) for t in docs[d][1]] for d in g.doc_ids],
-            }
-        )
-    init_ray(cfg.ray)
-    num_gpus = resolve_num_gpus(cc.num_gpus)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        CoherenceActor,
-        fn_constructor_kwargs={
-            "model_cfg": cfg.model.model_dump(),
-            "adapter_path": str(adapter_path),
-            "max_docs": cc.batch_size,
-            "max_tokens": cc.max_tokens_per_batch,
-            "use_gpu": num_gpus > 0,
-            "dtype": "float32" if cc.dtype == "float32" else None,
-            "threads": max(1, int(cc.cpus_per_actor)),
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cc.num_actors, len(items)))),
-        num_gpus=num_gpus,
-        num_cpus=cc.cpus_per_actor,
+def fit_settings(cfg: DictionaryConfig, seed: int) -> FitSettings:
+    return FitSettings(
+        n_atoms=cfg.n_atoms,
+        alpha=cfg.alpha,
+        batch_size=cfg.batch_size,
+        max_epochs=cfg.max_epochs,
+        tol=cfg.tol,
+        patience=cfg.patience,
+        eval_every=cfg.eval_every,
+        init=cfg.init,
+        seed=seed,
+        dup_threshold=cfg.dup_threshold,
+        checkpoint_every=cfg.checkpoint_every,
     )
-    rows = ds.take_all()
-    seen_groups: dict[int, tuple[int, float]] = {}
-    for r in rows:
-        a = int(r["atom"])
-        coh[a] = float(r["coherence"]) if r["coherence"] is not None else np.nan
-        n_invalid[a] = len(r["invalid_docs"] or [])
-        seen_groups[int(r["group"])] = (int(r["n_docs"]), float(r["seconds"]))
-    if len(seen_groups) != len(groups):
-        raise RuntimeError(f"coherence: {len(groups) - len(seen_groups)} of {len(groups)} groups returned no result")
-    n_computed = sum(v[0] for v in seen_groups.values())
-    stats.update(
-        n_union=len(union),
-        n_computed=n_computed,
-        recompute_factor=round(n_computed / max(1, len(union)), 3),
-        actor_seconds=round(sum(v[1] for v in seen_groups.values()), 3),
-        seconds=round(time.perf_counter() - t0, 3),
-        num_actors=max(1, min(cc.num_actors, len(items))),
-        num_gpus_per_actor=num_gpus,
-        invalid_top_docs=int(n_invalid.sum()),
+
+
+def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int) -> str:
+    keys = (
+        "n_atoms alpha batch_size max_epochs tol patience heldout_fraction lasso_tol lasso_max_iter init "
+        "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold"
+    ).split()
+    data = {k: getattr(cfg, k) for k in keys}
+    files = sorted({p.path for p in pieces})
+    data.update(seed=seed, dim=dim, pieces=[(Path(p.path).name, p.row_group, p.start, p.n_rows) for p in pieces])
+    data["sizes"] = [Path(f).stat().st_size for f in files]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fit_torch(
+    gradients_dir: Path,
+    cfg: DictionaryConfig,
+    seed: int,
+    *,
+    out_dir: Path | None = None,
+    checkpoint_name: str = "checkpoint",
+    progress: bool = True,
+    on_step=None,
+) -> tuple[FitResult, StreamPlan]:
+    """The distributed online learner on `gradients/` (Ray must be initialised); checkpoints into
+    `out_dir/<checkpoint_name>/` every `checkpoint_every` steps and resumes from a matching one."""
+    from tqdm.auto import tqdm
+
+    from ga_ray.atoms.distributed import RayPool
+
+    pieces = list_pieces(gradients_dir, cfg.max_piece_rows)
+    dim = gradient_dim(gradients_dir)
+    plan = make_plan(cfg, [p.n_rows for p in pieces], dim, seed)
+    settings = fit_settings(cfg, seed)
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    device = "cuda" if use_gpu else "cpu"
+    fp = _fingerprint(cfg, seed, pieces, dim)
+    resume = None
+    on_ckpt: Callable[[OnlineState, TrainerState], None] | None = None
+    if out_dir is not None:
+        saved = load_checkpoint(out_dir, checkpoint_name)
+        if saved is not None:
+            tensors, prog = saved
+            if prog.get("fingerprint") == fp:
+                resume = (OnlineState.restore(tensors, prog["counters"]), TrainerState.from_json(prog["trainer"]))
+                log.info("atoms: resuming from checkpoint at step %d", resume[0].step)
+            else:
+                log.info("atoms: ignoring a checkpoint made with other inputs or settings")
+
+        def save(state: OnlineState, ts: TrainerState) -> None:
+            save_checkpoint(out_dir, state.tensors(), {"fingerprint": fp, "counters": state.counters(), "trainer": ts.to_json()}, checkpoint_name)
+
+        on_ckpt = save
+
+    pool = RayPool(
+        pieces,
+        plan,
+        max(1, cfg.num_workers),
+        cfg.alpha,
+        lasso_tol=cfg.lasso_tol,
+        lasso_max_iter=cfg.lasso_max_iter,
+        use_gpu=use_gpu,
+        cpus_per_worker=cfg.cpus_per_worker,
     )
-    return CoherenceResult(coh, ks, n_invalid, stats)
-
-
-# ------------------------------------------------------------------------------- characterisation
-
-
-def _decoder(cfg: Any) -> tuple[Any, str]:
-    from ga_ray.atoms.characterise import Decoder
-
+    bar = tqdm(desc=f"atoms (seed {seed})", unit="step", disable=not progress)
     try:
-        from ga_ray.model.loading import load_tokenizer
-
-        tok = load_tokenizer(cfg.model)
-        return Decoder(tok), str(cfg.model.tokenizer or cfg.model.path)
-    except Exception as exc:  # no tokenizer: show token ids, and say why
-        log.warning("coherence: no tokenizer (%s); excerpts show token ids", exc)
-        return Decoder(None), f"none ({type(exc).__name__}: {exc})"
+        result = fit(pool, plan, settings, device=device, resume=resume, on_checkpoint=on_ckpt, on_step=on_step, progress=bar)
+    finally:
+        bar.close()
+        pool.shutdown()
+    return result, plan
 
 
-def characterise(cfg: Any, data_dir: Path, top_doc_ids: Sequence[Sequence[int]], coherence: np.ndarray) -> dict[str, Any]:
-    """characterisation.json content: excerpts, keywords, optional labels."""
-    from ga_ray.atoms.characterise import characterise_atoms, label_atoms, sample_ids, split_prompt_response
-
-    cc = cfg.coherence
-    t0 = time.perf_counter()
-    decoder, tok_desc = _decoder(cfg)
-    all_ids = read_documents(data_dir, columns=["doc_id"]).column("doc_id").to_numpy()
-    bg_ids = sample_ids(all_ids, cc.background_docs, seed=cfg.seed)
-    need = sorted({int(d) for t in top_doc_ids for d in t} | {int(d) for d in bg_ids})
-    table = read_documents(data_dir, need)
-    docs = {int(d): (ids, m) for d, ids, m in zip(table.column("doc_id").to_pylist(), table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())}
-    bg_resp = decoder.many([split_prompt_response(*docs[int(d)])[1] for d in bg_ids]) if len(bg_ids) else []
-    per_atom = characterise_atoms(
-        top_doc_ids, docs, bg_resp, decoder, n_examples=cc.examples_per_atom, excerpt_chars=cc.excerpt_chars, n_keywords=cc.n_keywords
-    )
-    out: dict[str, Any] = {
-        "tokenizer": tok_desc,
-        "background_docs": int(len(bg_ids)),
-        "keywords_method": "log-odds with an informative Dirichlet prior (Monroe et al. 2008), top responses vs all responses",
-        "label_endpoint": cc.label_endpoint,
-        "label_model": cc.label_model,
-        "labels": {"requested": 0, "ok": 0, "errors": 0},
-    }
-    if cc.label_endpoint:
-        order = [int(k) for k in np.argsort(-np.nan_to_num(coherence, nan=-np.inf), kind="stable") if len(top_doc_ids[k]) > 0]
-        chosen = order[: cc.label_top_atoms]
-        res = label_atoms(per_atom, chosen, cc.label_endpoint, cc.label_model, timeout_s=cc.label_timeout_s, api_key_env=cc.label_api_key_env)
-        out["labels"] = {"requested": len(res), "ok": sum(1 for r in res.values() if r["label"]), "errors": sum(1 for r in res.values() if r["error"])}
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["atoms"] = {str(k): v for k, v in per_atom.items()}
-    return out
-
-
-# -------------------------------------------------------------------------------------- discovery
-
-
-def read_kmeans(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    path = Path(atoms_dir) / "kmeans.parquet"
-    if not path.exists():
-        return None
-    t = pq.read_table(str(path))
-    dist = t.column("distance").to_numpy() if "distance" in t.column_names else None
-    return t.column("doc_id").to_numpy().astype(np.int64), t.column("cluster").to_numpy().astype(np.int64), dist
-
-
-def score_discovery(cfg: Any, data_dir: Path, atoms_dir: Path, code_doc, code_atom, oriented, n_atoms, top_doc_ids, coherence) -> dict[str, Any] | None:
-    """The discovery score, or None when there is no label column. The ONLY reader of the label."""
-    from ga_ray.atoms.discovery import Families, discovery_scores, read_labels
-
-    column = cfg.coherence.label_column
-    if not column:
-        return None
-    labels = read_labels(data_dir, column)
-    if labels is None:
-        return None
-    fam = Families(*labels)
-    out = discovery_scores(
-        fam, code_doc, code_atom, oriented, n_atoms, top_doc_ids, coherence, kmeans=read_kmeans(atoms_dir), top_n=cfg.coherence.top_docs
-    )
-    out["label_column"] = column
-    return out
-
-
-# ---------------------------------------------------------------------------------------- stage
-
-
-def orient_and_rank(atoms_dir: Path, top_n: int) -> dict[str, Any]:
-    """Orientation, counts and top documents from atoms/ (pure bookkeeping, shared with the sweep)."""
-    D = read_dictionary(atoms_dir)
-    doc, atom, coef = read_codes(atoms_dir)
-    K = int(D.shape[0])
-    o = orient(atom, coef, K)
-    oc = oriented_coefs(atom, coef, o)
-    top_ids, top_coefs = top_documents(doc, atom, oc, K, top_n)
+def _training_summary(r: FitResult, plan: StreamPlan) -> dict[str, Any]:
     return {
-        "dictionary": D,
-        "orientation": o,
-        "doc": doc,
-        "atom": atom,
-        "oriented": oc,
-        "K": K,
-        "top_ids": top_ids,
-        "top_coefs": top_coefs,
-        "n_active": active_counts(atom, coef, K),
-        "n_positive": positive_counts(atom, oc, K),
+        "steps": r.steps,
+        "epochs": round(r.epochs, 4),
+        "stop_reason": r.stop_reason,
+        "heldout_rows": int(len(plan.heldout)),
+        "train_rows": int(plan.n_train),
+        "batch_size": plan.batch_size,
+        "dead_atoms_resampled": r.state.n_dead_resampled,
+        "duplicate_atoms_resampled": r.state.n_dup_resampled,
+        "unconverged_coder_rows": r.n_unconverged_rows,
+        "heldout_objective": r.history[-1]["objective"] if r.history else None,
+        "history": r.history,
     }
 
 
-def atoms_table(r: dict[str, Any], res: CoherenceResult) -> pa.Table:
-    K = r["K"]
-    return pa.table(
-        {
-            "atom": pa.array(np.arange(K, dtype=np.int32)),
-            "coherence": pa.array(res.coherence.astype(np.float64)),
-            "n_active_docs": pa.array(r["n_active"].astype(np.int64)),
-            "n_positive_docs": pa.array(r["n_positive"].astype(np.int64)),
-            "top_doc_ids": pa.array(r["top_ids"], pa.list_(pa.int64())),
-            "top_coefs": pa.array(r["top_coefs"], pa.list_(pa.float32())),
-            "sign_flipped": pa.array(r["orientation"].flipped),
-            "coef_sum": pa.array(r["orientation"].coef_sum.astype(np.float64)),
-            "n_invalid_top_docs": pa.array(res.n_invalid.astype(np.int64)),
-        }
-    )
+def _fit_one(gradients_dir: Path, cfg: DictionaryConfig, seed: int, out_dir: Path | None, ckpt: str) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:
+    """(dictionary, training summary, timings) for one seed with the configured backend."""
+    if cfg.backend == "sklearn":
+        from ga_ray.atoms.sklearn_backend import fit_sklearn, normalise
+
+        t0 = time.perf_counter()
+        _, Z = read_all(gradients_dir)
+        X = normalise(Z)
+        read_s = time.perf_counter() - t0
+        res = fit_sklearn(X, cfg.n_atoms, cfg.alpha, min(cfg.batch_size, X.shape[0]), seed, cfg.sklearn_max_iter)
+        return res["dictionary"], {"steps": res["n_steps"], "epochs": res["n_iter"], "stop_reason": "sklearn"}, {"read_s": read_s, "fit_s": res["fit_s"]}
+    t0 = time.perf_counter()
+    r, plan = fit_torch(gradients_dir, cfg, seed, out_dir=out_dir, checkpoint_name=ckpt)
+    timings = {f"fit_{k}": round(v, 3) for k, v in r.timings.items()}
+    timings["fit_s"] = time.perf_counter() - t0
+    return r.state.D.cpu().numpy(), _training_summary(r, plan), timings
 
 
-def coherence_counts(coherence: np.ndarray) -> dict[str, int]:
-    c = np.asarray(coherence, dtype=np.float64)
-    fin = np.isfinite(c)
-    return {"gt_0.5": int((c[fin] > 0.5).sum()), "gt_0.1": int((c[fin] > 0.1).sum()), "scored": int(fin.sum()), "total": int(len(c))}
-
-
-def run_coherence(ctx: StageContext) -> dict[str, Any]:
-    cfg = ctx.cfg
-    cc = cfg.coherence
-    atoms_dir = ctx.out
-    t_start = time.perf_counter()
+def run_atoms(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg.dictionary
+    grad_dir = ctx.stage_dir("gradients")
+    if not grad_dir.exists() or not gradient_files(grad_dir):
+        raise StageError(f"no projected gradients in {grad_dir}: run the gradients stage first (`ga-ray gradients`)")
+    pieces = list_pieces(grad_dir, cfg.max_piece_rows)
+    n_docs = sum(p.n_rows for p in pieces)
+    if n_docs < 2:
+        raise StageError(f"{grad_dir} holds {n_docs} document(s): dictionary learning needs at least 2")
+    if cfg.n_atoms < 1:
+        raise StageError(f"dictionary.n_atoms must be at least 1 (got {cfg.n_atoms})")
+    dim = gradient_dim(grad_dir)
+    init_ray(ctx.cfg.ray)
+    out = ctx.out
+    t_all = time.perf_counter()
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
-    r = orient_and_rank(atoms_dir, cc.top_docs)
-    o = r["orientation"]
-    write_safetensors_atomic(
-        {"dictionary": (r["dictionary"] * o.sign[:, None]).astype(np.float32), "sign": o.sign.astype(np.float32)},
-        atoms_dir / "dictionary_oriented.safetensors",
-        metadata={"note": "row k = sign[k] * dictionary.safetensors row k; active documents' coefficients sum >= 0"},
+    seeds = [cfg.seed + i for i in range(max(1, cfg.n_seeds))]
+    D, training, t = _fit_one(grad_dir, cfg, seeds[0], out, "checkpoint")
+    timings.update(t)
+    write_dictionary(out / "dictionary.safetensors", D, metadata={"backend": cfg.backend, "alpha": str(cfg.alpha), "seed": str(seeds[0])})
+
+    # final encoding pass (Ray Data map_batches) → codes.parquet + metrics
+    t0 = time.perf_counter()
+    from ga_ray.atoms.encode import encode_dataset
+
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    enc = encode_dataset(
+        grad_dir,
+        torch.from_numpy(D),
+        cfg.alpha,
+        tol=cfg.lasso_tol,
+        max_iter=cfg.lasso_max_iter,
+        codes_path=out / "codes.parquet",
+        num_workers=max(1, cfg.num_workers),
+        use_gpu=use_gpu,
+        batch_size=cfg.encode_batch_size,
+        cpus_per_worker=cfg.cpus_per_worker,
     )
-    timings["orient_s"] = round(time.perf_counter() - t, 3)
+    timings["encode_s"] = time.perf_counter() - t0
+    coh = mutual_coherence(D)
 
-    res = compute_coherence(cfg, ctx.data_dir, ctx.adapter_path(), r["top_ids"])
-    timings["coherence_s"] = res.stats.get("seconds", 0.0)
-    write_parquet_atomic(atoms_table(r, res), atoms_dir / "atoms.parquet")
+    kmeans_info: dict[str, Any] | None = None
+    if cfg.kmeans_clusters:
+        from ga_ray.atoms.kmeans import kmeans_clusters, write_kmeans
 
-    t = time.perf_counter()
-    char = characterise(cfg, ctx.data_dir, r["top_ids"], res.coherence)
-    atomic_write_json(atoms_dir / "characterisation.json", char)
-    timings["characterise_s"] = round(time.perf_counter() - t, 3)
+        t0 = time.perf_counter()
+        km = kmeans_clusters(grad_dir, cfg.kmeans_clusters, cfg.seed, cfg.max_piece_rows)
+        write_kmeans(out / "kmeans.parquet", km["doc_ids"], km["labels"])
+        sizes = np.bincount(km["labels"], minlength=km["n_clusters"])
+        kmeans_info = {"n_clusters": km["n_clusters"], "inertia": km["inertia"], "n_iter": km["n_iter"], "cluster_sizes": sizes.tolist()}
+        timings["kmeans_s"] = time.perf_counter() - t0
+    elif (out / "kmeans.parquet").exists():  # a baseline from an earlier configuration would mislead
+        (out / "kmeans.parquet").unlink()
 
-    # the discovery score: last, and the only step that reads the label column
-    t = time.perf_counter()
-    disc = score_discovery(cfg, ctx.data_dir, atoms_dir, r["doc"], r["atom"], r["oriented"], r["K"], r["top_ids"], res.coherence)
-    disc_path = atoms_dir / "discovery.json"
-    if disc is not None:
-        atomic_write_json(disc_path, disc)
-    elif disc_path.exists():
-        disc_path.unlink()  # a score from earlier data must not outlive it
-    timings["discovery_s"] = round(time.perf_counter() - t, 3)
+    stability: dict[str, Any] | None = None
+    if len(seeds) > 1:
+        from ga_ray.atoms.stability import stability_report
 
-    counts = coherence_counts(res.coherence)
-    top5 = [int(k) for k in np.argsort(-np.nan_to_num(res.coherence, nan=-np.inf), kind="stable")[:5] if np.isfinite(res.coherence[k])]
-    summary: dict[str, Any] = {
-        "n_atoms": r["K"],
-        "n_flipped": int(o.flipped.sum()),
-        "coherence_gt_0.5": counts["gt_0.5"],
-        "coherence_gt_0.1": counts["gt_0.1"],
-        "n_scored": counts["scored"],
-        "top_atoms": [{"atom": k, "coherence": round(float(res.coherence[k]), 4)} for k in top5],
-        "compute": res.stats,
-        "timings": timings,
-        "wall_s": round(time.perf_counter() - t_start, 3),
-        "labels": char["labels"],
-        "discovery": None,
+        t0 = time.perf_counter()
+        dicts = [D]
+        for i, s in enumerate(seeds[1:], start=1):
+            Di, _, _ = _fit_one(grad_dir, cfg, s, out, f"checkpoint_seed{i}")
+            dicts.append(Di)
+        stability = stability_report(dicts, seeds)
+        timings["stability_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    timings = {k: round(float(v), 3) for k, v in timings.items()}
+
+    metrics = {
+        "backend": cfg.backend,
+        "n_docs": enc["n_docs"],
+        "dim": dim,
+        "n_atoms": int(D.shape[0]),
+        "alpha": cfg.alpha,
+        "objective": enc["objective"],
+        "reconstruction": enc["reconstruction"],
+        "l1": enc["l1"],
+        "fvu": enc["fvu"],
+        "fvu_uncentred": enc["fvu_uncentred"],
+        "l0_per_doc": {"mean": enc["l0_mean"], "median": enc["l0_median"], "p99": enc["l0_p99"]},
+        "docs_per_atom_median": enc["docs_per_atom_median"],
+        "docs_per_atom_median_used": enc["docs_per_atom_median_used"],
+        "dead_atoms": enc["dead_atoms"],
+        "mutual_coherence": coh,
+        "training": training,
+        "kmeans": kmeans_info,
+        "stability": stability,
+        "timings_s": timings,
     }
+    atomic_write_json(out / "metrics.json", metrics)
+    for i in range(len(seeds)):
+        remove_checkpoint(out, "checkpoint" if i == 0 else f"checkpoint_seed{i}")
     line = (
-        f"{r['K']} atoms ({summary['n_flipped']} flipped), coherence > 0.5: {counts['gt_0.5']}, > 0.1: {counts['gt_0.1']} "
-        f"(of {counts['scored']} scored); {res.stats.get('n_union', 0)} top documents recomputed"
+        f"{D.shape[0]} atoms over {enc['n_docs']} docs (D={dim}, {cfg.backend}): objective {enc['objective']:.4f}, "
+        f"FVU {enc['fvu']:.3f}, L0 {enc['l0_mean']:.1f}/doc, {enc['dead_atoms']} dead, coherence max {coh['max']:.3f}"
     )
-    if disc is not None:
-        a, b = disc["atoms_best"], disc["atoms_union"]
-        summary["discovery"] = {
-            "mean_best_f1": round(a["mean_f1"], 4),
-            "n_recovered_best": a["n_recovered"],
-            "mean_union_f1": round(b["mean_f1"], 4),
-            "n_recovered_union": b["n_recovered"],
-            "n_families": disc["n_families"],
-        }
-        line += f"; discovery: {b['n_recovered']}/{disc['n_families']} families at F1 >= 0.5 (union), mean best F1 {a['mean_f1']:.3f}"
-        if "kmeans" in disc:
-            line += f" vs k-means {disc['kmeans']['best']['mean_f1']:.3f}"
-    else:
-        line += f"; no label column {cc.label_column!r} in data/: discovery score skipped" if cc.label_column else "; discovery score off"
-    summary["line"] = line
-    return summary
+    if stability:
+        line += f", stable>0.9 {stability['share_above_0.9']:.0%}"
+    return {
+        "line": line,
+        "objective": enc["objective"],
+        "fvu": enc["fvu"],
+        "l0_mean": enc["l0_mean"],
+        "dead_atoms": enc["dead_atoms"],
+        "steps": training.get("steps"),
+        "epochs": training.get("epochs"),
+        "wall_s": timings["total_s"],
+    }
+
+
+def run_stability(gradients_dir: Path, cfg: DictionaryConfig, ray_cfg: RayConfig | None = None, seeds: int = 3) -> dict[str, Any]:
+    """Fit `seeds` seeds (cfg.seed, cfg.seed+1, …) and report atom stability (no files written)."""
+    from ga_ray.atoms.stability import stability_report
+
+    init_ray(ray_cfg or RayConfig())
+    ss = [cfg.seed + i for i in range(seeds)]
+    dicts = [_fit_one(Path(gradients_dir), cfg, s, None, "")[0] for s in ss]
+    return stability_report(dicts, ss)
+
+
+def load_dictionary(atoms_dir: Path) -> torch.Tensor:
+    return read_dictionary(Path(atoms_dir) / "dictionary.safetensors")
+
+
+__all__ = ["run_atoms", "run_stability", "seeds_override", "fit_torch", "make_plan", "fit_settings", "load_dictionary"]

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ga_ray.bench.common import machine_info, print_table
-from ga_ray.dictionary.lasso import gram, lasso_gram, row_objective
-from ga_ray.dictionary.synthetic import planted_atoms, recovery
-from ga_ray.dictionary.trainer import FitSettings, learn_dictionary
+from ga_ray.atoms.lasso import gram, lasso_gram, row_objective
+from ga_ray.atoms.synthetic import planted_atoms, recovery
+from ga_ray.atoms.trainer import FitSettings, learn_dictionary
 
 
 class _Reached(Exception):
@@ -58,7 +58,7 @@ def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
     from dataclasses import replace
 
     from ga_ray.config import DictionaryConfig
-    from ga_ray.dictionary.stage import fit_settings
+    from ga_ray.atoms.stage import fit_settings
 
     c = DictionaryConfig()
     return replace(fit_settings(c, c.seed), n_atoms=n_atoms, alpha=alpha, **kw)
@@ -67,7 +67,7 @@ def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
 def _run_sklearn(X: np.ndarray, n_atoms: int, alpha: float, threads: int) -> tuple[float, float, np.ndarray, int]:
     from threadpoolctl import threadpool_limits
 
-    from ga_ray.dictionary.sklearn_backend import paper_estimator
+    from ga_ray.atoms.sklearn_backend import paper_estimator
 
     with threadpool_limits(threads):
         est = paper_estimator(n_atoms, alpha, 256, 42)
@@ -154,8 +154,8 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
 
 def step_cost_grid(quick: bool) -> dict[str, Any]:
     """Median wall time of one full online step (code + statistics + BCD + Gram) for a grid of K, D."""
-    from ga_ray.dictionary.lasso import sparse_encode
-    from ga_ray.dictionary.online import OnlineState, online_step
+    from ga_ray.atoms.lasso import sparse_encode
+    from ga_ray.atoms.online import OnlineState, online_step
 
     ks = [16, 32] if quick else [250, 500, 1000]
     ds = [64, 128] if quick else [1700, 3400, 6800]
@@ -201,7 +201,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         if run_dir:
             from pathlib import Path
 
-            from ga_ray.dictionary.sklearn_backend import normalise
+            from ga_ray.atoms.sklearn_backend import normalise
             from ga_ray.gradients.io import read_z
 
             _, Z = read_z(Path(run_dir) / "gradients")

@@ -142,7 +142,7 @@ def paper_loop_gradients(model, blocks, rows: list[dict]) -> list[dict]:
 
 
 def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, max_tokens: int, top_k: int) -> dict[str, Any]:
-    from ga_ray.ekfac.stage import run_factors
+    from ga_ray.factors.stage import run_factors
 
     ctx = scratch_stage(root, f"run_w{workers}", "factors", world, {"data": data_dir}, [
         f"factors.num_workers={workers}",
@@ -178,11 +178,11 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     import torch
 
     from ga_ray.config import ModelConfig
-    from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, bucketed_batches, compute_factors
-    from ga_ray.gradients.per_document import per_document_gradients
-    from ga_ray.model.loading import load_lora_model
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.collate import collate
+    from ga_ray.factors.compute import FactorSettings, bucketed_batches, compute_factors
+    from ga_ray.kernel.per_document import per_document_gradients
+    from ga_ray.kernel.loading import load_lora_model
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     n_docs = int(opts.get("n_docs", 32 if quick else 512))
     loop_docs = int(opts.get("loop_docs", 8 if quick else 64))

@@ -90,9 +90,9 @@ def _build_synthetic(root: Path, quick: bool) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ga_ray.data.collate import collate
-    from ga_ray.ekfac.compute import FactorSettings, compute_factors
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.collate import collate
+    from ga_ray.factors.compute import FactorSettings, compute_factors
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     base = _llama(**SYNTH)
     base.save_pretrained(root / "base_model")
@@ -188,7 +188,7 @@ def _masked_ce(model, batch):
 
 def paper_method(model, blocks, projector, rows: list[dict]) -> None:
     """(b) one document per forward/backward pass, reading `param.grad`, then projecting."""
-    from ga_ray.data.collate import collate
+    from ga_ray.kernel.collate import collate
 
     params = dict(model.named_parameters())
     weights = [params[b.name] for b in blocks]
@@ -202,7 +202,7 @@ def paper_method(model, blocks, projector, rows: list[dict]) -> None:
 
 def train_steps(model, optimizer, rows: list[dict], batches: list[np.ndarray]) -> None:
     """(c) plain batched training steps over the given batches of `rows`."""
-    from ga_ray.data.collate import collate
+    from ga_ray.kernel.collate import collate
 
     for idx in batches:
         batch = collate([rows[i] for i in idx])
@@ -216,8 +216,8 @@ def _trainable_lora_model(model_cfg: Any, adapter: Path):
     """The model with only its LoRA weights trainable (as when fine-tuning), and its LoRA blocks."""
     import torch
 
-    from ga_ray.model.loading import load_lora_model
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.loading import load_lora_model
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     model = load_lora_model(model_cfg, adapter, "cpu", torch.float32)
     blocks = find_lora_blocks(model)
@@ -234,10 +234,10 @@ def _memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     `GradientComputer`) or "train" (forward, backward into param.grad, AdamW step)."""
     import torch
 
-    from ga_ray.ekfac.factors import FactorBlock, Factors
-    from ga_ray.ekfac.projection import Projector
+    from ga_ray.factors.factors import FactorBlock, Factors
+    from ga_ray.factors.projection import Projector
     from ga_ray.gradients.actor import GradientComputer, proc_status_mb
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     torch.set_num_threads(1)
     h = spec["hidden"]
@@ -306,9 +306,9 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     import torch
 
     from ga_ray.config import RayConfig
-    from ga_ray.ekfac.projection import Projector
+    from ga_ray.factors.projection import Projector
     from ga_ray.gradients.actor import load_computer
-    from ga_ray.gradients.batching import naive_batches, padding_stats, plan_windowed
+    from ga_ray.kernel.batching import naive_batches, padding_stats, plan_windowed
     from ga_ray.raycluster import init_ray
 
     actors = [int(a) for a in opts.get("actors", [1, 2])]

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ga_ray.data.errors import BadRow, count_by_kind, format_bad_rows
 from ga_ray.data.readers import PROMPT_RESPONSE, Source, read_source
 from ga_ray.data.tokenize import COL_FILE, COL_KIND, COL_MESSAGES, COL_POS, COL_REASON, COL_TRUNCATED, COL_WHERE, INTERNAL_PREFIX, tokenize_table
-from ga_ray.model.loading import load_tokenizer
+from ga_ray.kernel.loading import load_tokenizer
 from ga_ray.pipeline import StageContext, StageError
 from ga_ray.raycluster import init_ray
 from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ga_ray.evaluation.detectors import DETECTORS
+from ga_ray.detectors import DETECTORS
 
 
 def _lines(text: str) -> list[str]:

@@ -1,5 +1,5 @@
 """The format table: greedy decoding on a demo world's held-out prompts, scored by the family format
-checks (`ga_ray.demo.formats`) and the behaviour detectors (`ga_ray.evaluation.detectors`).
+checks (`ga_ray.demo.formats`) and the behaviour detectors (`ga_ray.detectors`).
 
 Targets (issue 2): every deterministic family's format rate >= 80%, every behaviour's rate on its 100
 evaluation prompts within [15%, 85%] (headroom for steering in both directions).
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ga_ray.evaluation.detectors import DETECTORS, rate
+from ga_ray.detectors import DETECTORS, rate
 
 FAMILY_TARGET = 0.80
 BEHAVIOUR_RANGE = (0.15, 0.85)

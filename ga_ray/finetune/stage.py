@@ -3,7 +3,7 @@
 - Data: `ray.data.read_parquet(data/)` passed to the trainer; each worker loads its equal shard
   (`ray.train.get_dataset_shard`) once, sorted by doc_id, and shuffles it per epoch from the seed
   (`epoch_batches`), in length-sorted buckets so that batches pad little, padded with
-  `ga_ray.data.collate.collate`. With one worker a fine-tune is reproducible bit for bit; with several,
+  `ga_ray.kernel.collate.collate`. With one worker a fine-tune is reproducible bit for bit; with several,
   Ray Data's split decides which worker holds which document.
 - Loss: next-token cross-entropy over response tokens only (`loss_mask[t] == 1` means token t is a
   target predicted from t-1), averaged over the batch's response tokens.
@@ -124,8 +124,8 @@ def _train_loop(conf: dict) -> None:
     import torch
     from peft import get_peft_model
 
-    from ga_ray.data.collate import collate
-    from ga_ray.model.loading import load_base_model
+    from ga_ray.kernel.collate import collate
+    from ga_ray.kernel.loading import load_base_model
 
     ft = FinetuneConfig.model_validate(conf["finetune"])
     model_cfg = ModelConfig.model_validate(conf["model"])
@@ -223,7 +223,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ga_ray.model.loading import load_tokenizer
+    from ga_ray.kernel.loading import load_tokenizer
     from ga_ray.raycluster import init_ray, resolve_use_gpu
 
     cfg = ctx.cfg
@@ -322,7 +322,7 @@ def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], dict |
     import torch
 
     from ga_ray.finetune.format_table import format_table_text, run_format_table
-    from ga_ray.model.loading import load_lora_model
+    from ga_ray.kernel.loading import load_lora_model
 
     ft = cfg.finetune
     t0 = time.perf_counter()

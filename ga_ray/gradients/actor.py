@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.gradients.batching import PaddingStats, padding_stats, plan_batches
+from ga_ray.kernel.batching import PaddingStats, padding_stats, plan_batches
 from ga_ray.pipeline import StageError
 
 # Fault injection for the tests: a flag-file path. The first window that any incarnation of any
@@ -118,8 +118,8 @@ class GradientComputer:
 
     def run(self, columns: Mapping[str, Any]) -> WindowResult:
         """One window: columns `doc_id`, `input_ids`, `loss_mask` (lists per row), as Ray Data gives them."""
-        from ga_ray.data.collate import collate
-        from ga_ray.gradients.per_document import per_document_gradients
+        from ga_ray.kernel.collate import collate
+        from ga_ray.kernel.per_document import per_document_gradients
 
         torch = self._torch
         doc_ids = np.asarray(columns["doc_id"], dtype=np.int64)
@@ -184,9 +184,9 @@ def load_computer(
     """Load model + adapter + factors onto `device` and check that their LoRA blocks agree."""
     import torch
 
-    from ga_ray.ekfac.projection import Factors, Projector
-    from ga_ray.model.loading import load_lora_model
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.factors.projection import Factors, Projector
+    from ga_ray.kernel.loading import load_lora_model
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     dev = torch.device(device)
     model = load_lora_model(model_cfg, adapter_path, device=dev, dtype=None)

@@ -34,7 +34,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
-from ga_ray.gradients.batching import naive_batches, padding_stats
+from ga_ray.kernel.batching import naive_batches, padding_stats
 from ga_ray.pipeline import StageContext, StageError
 from ga_ray.raycluster import init_ray, resolve_num_gpus
 from ga_ray.rundir import atomic_dir, atomic_write_json

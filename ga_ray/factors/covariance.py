@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ga_ray.gradients.per_document import PerDocResult
-from ga_ray.model.lora_blocks import LoraBlock
+from ga_ray.kernel.per_document import PerDocResult
+from ga_ray.kernel.lora_blocks import LoraBlock
 
 
 class NonFiniteTracker:

@@ -6,7 +6,7 @@ worker assignment is a pure function of the seed, so the global mini-batch is th
 W, which `streaming_split`'s dynamic assignment does not guarantee). Per step the driver `ray.put`s
 the dictionary and its Gram matrix once; every actor codes its rows of the batch and returns them
 with their codes and costs; the driver merges the parts in stream order and updates (see
-`ga_ray.dictionary.trainer`).
+`ga_ray.atoms.trainer`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ga_ray.dictionary.io import ParquetPieceReader, Piece
-from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
-from ga_ray.dictionary.trainer import _merge_rows
+from ga_ray.atoms.io import ParquetPieceReader, Piece
+from ga_ray.atoms.stream import BlockCoder, CodedPart, StreamPlan
+from ga_ray.atoms.trainer import _merge_rows
 
 
 class CoderActorImpl:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ga_ray.dictionary.io import KMEANS_SCHEMA, ParquetPieceReader, list_pieces
+from ga_ray.atoms.io import KMEANS_SCHEMA, ParquetPieceReader, list_pieces
 from ga_ray.rundir import atomic_write_bytes
 
 
@@ -37,7 +37,7 @@ def kmeans_clusters(gradients_dir: Path, n_clusters: int, seed: int, max_piece_r
     from dask_ml.cluster import KMeans
     from ray.util.dask import ray_dask_get
 
-    from ga_ray.dictionary.io import gradient_dim
+    from ga_ray.atoms.io import gradient_dim
 
     pieces = list_pieces(gradients_dir, max_piece_rows)
     P = gradient_dim(gradients_dir)

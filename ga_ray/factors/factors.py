@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from ga_ray.ekfac.eigen import eigen_scores, lambda_mass_kept
+from ga_ray.errors import GaRayError
+
+from ga_ray.factors.eigen import eigen_scores, lambda_mass_kept
 
 FORMAT_VERSION = 1
 TENSORS = ("C_A", "C_S", "Q_A", "lambda_A", "Q_S", "lambda_S", "Lambda", "selected")
@@ -25,7 +27,7 @@ MATRIX_DTYPE = torch.float32
 VECTOR_DTYPE = torch.float64
 
 
-class FactorsError(ValueError):
+class FactorsError(GaRayError, ValueError):
     """`factors/` is missing, incomplete or inconsistent; the message says what to re-run."""
 
 

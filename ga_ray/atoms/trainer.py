@@ -1,7 +1,7 @@
 """The driver loop of the online learner: broadcast D, gather coded parts, update, evaluate, stop.
 
 Pure torch (no Ray, no files). The workers are behind a small `Pool` interface: `LocalPool` runs
-`BlockCoder`s in this process (the core learner, tests), `ga_ray.dictionary.distributed.RayPool`
+`BlockCoder`s in this process (the core learner, tests), `ga_ray.atoms.distributed.RayPool`
 runs them as Ray actors. The loop is the same for both, so one worker and W workers follow the same
 trajectory: parts are merged in stream order before anything is summed.
 
@@ -22,16 +22,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ga_ray.dictionary.lasso import gram
-from ga_ray.dictionary.online import (
+from ga_ray.atoms.lasso import gram
+from ga_ray.atoms.online import (
     OnlineState,
     StepResult,
     init_dictionary_from_rows,
     init_dictionary_svd,
     online_step,
 )
-from ga_ray.dictionary.stream import BlockCoder, CodedPart, StreamPlan
-from ga_ray.dictionary.threads import small_ops
+from ga_ray.atoms.stream import BlockCoder, CodedPart, StreamPlan
+from ga_ray.atoms.threads import small_ops
 
 
 class Pool(Protocol):
@@ -282,7 +282,7 @@ def learn_dictionary(
 
     `world` > 1 splits the rows over that many in-process coders (same trajectory as 1).
     """
-    from ga_ray.dictionary.stream import even_pieces, tensor_reader
+    from ga_ray.atoms.stream import even_pieces, tensor_reader
 
     Z = Z.detach().cpu().numpy() if isinstance(Z, torch.Tensor) else np.asarray(Z)
     n = Z.shape[0]

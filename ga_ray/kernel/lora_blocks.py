@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ga_ray.errors import GaRayError
 from torch import nn
 
 
-class LoraBlockError(ValueError):
+class LoraBlockError(GaRayError, ValueError):
     """The model's LoRA layout is not one this tool can analyse; the message says why."""
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ga_ray.ekfac.factors import Factors, FactorsError
+from ga_ray.factors.factors import Factors, FactorsError
 
 __all__ = ["Factors", "FactorsError", "Projector"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ga_ray.ekfac.covariance import NonFiniteTracker
+from ga_ray.factors.covariance import NonFiniteTracker
 
 
 @dataclass

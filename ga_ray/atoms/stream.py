@@ -12,7 +12,7 @@ Concatenating the permuted windows gives the epoch's row stream; mini-batch t is
 of W loads the pieces at window slots j ≡ r (mod W) and codes the batch rows that fall in them, so
 the global batch is the same rows whatever W is, and a worker holds at most two windows' worth of
 its rows: memory does not grow with N. Pure numpy/torch (no Ray, no files); the Parquet reader is in
-`ga_ray.dictionary.io`.
+`ga_ray.atoms.io`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ga_ray.dictionary.lasso import lasso_gram, row_objective
-from ga_ray.dictionary.threads import gemm
+from ga_ray.atoms.lasso import lasso_gram, row_objective
+from ga_ray.atoms.threads import gemm
 
 # A piece reader: piece index → (doc_ids int64 [n], Z float32 [n, P]) of that piece, in stored order.
 PieceReader = Callable[[int], tuple[np.ndarray, np.ndarray]]

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ga_ray.dictionary.io import CODES_SCHEMA
-from ga_ray.dictionary.lasso import gram, lasso_gram, row_objective
-from ga_ray.dictionary.stream import normalise_rows
+from ga_ray.atoms.io import CODES_SCHEMA
+from ga_ray.atoms.lasso import gram, lasso_gram, row_objective
+from ga_ray.atoms.stream import normalise_rows
 from ga_ray.gradients.io import column_to_numpy
 
 ENC_SCHEMA = pa.schema(
@@ -207,7 +207,7 @@ def encode_dataset(
     import ray
     import ray.data
 
-    from ga_ray.dictionary.io import gradient_files
+    from ga_ray.atoms.io import gradient_files
 
     files = [str(f) for f in gradient_files(gradients_dir)]
     ctx = ray.data.DataContext.get_current()

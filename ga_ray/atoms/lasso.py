@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ga_ray.dictionary.threads import gemm
+from ga_ray.atoms.threads import gemm
 
 # Largest (rows × m × m) float64 block built at once (elements); larger batches are split by rows.
 _MAX_BLOCK_ELEMS = 24_000_000

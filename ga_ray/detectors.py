@@ -127,3 +127,37 @@ def behaviour_rate(behaviour: str, responses: Iterable[str | None]) -> Rate:
     except KeyError:
         raise KeyError(f"unknown behaviour {behaviour!r}; known: {', '.join(DETECTORS)}") from None
     return rate(det(r) for r in responses)
+
+
+RULES = ("first_line", "any_line", "at_least_n_lines")
+"""How a user detector's regex is applied: to the first non-empty line, to any line, or to at least n lines."""
+
+
+def regex_detector(pattern: str, rule: str = "any_line", n: int = 1, ignore_case: bool = True) -> Callable[[str | None], bool]:
+    """A detector from a regex and a rule (the user detectors of the config)."""
+    if rule not in RULES:
+        raise ValueError(f"detector rule {rule!r}: choose one of {', '.join(RULES)}")
+    rx = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+
+    def detect(response: str | None) -> bool:
+        lines = _text(response).splitlines()
+        if rule == "first_line":
+            first = next((ln.strip() for ln in lines if ln.strip()), "")
+            return bool(rx.search(first))
+        hits = sum(1 for ln in lines if rx.search(ln))
+        return hits >= (n if rule == "at_least_n_lines" else 1)
+
+    return detect
+
+
+def detector_registry(user: Iterable[object] = ()) -> dict[str, Callable[[str | None], bool]]:
+    """The five built-in detectors plus the user's (objects with `name`, `pattern`, `rule`, `n`, `ignore_case`,
+    e.g. `config.DetectorSpec`); a user detector may not reuse a built-in name."""
+    out: dict[str, Callable[[str | None], bool]] = dict(DETECTORS)
+    for spec in user:
+        name = getattr(spec, "name")
+        if name in out:
+            raise ValueError(f"detector {name!r} is defined twice (built-ins: {', '.join(DETECTORS)})")
+        out[name] = regex_detector(getattr(spec, "pattern"), getattr(spec, "rule", "any_line"), getattr(spec, "n", 1),
+                                   getattr(spec, "ignore_case", True))
+    return out

@@ -2,7 +2,7 @@
 gradients, then count documents per atom and coherent atoms.
 
 `ga-ray sweep --alphas 0.01,0.1,1.0` calls `run_sweep(cfg, RunDir(run_dir), alphas)`. For each α the
-atoms stage's own entry point (`ga_ray.dictionary.stage:run_atoms`, with `dictionary.alpha = α`,
+atoms stage's own entry point (`ga_ray.atoms.stage:run_atoms`, with `dictionary.alpha = α`,
 no k-means, one seed) writes a full atoms folder to `report/sweep/alpha_<α>/` (the run's own
 `atoms/` is never touched); the atoms are oriented and ranked as in the coherence stage, and the
 coherence of every α's atoms is computed in ONE pass of the coherence actor pool (the model is loaded
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.atoms.stage import coherence_counts, compute_coherence, orient_and_rank
+from ga_ray.coherence.stage import coherence_counts, compute_coherence, orient_and_rank
 from ga_ray.pipeline import StageContext, StageError
 from ga_ray.rundir import RunDir, atomic_write_json, atomic_write_text
 
@@ -46,9 +46,9 @@ COLUMNS = [
 def fit_with_atoms_stage(cfg: Any, run_dir: RunDir, out: Path) -> dict[str, Any]:
     """Fit one dictionary with the atoms stage's entry point, writing into `out` (an atoms-like folder)."""
     try:
-        from ga_ray.dictionary.stage import run_atoms
+        from ga_ray.atoms.stage import run_atoms
     except ImportError as exc:
-        raise StageError(f"the atoms stage (ga_ray.dictionary.stage:run_atoms) is not available in this build ({exc})") from None
+        raise StageError(f"the atoms stage (ga_ray.atoms.stage:run_atoms) is not available in this build ({exc})") from None
     out.mkdir(parents=True, exist_ok=True)
     return run_atoms(StageContext(cfg=cfg, run_dir=run_dir, stage="atoms", out=out)) or {}
 

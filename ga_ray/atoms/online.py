@@ -23,8 +23,8 @@ import warnings
 import numpy as np
 import torch
 
-from ga_ray.dictionary.lasso import gram
-from ga_ray.dictionary.threads import gemm
+from ga_ray.atoms.lasso import gram
+from ga_ray.atoms.threads import gemm
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
 DEAD_THRESHOLD = 1e-6

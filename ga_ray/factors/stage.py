@@ -1,6 +1,6 @@
 """factors stage: EKFAC factors of every LoRA block, computed by a Ray Train `TorchTrainer` job.
 
-Layers: the math is in `ga_ray.ekfac.compute` (pure, collectives abstracted by a `comm`); this file
+Layers: the math is in `ga_ray.factors.compute` (pure, collectives abstracted by a `comm`); this file
 is the Ray wiring (trainer, dataset shards, the worker loop) and the I/O (`factors/`).
 
 Workers (`factors.num_workers`, gloo on CPU / NCCL on GPU) each read their shard of `data/`
@@ -51,7 +51,7 @@ class _SubsampleFilter:
         self.threshold = threshold
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from ga_ray.ekfac.compute import in_subsample
+        from ga_ray.factors.compute import in_subsample
 
         keep = in_subsample(batch["doc_id"], self.seed, self.threshold)
         return {k: v[keep] for k, v in batch.items()}
@@ -110,8 +110,8 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from ga_ray.bench.common import print_table
-    from ga_ray.ekfac.compute import subsample_threshold
-    from ga_ray.ekfac.factors import Factors
+    from ga_ray.factors.compute import subsample_threshold
+    from ga_ray.factors.factors import Factors
     from ga_ray.raycluster import init_ray, resolve_use_gpu
 
     init_ray(ctx.cfg.ray)
@@ -215,10 +215,10 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     from ga_ray.config import FactorsConfig, ModelConfig
-    from ga_ray.ekfac.compute import FactorSettings, NonFiniteFactorError, bucketed_batches, compute_factors
-    from ga_ray.ekfac.distributed import get_comm
-    from ga_ray.model.loading import load_lora_model
-    from ga_ray.model.lora_blocks import find_lora_blocks
+    from ga_ray.factors.compute import FactorSettings, NonFiniteFactorError, bucketed_batches, compute_factors
+    from ga_ray.factors.distributed import get_comm
+    from ga_ray.kernel.loading import load_lora_model
+    from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     fcfg = FactorsConfig(**config["factors"])
     rank = ray.train.get_context().get_world_rank()
@@ -303,7 +303,7 @@ def _factors_from_payload(payload: dict[str, Any]):
     import torch
     from safetensors.torch import save_file
 
-    from ga_ray.ekfac.factors import Factors
+    from ga_ray.factors.factors import Factors
     from ga_ray.rundir import atomic_write_json
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,18 +17,20 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from ga_ray.errors import GaRayError
 from torch import nn
 
-from ga_ray.data.collate import Batch
-from ga_ray.ekfac.covariance import CovarianceAccumulator, describe_nonfinite
-from ga_ray.ekfac.distributed import LocalComm
-from ga_ray.ekfac.eigen import LambdaAccumulator, eigendecompose, eigen_scores, lambda_mass_kept, select_top_k
-from ga_ray.ekfac.factors import FactorBlock, Factors
-from ga_ray.gradients.per_document import per_document_gradients
-from ga_ray.model.lora_blocks import LoraBlock
+from ga_ray.kernel.collate import Batch
+from ga_ray.factors.covariance import CovarianceAccumulator, describe_nonfinite
+from ga_ray.factors.distributed import LocalComm
+from ga_ray.factors.eigen import LambdaAccumulator, eigendecompose, eigen_scores, lambda_mass_kept, select_top_k
+from ga_ray.factors.factors import FactorBlock, Factors
+from ga_ray.kernel.per_document import per_document_gradients
+from ga_ray.kernel.lora_blocks import LoraBlock
 
 
-class NonFiniteFactorError(ValueError):
+class NonFiniteFactorError(GaRayError, ValueError):
     """A NaN/Inf in a factor; the message names the block and the first batch where it appeared."""
 
 
@@ -228,9 +230,9 @@ def compute_factors(
 # ------------------------------------------------------------------ Λ subsample (seeded, shard-independent)
 def bucketed_batches(columns_iter: Iterable[dict], batch_size: int, max_tokens: int, pad_id: int = 0) -> Iterable[Batch]:
     """Batches from windows of rows (dicts of columns, as Ray Data gives): each window sorted by length
-    and cut by `ga_ray.gradients.batching.plan_batches` (≤ batch_size docs, ≤ max_tokens padded tokens)."""
-    from ga_ray.data.collate import collate
-    from ga_ray.gradients.batching import plan_batches
+    and cut by `ga_ray.kernel.batching.plan_batches` (≤ batch_size docs, ≤ max_tokens padded tokens)."""
+    from ga_ray.kernel.collate import collate
+    from ga_ray.kernel.batching import plan_batches
 
     for cols in columns_iter:
         n = len(cols["doc_id"])

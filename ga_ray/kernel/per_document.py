@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ga_ray.data.collate import Batch
-from ga_ray.model.lora_blocks import LoraBlock, block_modules, block_parameters
+from ga_ray.kernel.collate import Batch
+from ga_ray.kernel.lora_blocks import LoraBlock, block_modules, block_parameters
 
 IGNORE = -100
 
@@ -169,7 +169,7 @@ def per_document_gradients(
 ) -> PerDocResult:
     """Every document's gradient of every LoRA block, from one forward and one backward pass.
 
-    `batch` is right-padded (`ga_ray.data.collate`), on the model's device. The loss of document n
+    `batch` is right-padded (`ga_ray.kernel.collate`), on the model's device. The loss of document n
     is `L_n = Σ_{t≥1} loss_mask[t]·CE(logits[t-1], y_t)` (`mean`: divided by Σ loss_mask), with
     `y` the data's tokens (`labels="empirical"`) or draws from the model's own next-token
     distribution (`labels="true"`), the draw at position t of document n depending only on

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ga_ray.config import ModelConfig
-from ga_ray.pipeline import StageError
+from ga_ray.errors import StageError
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _MAX_SHOWN = 3

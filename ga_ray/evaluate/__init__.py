@@ -1,0 +1,1 @@
+"""evaluate stage: steered variants through the served endpoint; rates, intervals, tests, side effects, controls."""
