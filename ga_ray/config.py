@@ -9,6 +9,7 @@ Unknown keys are errors that name the key and list the allowed ones.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,18 +22,48 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 """A fraction between 0 and 1."""
+PositiveInt = Annotated[int, Field(ge=1)]
+"""A count of at least 1."""
+Positive = Annotated[float, Field(gt=0.0)]
+"""A number above 0."""
+NonNegative = Annotated[float, Field(ge=0.0)]
+"""A number of at least 0."""
+GpuCount = Literal["auto"] | Annotated[float, Field(ge=0.0)]
+"""GPUs per worker: `auto` or a number of at least 0."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class Workers(Section):
+    """The resource fields every stage that starts Ray workers shares (one policy: `ga_ray.resources.plan_workers`)."""
+
+    num_workers: PositiveInt = 1
+    """Ray workers of this stage (Ray Train workers, or the actors of its pool)."""
+    cpus_per_worker: Positive = 1.0
+    """CPUs Ray reserves per worker (fractions are fine; shrunk when the workers would leave no CPU for reading the
+    data). The worker's torch threads are this, rounded down (at least 1)."""
+    gpus_per_worker: GpuCount = "auto"
+    """GPUs per worker: `auto` is 1 when CUDA is available here, else 0."""
+
+
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "finetune": {"use_gpu": "gpus_per_worker"},
+    "factors": {"use_gpu": "gpus_per_worker"},
+    "dictionary": {"use_gpu": "gpus_per_worker"},
+    "gradients": {"num_actors": "num_workers", "cpus_per_actor": "cpus_per_worker", "num_gpus": "gpus_per_worker"},
+    "coherence": {"num_actors": "num_workers", "cpus_per_actor": "cpus_per_worker", "num_gpus": "gpus_per_worker"},
+}
+"""Keys renamed when the resource fields were unified: section -> {old name: new name}."""
+
+
 class RayConfig(Section):
     address: str | None = None
     """Ray cluster to join (e.g. `auto` or `ray://host:10001`). None starts a local Ray in-process."""
-    num_cpus: int | None = None
+    num_cpus: PositiveInt | None = None
     """CPUs for a local Ray (None: all of this machine's)."""
-    execution_no_progress_timeout_s: float = 600.0
+    execution_no_progress_timeout_s: Positive = 600.0
     """Ray Data raises instead of hanging when a pipeline makes no progress for this long."""
 
 
@@ -41,25 +72,31 @@ class DataConfig(Section):
     """Training documents: a JSONL file, a Parquet file or folder, or a `datasets.save_to_disk` folder."""
     format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
     """Input format; `auto` decides from the path."""
-    messages_column: str = "messages"
+    messages_column: str = Field(default="messages", min_length=1)
     """Column holding chat turns as a list of {role, content}."""
-    prompt_column: str = "prompt"
+    prompt_column: str = Field(default="prompt", min_length=1)
     """Column holding the prompt, used when there is no messages column."""
-    response_column: str = "response"
+    response_column: str = Field(default="response", min_length=1)
     """Column holding the response, used when there is no messages column."""
-    id_column: str = "id"
+    id_column: str = Field(default="id", min_length=1)
     """Column used as `doc_id` when present (integers); otherwise the row's position in the source."""
     system_prompt: str | None = None
     """System message prepended to prompt/response rows (None: none)."""
-    max_length: int = 512
-    """Documents longer than this many tokens are truncated (and counted)."""
+    max_length: int = Field(default=512, ge=2)
+    """Documents longer than this many tokens are truncated (and counted); at least 2 (a prompt and a response token)."""
     skip_bad_rows: bool = False
     """Write bad rows to `data/rejected.jsonl` with their reason and prepare the rest, instead of failing with the list of bad rows."""
-    num_blocks: int | None = None
+    max_rejected_share: Share = 0.05
+    """With skip_bad_rows: stop (with the reasons counted) when more than this share of the source's rows is rejected (1.0: no limit)."""
+    special_token_text: Literal["keep", "escape", "reject"] = "keep"
+    """Text in a turn that spells a special token of the tokenizer (e.g. `<|eos|>` typed in a document) is always counted
+    and reported. `keep`: it becomes that control token (as the tokenizer parses it); `escape`: it is tokenised as
+    plain text; `reject`: the row is a bad row."""
+    num_blocks: int | None = Field(default=None, ge=1)
     """Ray Data blocks for tokenisation (None: Ray decides)."""
     split: str | None = None
     """Split to prepare when data.path is a saved `datasets.DatasetDict` (None: its only split, or `train`)."""
-    batch_size: int = 256
+    batch_size: int = Field(default=256, ge=1)
     """Documents per tokeniser call in the Ray Data tasks (one CPU each)."""
 
 
@@ -77,54 +114,50 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = 8
+    r: PositiveInt = 8
     """LoRA rank."""
-    alpha: float = 16.0
+    alpha: Positive = 16.0
     """LoRA alpha; the scale is alpha/r (alpha/sqrt(r) with rsLoRA)."""
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["q_proj", "v_proj"]
     """Module names that get LoRA adapters."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """LoRA dropout during fine-tuning (always inactive during analysis)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA scaling."""
 
 
-class FinetuneConfig(Section):
+class FinetuneConfig(Workers):
+    """finetune stage; `num_workers` are Ray Train workers (DDP; gloo on CPU, NCCL on GPU)."""
+
     enabled: bool = True
     """Run the finetune stage. Off when you bring your own adapter (`model.adapter`)."""
     lora: LoraConfig = LoraConfig()
     """The adapter to train."""
-    epochs: float = 3.0
+    epochs: Positive = 3.0
     """Passes over the data."""
-    learning_rate: float = 2e-3
+    learning_rate: Positive = 2e-3
     """AdamW peak learning rate (linear warm-up, cosine decay)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
-    warmup_fraction: float = 0.05
+    warmup_fraction: Share = 0.05
     """Share of the steps spent warming up."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Documents per optimiser step, summed over workers."""
-    num_workers: int = 1
-    """Ray Train workers (DDP; gloo on CPU, NCCL on GPU)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per Train worker (fractional is fine beside Ray Data on a small machine)."""
-    use_gpu: Literal["auto", True, False] = "auto"
-    """Train on GPUs: `auto` when CUDA is available."""
-    eval_prompts: int = 100
+    eval_prompts: PositiveInt = 100
     """Held-out prompts per family / behaviour for the format table at the end (demo world only)."""
-    max_new_tokens: int = 96
+    max_new_tokens: PositiveInt = 96
     """Greedy decoding length for the format table."""
     format_eval_set: str | None = None
     """A demo world's held-out prompt folder; when set, the stage ends with the format table."""
     format_eval_base: bool = True
     """Also score the base model (adapter off) on the same prompts, so the table shows what the fine-tune changed."""
-    eval_batch_size: int = 64
+    eval_batch_size: PositiveInt = 64
     """Prompts per batched greedy generation in the format table (left padding)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegative = 1.0
     """Gradient clipping (global L2 norm over the LoRA parameters); 0 disables."""
     seed: int = 0
     """Seed of the LoRA initialisation and of the data order."""
-    torch_threads: int | None = None
+    torch_threads: PositiveInt | None = None
     """Torch intra-op threads per Train worker and for the format table (None: cpus_per_worker rounded up)."""
     storage_path: str | None = None
     """Ray Train storage for the checkpoint hand-off (None: a hidden folder in the run directory, removed after the
@@ -136,30 +169,26 @@ def _yaml_bool_to_word(v: Any) -> Any:
     return "true" if v is True else v
 
 
-class FactorsConfig(Section):
+class FactorsConfig(Workers):
+    """factors stage; `num_workers` are Ray Train workers (the blocks' eigendecompositions are spread over them)."""
+
     fisher: Annotated[Literal["true", "empirical"], BeforeValidator(_yaml_bool_to_word)] = "true"
     """`true`: labels sampled from the model at response positions (seeded by doc_id); `empirical`: the data's."""
     eigenvalues: Literal["ekfac", "kfac"] = "ekfac"
     """Rank and scale by the EKFAC-corrected Λ, or by λ_S·λ_A (what the paper's code did)."""
-    top_k: int = 50
+    top_k: PositiveInt = 50
     """Eigen-pairs (i, j) kept per LoRA block; D = blocks × top_k."""
-    epsilon: float = 1e-6
+    epsilon: NonNegative = 1e-6
     """Damping added to the eigenvalues before the square root."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Documents per forward/backward pass."""
-    num_workers: int = 1
-    """Ray Train workers; blocks' eigendecompositions are spread over them."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per Train worker."""
-    use_gpu: Literal["auto", True, False] = "auto"
-    """Use GPUs: `auto` when CUDA is available."""
-    lambda_max_docs: int | None = None
+    lambda_max_docs: PositiveInt | None = None
     """Estimate Λ on a seeded subsample of this many documents (None: all)."""
     reduction: Literal["sum", "mean"] = "sum"
     """Per-document loss: sum over response tokens (the paper's) or mean."""
     seed: int = 0
     """Seed of the true-Fisher label draws."""
-    max_tokens_per_batch: int = 4096
+    max_tokens_per_batch: PositiveInt = 4096
     """Token budget per forward/backward pass (documents × padded length); documents are sorted by
     length within windows of 16 × batch_size, so padding stays small."""
     covariance_dtype: Literal["float32", "float64"] = "float32"
@@ -171,127 +200,115 @@ class FactorsConfig(Section):
     stages need too) or the driver (factors returned through Ray; for clusters without a shared filesystem)."""
 
 
-class GradientsConfig(Section):
-    batch_size: int = 16
+class GradientsConfig(Workers):
+    """gradients stage; `num_workers` are the actors of a Ray Data pool, each holding the model, adapter and factors once."""
+
+    batch_size: PositiveInt = 16
     """Maximum documents per forward/backward pass."""
-    max_tokens_per_batch: int = 4096
+    max_tokens_per_batch: PositiveInt = 4096
     """Token budget per batch (padded length × documents); batches are length-bucketed."""
-    num_actors: int = 1
-    """Actors in the Ray Data pool; each holds the model, adapter and factors once."""
-    num_gpus: Literal["auto"] | float = "auto"
-    """GPUs per actor: `auto` is 1 when CUDA is available, else 0."""
-    cpus_per_actor: float = 1.0
-    """CPUs per actor."""
     store_raw: bool = False
     """Also write the raw LoRA-space gradient (float16) for small models."""
     reduction: Literal["sum", "mean"] = "sum"
     """Per-document loss: sum over response tokens (the paper's) or mean."""
-    window_docs: int = 1024
+    window_docs: PositiveInt = 1024
     """Documents per Ray Data batch handed to an actor; each window is sorted by length and cut into token-budget batches (bigger: less padding, more work redone if an actor dies)."""
-    max_retries: int = 3
+    max_retries: Annotated[int, Field(ge=0)] = 3
     """Times Ray restarts a dead actor and retries its window (crash, OOM kill, preemption) before the stage fails."""
 
 
-class DictionaryConfig(Section):
+class DictionaryConfig(Workers):
+    """atoms stage; `num_workers` are the Ray actors that code blocks of rows in parallel."""
+
     backend: Literal["torch", "sklearn"] = "torch"
     """`torch`: our distributed online learner; `sklearn`: the paper's exact MiniBatchDictionaryLearning call."""
-    n_atoms: int = 500
+    n_atoms: PositiveInt = 500
     """Dictionary size K."""
-    alpha: float = 0.1
+    alpha: Positive = 0.1
     """L1 penalty α of scikit-learn's objective."""
-    batch_size: int = 256
+    batch_size: PositiveInt = 256
     """Rows per online step."""
-    max_epochs: float = 20.0
+    max_epochs: Positive = 20.0
     """Upper bound on passes over the data."""
-    tol: float = 1e-3
+    tol: NonNegative = 1e-3
     """Stop when the held-out objective improves by less than this (relative) over `patience` checks."""
-    patience: int = 3
+    patience: PositiveInt = 3
     """Held-out checks without improvement before stopping."""
-    heldout_fraction: float = 0.05
+    heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     """Share of rows kept aside to measure the objective for stopping."""
-    lasso_tol: float = 1e-6
+    lasso_tol: Positive = 1e-6
     """Tolerance of the sparse coder (max KKT violation)."""
-    lasso_max_iter: int = 500
+    lasso_max_iter: PositiveInt = 500
     """Iterations cap of the sparse coder per batch."""
     init: Literal["data", "svd"] = "data"
     """Initial dictionary: the first K rows of the shuffled stream (`data`), or the top right singular
     vectors of a sample of 2K rows (`svd`, like scikit-learn's start; fewer epochs on some data, but
     it can stall on planted atoms, where `data` recovers more)."""
-    num_workers: int = 1
-    """Ray actors coding blocks in parallel."""
-    use_gpu: Literal["auto", True, False] = "auto"
-    """Code on GPU when available."""
-    checkpoint_every: int = 20
+    checkpoint_every: PositiveInt = 20
     """Online steps between checkpoints."""
     seed: int = 42
     """Seed of initialisation, shuffling and resampling."""
-    n_seeds: int = 1
+    n_seeds: PositiveInt = 1
     """Fit this many seeds and report atom stability (Hungarian matching)."""
-    kmeans_clusters: int | None = 14
+    kmeans_clusters: PositiveInt | None = 14
     """k-means baseline clusters (dask-ml); None skips the baseline."""
-    eval_every: int | None = None
+    eval_every: PositiveInt | None = None
     """Online steps between held-out objective checks (None: once per epoch, at most every 200 steps)."""
-    heldout_max_rows: int = 10_000
+    heldout_max_rows: PositiveInt = 10_000
     """Cap on held-out rows (they are kept in the workers' memory and coded at every check)."""
-    shuffle_buffer_mb: float = 512.0
+    shuffle_buffer_mb: Positive = 512.0
     """Rows shuffled together (a window of row groups), in MB of float32 rows, summed over workers."""
-    max_piece_rows: int = 8192
+    max_piece_rows: PositiveInt = 8192
     """Parquet row groups larger than this are read in slices of this many rows."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per coding actor (also its torch threads)."""
-    dup_threshold: float | None = 0.99
+    dup_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = 0.99
     """Resample an atom whose |cos| with another exceeds this (None: never)."""
-    encode_batch_size: int = 1024
+    encode_batch_size: PositiveInt = 1024
     """Documents per `map_batches` call of the final encoding pass."""
-    sklearn_max_iter: int = 100
+    sklearn_max_iter: PositiveInt = 100
     """`max_iter` (epochs) of the `sklearn` backend (the paper's 100)."""
 
 
-class CoherenceConfig(Section):
-    top_docs: int = 20
-    """Documents per atom used for coherence and shown in the report."""
-    batch_size: int = 16
+class CoherenceConfig(Workers):
+    """coherence stage; `num_workers` are the actors recomputing raw gradients."""
+
+    top_docs: Annotated[int, Field(ge=2)] = 20
+    """Documents per atom used for coherence and shown in the report (coherence is a mean over pairs: at least 2)."""
+    batch_size: PositiveInt = 16
     """Documents per gradient pass."""
-    max_tokens_per_batch: int = 4096
+    max_tokens_per_batch: PositiveInt = 4096
     """Token budget per gradient pass (padded length × documents); batches are length-bucketed."""
-    num_actors: int = 1
-    """Actors recomputing raw gradients."""
-    num_gpus: Literal["auto"] | float = "auto"
-    """GPUs per actor: `auto` is 1 when CUDA is available, else 0."""
     label_endpoint: str | None = None
     """OpenAI-compatible base URL used to name atoms from their excerpts (None: keywords only)."""
     label_model: str | None = None
     """Model name sent to `label_endpoint`."""
     label_column: str | None = "task"
     """Sidecar label column used only for the discovery score (None or absent: no score)."""
-    cpus_per_actor: float = 1.0
-    """CPUs per coherence actor."""
-    group_memory_mb: float = 1024.0
+    group_memory_mb: Positive = 1024.0
     """Memory for the per-atom gradient sums of one work item (atoms per item × P × 4 bytes); bounds each actor."""
     dtype: Literal["float32", "model"] = "float32"
     """Weights dtype when recomputing raw gradients: float32 (exact cosines) or the model's `model.dtype`."""
-    examples_per_atom: int = 5
+    examples_per_atom: Annotated[int, Field(ge=0)] = 5
     """Top documents per atom kept with prompt/response excerpts in atoms/characterisation.json."""
-    excerpt_chars: int = 300
+    excerpt_chars: PositiveInt = 300
     """Characters kept of each prompt and response excerpt."""
-    n_keywords: int = 8
+    n_keywords: Annotated[int, Field(ge=0)] = 8
     """Characteristic words per atom (log-odds against the whole data set)."""
-    background_docs: int = 20000
+    background_docs: PositiveInt = 20000
     """Responses decoded as the background of the characteristic words (a seeded sample above this)."""
-    label_top_atoms: int = 50
+    label_top_atoms: Annotated[int, Field(ge=0)] = 50
     """Most coherent atoms sent to `label_endpoint` for a label."""
-    label_timeout_s: float = 30.0
+    label_timeout_s: Positive = 30.0
     """Timeout of one label request, in seconds."""
     label_api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the endpoint's API key (sent as a Bearer token when set)."""
 
 
 class ReportConfig(Section):
-    top_atoms: int = 50
+    top_atoms: PositiveInt = 50
     """Atoms in the report's table."""
-    examples_per_atom: int = 2
+    examples_per_atom: Annotated[int, Field(ge=0)] = 2
     """Example documents shown per atom in the table."""
-    excerpt_chars: int = 160
+    excerpt_chars: PositiveInt = 160
     """Characters shown of each example's prompt and response."""
 
 
@@ -313,6 +330,35 @@ class DetectorSpec(Section):
 class GroupsConfig(Section):
     enabled: bool = True
     """Run the groups stage (atoms grouped into behaviours, without labels)."""
+    weight_coactivation: float = Field(default=1.0, ge=0.0)
+    """Weight of co-activation (cosine of the atoms' coefficient columns over documents) in the atom similarity."""
+    weight_gradient: float = Field(default=1.0, ge=0.0)
+    """Weight of the cosine of the atoms' mean unit gradient (z) over their top documents."""
+    weight_dictionary: float = Field(default=0.0, ge=0.0)
+    """Weight of the cosine of the oriented dictionary rows (the atoms' own directions)."""
+    method: Literal["average", "complete", "single", "weighted"] = "average"
+    """scipy linkage method on the distance 1 - similarity."""
+    cut: int | None = Field(default=None, ge=1)
+    """Number of groups; default: the dendrogram cut with the best silhouette in [min_groups, max_groups]."""
+    min_groups: int = Field(default=2, ge=2)
+    """Smallest cut the silhouette criterion considers."""
+    max_groups: int = Field(default=100, ge=2)
+    """Largest cut the silhouette criterion considers."""
+    top_docs: int = Field(default=20, ge=2)
+    """Top documents per group (by summed oriented coefficient of its members): coherence, words, explorer."""
+    raw_coherence: bool = True
+    """Score each group's coherence on the RAW gradients of its top documents (a small Ray pass, as the coherence stage)."""
+    kmeans_baseline: bool = True
+    """With a label column: also score scikit-learn k-means with as many clusters as groups and as families."""
+
+
+class SteerComposition(Section):
+    """A steered variant along a weighted sum of atoms' (oriented, unprojected) vectors."""
+
+    atoms: list[int] = Field(min_length=1)
+    """Atom ids."""
+    weights: list[float] | None = None
+    """One weight per atom (None: all 1.0)."""
 
 
 class SteerConfig(Section):
@@ -320,16 +366,32 @@ class SteerConfig(Section):
     """Atoms to steer by id (e.g. [469, 299])."""
     by_behaviour: bool = True
     """For each detector, steer the atom whose top documents' responses the detector fires on most (ties: coherence)."""
-    top_coherent: int = 0
+    top_docs: int = Field(default=20, ge=1)
+    """Top documents per atom (by oriented coefficient) whose responses the detectors are run on."""
+    min_docs: int = Field(default=5, ge=1)
+    """Atoms with fewer top documents than this are not chosen by behaviour (a rate over 2 documents says little)."""
+    top_coherent: int = Field(default=0, ge=0)
     """Also steer the N most coherent atoms."""
-    alphas: list[float] = [0.5, 1.0, 2.0, 5.0, 10.0]
+    groups: list[int] = []
+    """Atom groups (ids of groups/groups.parquet) to steer along the sum of their member atoms' vectors."""
+    compositions: list[SteerComposition] = []
+    """Variants along weighted sums of atoms, e.g. [{atoms: [469, 299], weights: [1.0, 0.5]}]."""
+    alphas: list[Annotated[float, Field(gt=0.0)]] = [0.5, 1.0, 2.0, 5.0, 10.0]
     """Step sizes; each is written in both signs (toward, away), plus the alpha = 0 baseline."""
     units: Literal["absolute", "relative"] = "absolute"
     """`absolute`: theta' = theta -/+ alpha*v (the paper's); `relative`: v scaled so that ||dtheta|| = alpha*||theta||."""
-    mode: Literal["paper", "linear"] = "paper"
-    """`paper`: A and B each moved along their part of v; `linear`: the exact first-order change as a rank-2r LoRA."""
+    mode: Literal["paper", "linear", "both"] = "paper"
+    """`paper`: A and B each moved along their part of v; `linear`: the exact first-order change as a rank-2r LoRA; `both`: each variant in both modes."""
+    controls: bool = True
+    """Also write, per behaviour-chosen atom, a random direction of the same norm and a supervised direction (kinds random, supervised)."""
+    control_alphas: list[Annotated[float, Field(gt=0.0)]] | None = [10.0]
+    """Alphas of the control variants, both signs (None: every alpha of `alphas`)."""
+    vllm_rank: bool = True
+    """Zero-pad each variant to a rank in vLLM's allowed max_lora_rank set (same weights change; rank 8 and 16 need no padding)."""
+    seed: int = 0
+    """Seed of the random control directions (one per atom, the same for every alpha and sign)."""
     merge: bool = False
-    """Also write a merged full-model folder per variant (for tools without LoRA support)."""
+    """Also write a merged full-model folder per variant (`<variant>/merged/`, for tools without LoRA support)."""
 
 
 class ServeConfig(Section):
@@ -341,6 +403,32 @@ class ServeConfig(Section):
     """`peft`: transformers + PEFT (CPU or GPU); `vllm`: vLLM multi-LoRA (GPU); `auto`: vllm when CUDA and vLLM are there."""
     api_key_env: str | None = "GA_RAY_API_KEY"
     """Environment variable holding the API key; when set, requests need `Authorization: Bearer <key>`."""
+    num_replicas: int = Field(default=1, ge=1)
+    """Engine replicas (each holds the base model and every variant)."""
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    """CPUs reserved per engine replica (fractional on small machines)."""
+    num_gpus: float | Literal["auto"] = "auto"
+    """GPUs per engine replica (`auto`: 1 when CUDA is visible here, else 0; asking for a missing GPU hangs)."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op CPU threads of an engine replica (None: torch's default)."""
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    """Requests (of any variants) batched into one engine call by `@serve.batch`."""
+    batch_wait_timeout_s: float = Field(default=0.02, ge=0.0, le=10.0)
+    """How long a batch waits to fill before it runs anyway."""
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    """Requests an engine replica works on at once (at least max_batch_size)."""
+    max_queued_requests: int = Field(default=64, ge=0)
+    """Requests waiting for an engine replica; beyond this a request gets 503 with Retry-After (never an unbounded backlog)."""
+    retry_after_s: int = Field(default=1, ge=0)
+    """Retry-After seconds sent with a 503."""
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    """Largest `max_tokens` a request may ask for (larger: 400)."""
+    max_top_logprobs: int = Field(default=20, ge=0, le=100)
+    """Largest `logprobs` (completions) / `top_logprobs` (chat) a request may ask for."""
+    max_prompts_per_request: int = Field(default=64, ge=1)
+    """Prompts one /v1/completions request may carry (a list prompt)."""
+    refresh_interval_s: float = Field(default=1.0, ge=0.0)
+    """Shortest time between two scans of RUN_DIR/variants/ for new folders (also rescanned on an unknown id)."""
 
 
 class EvaluationConfig(Section):
@@ -354,34 +442,64 @@ class EvaluationConfig(Section):
     """Requests in flight."""
     kl_budget: float = Field(default=0.1, ge=0.0)
     """Recommended alpha: the largest |alpha| whose neutral-prompt token KL to alpha = 0 stays within this (nats/token)."""
+    kl_top_k: int = Field(default=20, ge=1, le=100)
+    """Top-k log-probs per position asked of the endpoint for the token KL (a lower bound of the exact KL, exact
+    when k covers the distributions' support; vLLM allows up to 20 by default)."""
+    behaviours: list[str] = []
+    """Behaviour prompt sets to evaluate (empty: every set the prompts provide)."""
+    retries: int = Field(default=3, ge=0, le=20)
+    """Retries of a failed request (with exponential backoff) before it is counted as a failure."""
+    backoff_s: float = Field(default=0.5, ge=0.0)
+    """First wait before a retry; doubled after each failed attempt."""
+    timeout_s: float = Field(default=300.0, gt=0.0)
+    """Per-request timeout (a CPU engine under load answers slowly)."""
+    chunk_rows: int = Field(default=64, ge=1)
+    """Finished requests per durable Parquet chunk (what a killed evaluation can lose at most, per store)."""
+    split_seed: int = 0
+    """Seed of the stratified split of each prompt set into a selection half (best alpha chosen) and a report half."""
+    perplexity_docs: str | None = None
+    """JSONL of held-out documents (`prompt`, `response`) for the perplexity side effect (None: in a demo run,
+    held-out documents freshly drawn from the demo world's held-out templates; otherwise not measured)."""
+    perplexity_docs_per_family: int = Field(default=2, ge=0)
+    """Demo held-out documents per task family for the perplexity side effect."""
+    collapse_degenerate_rise: Share = 0.2
+    """A variant has collapsed when its share of degenerate answers (empty, looping, no stop) exceeds the alpha = 0
+    baseline's by this much ..."""
+    collapse_format_drop: Share = 0.3
+    """... or when its format rate on the neutral prompts falls this far below the baseline's; a collapsed
+    variant's suppression is flagged, not counted as steering."""
+    goal_delta_pp: float = Field(default=14.0, ge=0.0)
+    """Goal check: a behaviour moves by at least this many percentage points from alpha = 0 ..."""
+    goal_p: float = Field(default=0.01, gt=0.0, le=1.0)
+    """... at a Holm-corrected p below this, within the KL budget, and beyond the random control."""
 
 
 class DemoConfig(Section):
-    n_docs: int = 5000
+    n_docs: PositiveInt = 5000
     """Instruction documents in the synthetic mixture."""
-    n_base_docs: int = 6000
+    n_base_docs: PositiveInt = 6000
     """Documents of the base (pre-training) split."""
     seed: int = 0
     """Seed of everything the demo world makes."""
-    vocab_size: int = 2048
-    """BPE vocabulary size."""
-    hidden_size: int = 128
+    vocab_size: Annotated[int, Field(ge=300)] = 2048
+    """BPE vocabulary size (at least the 256 byte tokens, the special tokens and a few merges)."""
+    hidden_size: PositiveInt = 128
     """Llama hidden size."""
-    n_layers: int = 4
+    n_layers: PositiveInt = 4
     """Llama layers."""
-    n_heads: int = 4
+    n_heads: PositiveInt = 4
     """Attention heads."""
-    intermediate_size: int = 384
+    intermediate_size: PositiveInt = 384
     """MLP width."""
-    pretrain_epochs: float = 6.0
+    pretrain_epochs: NonNegative = 6.0
     """Passes over the base split (plain texts + the instruction pool) when pre-training."""
-    pretrain_batch_size: int = 32
+    pretrain_batch_size: PositiveInt = 32
     """Documents per pre-training step."""
-    pretrain_learning_rate: float = 3e-3
+    pretrain_learning_rate: Positive = 3e-3
     """Pre-training peak learning rate."""
-    pretrain_seq_len: int = 128
+    pretrain_seq_len: Annotated[int, Field(ge=2)] = 128
     """Tokens per packed pre-training block (base documents are concatenated, then cut)."""
-    pretrain_instruction_docs: int = 5000
+    pretrain_instruction_docs: Annotated[int, Field(ge=0)] = 5000
     """Instruction documents from a SEPARATE pool (another seed, the same training templates, never the mixture's
     documents) added to the base split; 0 leaves instruction following entirely to the fine-tune (which a rank-8
     LoRA on q/v of a 1M-parameter model does not manage in minutes)."""
@@ -393,9 +511,9 @@ class DemoConfig(Section):
     "Corrected: ...", "In short, ...", "Step k:" lines, "a op b = c", ...; nine deterministic families, factual QA has
     none): the fine-tune then teaches the house style, and the format table's base column shows how much of it the
     base model already had."""
-    eval_prompts_per_family: int = 100
+    eval_prompts_per_family: PositiveInt = 100
     """Held-out prompts written per deterministic family for the format table (behaviour sets are always 100 = 60 + 40)."""
-    torch_threads: int | None = None
+    torch_threads: PositiveInt | None = None
     """Torch threads while building the world (None: all cores of this machine)."""
     cache_dir: str | None = None
     """Where the world is cached (None: $GA_RAY_CACHE or ~/.cache/ga_ray/demo)."""
@@ -463,8 +581,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             owner = _section_at(loc)
             allowed = _allowed_keys(owner)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            renamed = RENAMED_KEYS.get(str(loc[0]), {}).get(str(loc[-1])) if len(loc) == 2 else None
+            close = [renamed] if renamed else difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
+            if renamed:
+                hint += f" ('{loc[-1]}' was renamed to '{renamed}': every stage now names its workers' resources num_workers, cpus_per_worker, gpus_per_worker.)"
             lines.append(f"  unknown key '{dotted}'.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
@@ -513,8 +634,37 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config {str(path)!r} not found (not a file, nor a packaged config: {', '.join(names)})")
 
 
+def is_saved_run_config(path: Path) -> bool:
+    """A run directory's own `config.yaml` (written by the runner), as opposed to a config a user wrote."""
+    return path.name == "config.yaml" and (path.parent / "manifest.json").exists()
+
+
+def migrate_renamed_keys(data: dict[str, Any]) -> list[str]:
+    """Rename, in place, the keys of RENAMED_KEYS in a config saved by an older ga-ray; returns 'old -> new' lines.
+
+    Only for a run directory's saved config: a config a user wrote gets the did-you-mean error instead.
+    """
+    done = []
+    for section, renames in RENAMED_KEYS.items():
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        for old, new in renames.items():
+            if old in node and new not in node:
+                value = node.pop(old)
+                if old == "use_gpu" and isinstance(value, bool):
+                    value = 1.0 if value else 0.0
+                node[new] = value
+                done.append(f"{section}.{old} -> {section}.{new}")
+    return done
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults), apply `--set` overrides, validate."""
+    """Load a YAML config (or the defaults), apply `--set` overrides, validate.
+
+    A run directory's saved `config.yaml` written before the resource keys were renamed is migrated
+    (the renamed keys are logged once); any other file with an old key gets the did-you-mean error.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -527,6 +677,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
+        if is_saved_run_config(p):
+            renamed = migrate_renamed_keys(data)
+            if renamed:
+                logging.getLogger("ga_ray").info("%s: saved by an older ga-ray; renamed %s", p, ", ".join(renamed))
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + --set " + " ".join(overrides)
@@ -541,6 +695,15 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def section_fingerprint_data(cfg: RunConfig, *sections: str) -> dict[str, Any]:
-    """The parts of the config a stage depends on, for its input fingerprint."""
+    """The parts of the config a stage depends on, for its input fingerprint.
+
+    The renamed resource keys are fingerprinted under their old names (RENAMED_KEYS), so that runs
+    finished before the rename keep their fingerprints and are not redone.
+    """
     dumped = cfg.model_dump(mode="json")
-    return {s: dumped[s] for s in sections}
+    out = {}
+    for s in sections:
+        data = dumped[s]
+        legacy = {new: old for old, new in RENAMED_KEYS.get(s, {}).items()}
+        out[s] = {legacy.get(k, k): v for k, v in data.items()} if isinstance(data, dict) else data
+    return out

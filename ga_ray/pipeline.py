@@ -107,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "coherence",
         "ga_ray.coherence.stage:run_coherence",
-        "atoms",
+        "coherence",
         ("model", "coherence"),
         upstream=("prepare", "finetune", "atoms"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
@@ -116,8 +116,9 @@ STAGES: tuple[Stage, ...] = (
         "groups",
         "ga_ray.groups.stage:run_groups",
         "groups",
-        ("groups",),
-        upstream=("atoms", "coherence"),
+        ("model", "coherence", "groups"),
+        upstream=("prepare", "finetune", "gradients", "atoms", "coherence"),
+        external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
         enabled=lambda c: c.groups.enabled,
     ),
     Stage(
@@ -125,8 +126,8 @@ STAGES: tuple[Stage, ...] = (
         "ga_ray.steer.stage:run_steer",
         "variants",
         ("model", "steer", "detectors"),
-        upstream=("prepare", "finetune", "factors", "atoms", "coherence", "groups"),
-        external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
+        upstream=("prepare", "finetune", "factors", "gradients", "atoms", "coherence", "groups"),
+        external=lambda c: [c.model.path, c.model.tokenizer, None if c.finetune.enabled else c.model.adapter],
     ),
     Stage(
         "evaluate",
