@@ -157,8 +157,28 @@ def atoms_cmd(
     _run(cfg, run_dir, ["atoms"], "atoms" if force else None)
 
 
-_stage_command("coherence", "Orient atoms, score coherence on raw gradients, characterise (writes atoms/atoms.parquet).")
+_stage_command("coherence", "Orient atoms, score coherence on raw gradients, characterise (writes coherence/atoms.parquet).")
 _stage_command("report", "Build report/report.html and its figures from the run's artifacts.", always=True)
+
+
+@app.command("groups")
+def groups_cmd(
+    config: ConfigArg = None,
+    run_dir: RunDirOpt = Path("runs/run"),
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo the stage even if its inputs are unchanged.")] = False,
+    cut: Annotated[
+        Optional[int], typer.Option("--cut", min=1, help="Cut the atom hierarchy into this many groups (default: the best silhouette).")
+    ] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Group atoms into behaviours without labels: hierarchical clustering (writes groups/)."""
+    extra = [f"groups.cut={cut}"] if cut else []
+    try:
+        cfg = _load(config, run_dir, (set_ or []) + extra, address)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _run(cfg, run_dir, ["groups"], "groups" if force else None)
 
 
 @app.command("run")
