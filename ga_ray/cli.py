@@ -278,6 +278,31 @@ def bench_cmd(
         print(json.dumps(result, default=float))
 
 
+@app.command("validate-manifests")
+def validate_manifests_cmd(
+    files: Annotated[
+        Optional[list[Path]], typer.Argument(help="Manifests to check (default: every cluster/*.yaml under the current folder).")
+    ] = None,
+) -> None:
+    """Validate cluster manifests offline: Ray launcher YAML by Ray's schema, KubeRay RayJob/RayService by the CRD
+    schemas (unknown keys are errors), Serve configs by Ray Serve's schema."""
+    from ga_ray.manifests import validate_manifest
+
+    paths = list(files or sorted(Path("cluster").glob("*.yaml")))
+    if not paths:
+        _fail("no manifests given and no cluster/*.yaml here; name the files to check")
+    bad = 0
+    for path in paths:
+        problems = validate_manifest(path)
+        bad += bool(problems)
+        for p in problems:
+            typer.secho(p, fg=typer.colors.RED, err=True)
+        if not problems:
+            typer.echo(f"{path}: valid")
+    if bad:
+        raise typer.Exit(1)
+
+
 @app.command("config")
 def config_cmd(
     config: ConfigArg = None,
