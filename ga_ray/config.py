@@ -350,6 +350,8 @@ class GroupsConfig(Section):
     """Score each group's coherence on the RAW gradients of its top documents (a small Ray pass, as the coherence stage)."""
     kmeans_baseline: bool = True
     """With a label column: also score scikit-learn k-means with as many clusters as groups and as families."""
+    neighbours: int = Field(default=5, ge=0)
+    """Nearest atoms (by the combined similarity) kept per atom in tree.json, for the explorer."""
 
 
 class SteerComposition(Section):

@@ -269,6 +269,7 @@ def test_stage_without_label_column(tmp_path):
     assert coh == sorted(coh, reverse=True)
     tree = gio.load_tree(root)
     assert tree["chosen"] == 4 and len(tree["linkage"]) == w["K"] - 1
+    assert len(tree["neighbours"]) == w["K"] and all(len(n) == 5 for n in tree["neighbours"])
     assert not (root / "groups" / gio.DISCOVERY_FILE).exists()
     # deterministic: a second run writes the same table
     summary2, _ = _run_stage(root)
@@ -296,3 +297,10 @@ def test_stage_cut_override(tmp_path):
     s, _ = _run_stage(root, cut=2, weight_dictionary=1.0)
     assert s["n_groups"] == 2 and "given" in s["criterion"]
     assert gio.load_groups(root).num_rows == 2
+
+
+def test_nearest_neighbours():
+    S = np.array([[1.0, 0.2, 0.9, 0.2], [0.2, 1.0, 0.1, 0.5], [0.9, 0.1, 1.0, 0.0], [0.2, 0.5, 0.0, 1.0]])
+    nb = gp.nearest_neighbours(S, 2)
+    assert nb[0] == [[2, 0.9], [1, 0.2]]  # tie between 1 and 3 at 0.2: lower atom first
+    assert nb[3] == [[1, 0.5], [0, 0.2]]

@@ -230,6 +230,17 @@ def coarser_parents(Z: np.ndarray, labels: np.ndarray, n_groups: int) -> tuple[n
     return parent, coarse_n
 
 
+def nearest_neighbours(S: np.ndarray, n: int) -> list[list[list[float]]]:
+    """Per atom, its `n` most similar other atoms as [atom, similarity] (ties: lower atom)."""
+    S = np.asarray(S, dtype=np.float64)
+    out = []
+    for k in range(S.shape[0]):
+        others = np.delete(np.arange(S.shape[0]), k)
+        order = others[np.lexsort((others, -S[k, others]))][:n]
+        out.append([[int(j), round(float(S[k, j]), 6)] for j in order])
+    return out
+
+
 def tree_json(Z: np.ndarray, atom_ids: Sequence[int], grouping: Grouping, method: str, weights: Mapping[str, float]) -> dict[str, Any]:
     return {
         "atoms": [int(a) for a in atom_ids],

@@ -258,6 +258,7 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
     tree["coarser"] = None if parent is None else {"n_groups": int(coarse_n), "assignment": [int(x) for x in gp.cut_tree(grouping.linkage, coarse_n)]}
     tree["coherence"] = "raw gradients of the group's top documents" if raw_coh is not None else "members' coherence weighted by active documents"
     tree["member_mean_coherence"] = [None if not np.isfinite(x) else float(x) for x in mean_coh]
+    tree["neighbours"] = gp.nearest_neighbours(1.0 - grouping.distance, gc.neighbours)
     out = ctx.out
     gio.save_groups(out, rows, tree)
     atomic_write_json(out / "characterisation.json", {"groups": {str(g): v for g, v in char.items()}})
