@@ -15,7 +15,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from pydantic import BaseModel
 
 from ga_ray.errors import StageError
 from ga_ray.config import RunConfig, dump_config, section_fingerprint_data
@@ -24,12 +26,116 @@ from ga_ray.rundir import RunDir, atomic_write_text, fingerprint_obj, fingerprin
 log = logging.getLogger("ga_ray")
 
 
+RUNTIME_SECTIONS = ("ray",)
+"""Config every stage may read without fingerprinting it: where and how to run (the Ray to join, its CPUs,
+timeouts), never what is computed."""
+
+
+class _Declared:
+    """A read-only view of one config object that lets a stage read only what its Stage entry declares.
+
+    `allowed` maps an attribute to None (readable whole) or to the set of its fields the stage declared
+    (e.g. prepare declares `model.path`, not all of `model`). Anything else is a StageError that names
+    the stage and the attribute, so that a stage can never depend on a value its fingerprint misses.
+    """
+
+    __slots__ = ("_obj", "_stage", "_prefix", "_allowed")
+
+    def __init__(self, obj: Any, stage: str, prefix: str, allowed: dict[str, frozenset[str] | None]):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_allowed", allowed)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        allowed = object.__getattribute__(self, "_allowed")
+        stage, prefix = object.__getattribute__(self, "_stage"), object.__getattribute__(self, "_prefix")
+        if name not in allowed:
+            dotted = f"{prefix}{name}"
+            raise StageError(
+                f"stage {stage!r} read the config value {dotted!r}, which its Stage entry in ga_ray/pipeline.py does not "
+                f"declare: add {dotted!r} to its config_sections (a top-level value such as the seed: to its globals), so "
+                "that a change to it re-runs the stage"
+            )
+        value = getattr(object.__getattribute__(self, "_obj"), name)
+        fields = allowed[name]
+        if fields is None:
+            return value
+        return _Declared(value, stage, f"{prefix}{name}.", {f: None for f in fields})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the config a stage sees is read-only (tried to set {name!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles what a stage hands to its workers
+        return (_Declared, tuple(object.__getattribute__(self, k) for k in _Declared.__slots__))
+
+    def __repr__(self) -> str:
+        allowed = object.__getattribute__(self, "_allowed")
+        return f"<config of stage {object.__getattribute__(self, '_stage')!r}: {', '.join(sorted(allowed))}>"
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The declared part as a RunConfig dump (undeclared values at their defaults), for handing to a worker or a
+        service that validates a RunConfig: nothing the stage did not declare leaks through."""
+        obj = object.__getattribute__(self, "_obj")
+        full = obj.model_dump(**kwargs)
+        default = type(obj)().model_dump(**kwargs) if isinstance(obj, BaseModel) else {}
+        out = dict(default)
+        for name, fields in object.__getattribute__(self, "_allowed").items():
+            if fields is None:
+                out[name] = full[name]
+            else:
+                out[name] = {**default[name], **{f: full[name][f] for f in fields}}
+        return out
+
+
+def declared_view(cfg: RunConfig, stage: "Stage") -> RunConfig:
+    """What `stage` may read of `cfg`: its config sections (whole, or `section.field`), its globals and the runtime
+    sections. Typed as a RunConfig for the stage's code; at run time any other read is a StageError."""
+    allowed: dict[str, set[str] | None] = {name: None for name in (*RUNTIME_SECTIONS, *stage.globals)}
+    for item in stage.config_sections:
+        section, _, fld = item.partition(".")
+        if not fld:
+            allowed[section] = None
+        elif allowed.get(section, set()) is not None:
+            allowed.setdefault(section, set()).add(fld)  # type: ignore[union-attr]
+    frozen = {k: (None if v is None else frozenset(v)) for k, v in allowed.items()}
+    return cast(RunConfig, _Declared(cfg, stage.name, "", frozen))
+
+
+def resolve_adapter(cfg: RunConfig, run_dir: RunDir) -> Path | None:
+    """The adapter under analysis: the run's own fine-tune (`adapter/`), or the one `model.adapter` names."""
+    if cfg.finetune.enabled:
+        return run_dir.stage_dir("adapter")
+    return Path(cfg.model.adapter) if cfg.model.adapter else None
+
+
 @dataclass
 class StageContext:
+    """What a stage gets: the config it declared (a view; see `declared_view`), the run directory, its output folder.
+
+    Constructed with the full RunConfig; when `stage` names a Stage (in `declared`, else in STAGES), `cfg` is
+    replaced by that stage's view and `adapter_path()` answers only if the stage declares `adapter=True`.
+    """
+
     cfg: RunConfig
     run_dir: RunDir
     stage: str
     out: Path
+    declared: "Stage | None" = None
+    _adapter: Path | None = field(default=None, init=False, repr=False)
+    _reads_adapter: bool = field(default=True, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        entry = self.declared or next((s for s in STAGES if s.name == self.stage), None)
+        if entry is None or isinstance(self.cfg, _Declared):  # an ad-hoc context: the whole config
+            if not isinstance(self.cfg, _Declared):
+                self._adapter = resolve_adapter(self.cfg, self.run_dir)
+            return
+        self._reads_adapter = entry.adapter
+        self._adapter = resolve_adapter(self.cfg, self.run_dir) if entry.adapter else None
+        self.cfg = declared_view(self.cfg, entry)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir.stage_dir(stage)
@@ -39,12 +145,12 @@ class StageContext:
         return self.run_dir.stage_dir("data")
 
     def adapter_path(self) -> Path:
-        """The adapter under analysis: the run's own fine-tune, or the one the config names."""
-        if self.cfg.finetune.enabled:
-            return self.run_dir.stage_dir("adapter")
-        if not self.cfg.model.adapter:
+        """The adapter under analysis: the run's own fine-tune, or the one `model.adapter` names."""
+        if not self._reads_adapter:
+            raise StageError(f"stage {self.stage!r} asked for the adapter without declaring it: set adapter=True in its Stage entry")
+        if self._adapter is None:
             raise StageError("no adapter: set model.adapter to a PEFT adapter folder, or enable the finetune stage")
-        return Path(self.cfg.model.adapter)
+        return self._adapter
 
 
 @dataclass(frozen=True)
@@ -53,9 +159,15 @@ class Stage:
     target: str | Callable[[StageContext], dict[str, Any]]  # "module:function", or the function itself
     out_dir: str  # folder inside the run directory
     config_sections: tuple[str, ...]
+    """Config the stage reads and fingerprints: whole sections (`model`) or single fields (`model.path`)."""
     upstream: tuple[str, ...] = ()
     external: Callable[[RunConfig], list[str | None]] = field(default=lambda cfg: [])
     enabled: Callable[[RunConfig], bool] = field(default=lambda cfg: True)
+    globals: tuple[str, ...] = ()
+    """Top-level config values the stage reads and fingerprints (e.g. `seed`, `name`)."""
+    adapter: bool = False
+    """The stage reads the adapter under analysis (`ctx.adapter_path()`): the run's `adapter/` when finetune is
+    enabled (then finetune is an upstream stage), else `model.adapter` (fingerprinted as an external folder)."""
 
     def load(self) -> Callable[[StageContext], dict[str, Any]]:
         if callable(self.target):
@@ -69,7 +181,7 @@ STAGES: tuple[Stage, ...] = (
         "prepare",
         "ga_ray.data.stage:run_prepare",
         "data",
-        ("data",),
+        ("data", "model.path", "model.tokenizer", "model.trust_remote_code"),
         external=lambda c: [c.data.path, c.model.tokenizer or c.model.path],
     ),
     Stage(
@@ -88,6 +200,7 @@ STAGES: tuple[Stage, ...] = (
         ("model", "factors"),
         upstream=("prepare", "finetune"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
+        adapter=True,
     ),
     Stage(
         "gradients",
@@ -96,6 +209,7 @@ STAGES: tuple[Stage, ...] = (
         ("model", "gradients"),
         upstream=("prepare", "finetune", "factors"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
+        adapter=True,
     ),
     Stage(
         "atoms",
@@ -111,6 +225,8 @@ STAGES: tuple[Stage, ...] = (
         ("model", "coherence"),
         upstream=("prepare", "finetune", "atoms"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
+        globals=("seed",),  # the background sample of the characteristic words
+        adapter=True,
     ),
     Stage(
         "groups",
@@ -120,6 +236,8 @@ STAGES: tuple[Stage, ...] = (
         upstream=("prepare", "finetune", "gradients", "atoms", "coherence"),
         external=lambda c: [c.model.path, None if c.finetune.enabled else c.model.adapter],
         enabled=lambda c: c.groups.enabled,
+        globals=("seed",),
+        adapter=True,
     ),
     Stage(
         "steer",
@@ -128,14 +246,17 @@ STAGES: tuple[Stage, ...] = (
         ("model", "steer", "detectors"),
         upstream=("prepare", "finetune", "factors", "gradients", "atoms", "coherence", "groups"),
         external=lambda c: [c.model.path, c.model.tokenizer, None if c.finetune.enabled else c.model.adapter],
+        adapter=True,
     ),
     Stage(
         "evaluate",
         "ga_ray.evaluate.stage:run_evaluate",
         "eval",
-        ("model", "serve", "evaluation", "detectors"),
+        # the serve app it starts finds the adapter from finetune.enabled / model.adapter
+        ("model", "serve", "evaluation", "detectors", "finetune.enabled", "finetune.format_eval_set", "demo.seed"),
         upstream=("prepare", "finetune", "steer"),
         external=lambda c: [c.model.path, c.evaluation.prompts, c.finetune.format_eval_set],
+        adapter=True,
     ),
     Stage(
         "report",
@@ -143,6 +264,7 @@ STAGES: tuple[Stage, ...] = (
         "report",
         ("report",),
         upstream=("prepare", "finetune", "factors", "gradients", "atoms", "coherence", "groups", "steer", "evaluate"),
+        globals=("name",),
     ),
 )
 
@@ -175,7 +297,9 @@ def _fingerprint(stage: Stage, cfg: RunConfig, run_dir: RunDir, registry: tuple[
         # the finish time too: a forced re-run of an upstream stage invalidates what reads it
         upstream[u] = f"{rec.get('fingerprint')}@{rec.get('finished_at')}" if rec else None
     external = {p: fingerprint_path(Path(p)) for p in stage.external(cfg) if p}
-    inputs = {"config": section_fingerprint_data(cfg, *stage.config_sections), "upstream": upstream, "files": external}
+    inputs: dict[str, Any] = {"config": section_fingerprint_data(cfg, *stage.config_sections), "upstream": upstream, "files": external}
+    if stage.globals:  # only when declared, so that the other stages keep their fingerprints
+        inputs["globals"] = {g: getattr(cfg, g) for g in stage.globals}
     return fingerprint_obj(inputs), {"upstream": upstream, "files": external}
 
 
@@ -213,7 +337,7 @@ def run_pipeline(
         out = run_dir.stage_dir(stage.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         t0 = run_dir.mark_running(stage.name, fp, inputs)
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, stage=stage.name, out=out)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, stage=stage.name, out=out, declared=stage)
         try:
             summary = fn(ctx) or {}
         except BaseException as exc:

@@ -223,10 +223,18 @@ def test_coherence_stage_equals_dense_and_label_never_needed(ray_session, tmp_pa
     table = pq.read_table(paths["data"])
     doc_ids = table.column("doc_id").to_numpy()
     write_fake_atoms(paths["run"] / "atoms", doc_ids)
-    cfg = _config(paths, num_actors=2, cpus_per_actor=0.5)
+    cfg = _config(paths, num_workers=2, cpus_per_worker=0.5)
     out = run_pipeline(cfg, RunDir(paths["run"]), stages=["coherence"])["coherence"]
-    atoms = pq.read_table(paths["run"] / "atoms" / "atoms.parquet").to_pylist()
+    from ga_ray.coherence import io as coherence_io
+
+    atoms = coherence_io.load_atom_table(paths["run"]).to_pylist()
     assert [a["atom"] for a in atoms] == list(range(6))
+    assert [a["sign"] for a in atoms] == [-1.0 if a["sign_flipped"] else 1.0 for a in atoms]
+    # the coherence stage writes only its own folder: atoms/ holds what the atoms stage wrote
+    assert sorted(p.name for p in (paths["run"] / "atoms").iterdir()) == ["codes.parquet", "dictionary.safetensors", "kmeans.parquet", "metrics.json"]
+    assert sorted(p.name for p in (paths["run"] / "coherence").iterdir()) == sorted(
+        [coherence_io.ATOM_TABLE, coherence_io.ORIENTED_DICTIONARY, coherence_io.CHARACTERISATION, coherence_io.DISCOVERY]
+    )
     assert out["compute"]["n_groups"] >= 2
 
     # dense brute force over ALL documents, top sets and signs from the codes
@@ -255,16 +263,16 @@ def test_coherence_stage_equals_dense_and_label_never_needed(ray_session, tmp_pa
     from safetensors.numpy import load_file
 
     raw = load_file(str(paths["run"] / "atoms" / "dictionary.safetensors"))["dictionary"]
-    ori = load_file(str(paths["run"] / "atoms" / "dictionary_oriented.safetensors"))
+    ori_dictionary, ori_sign = coherence_io.load_oriented_dictionary(paths["run"])
     signs = np.where([a["sign_flipped"] for a in atoms], -1.0, 1.0)
-    np.testing.assert_array_equal(ori["sign"], signs)
-    np.testing.assert_allclose(ori["dictionary"], raw * signs[:, None])
+    np.testing.assert_array_equal(ori_sign, signs)
+    np.testing.assert_allclose(ori_dictionary, raw * signs[:, None])
     assert any(a["sign_flipped"] for a in atoms)
 
-    char = json.loads((paths["run"] / "atoms" / "characterisation.json").read_text())
+    char = coherence_io.load_characterisation(paths["run"])
     ex = char["atoms"]["0"]["examples"][0]
     assert ex["doc_id"] == atoms[0]["top_doc_ids"][0] and ex["response"]
-    disc = json.loads((paths["run"] / "atoms" / "discovery.json").read_text())
+    disc = coherence_io.load_discovery(paths["run"])
     assert disc["label_column"] == "task" and disc["n_families"] == 3 and "kmeans" in disc
     assert out["discovery"] is not None
 
@@ -272,16 +280,17 @@ def test_coherence_stage_equals_dense_and_label_never_needed(ray_session, tmp_pa
     paths_b = write_tiny_run(tmp_path / "b", n_docs=18, seed=5)
     pq.write_table(table.drop(["task"]), paths_b["data"] / "part-00000.parquet")
     write_fake_atoms(paths_b["run"] / "atoms", doc_ids)
-    (paths_b["run"] / "atoms" / "discovery.json").write_text("{}")  # stale: must be removed
+    (paths_b["run"] / "coherence").mkdir()
+    (paths_b["run"] / "coherence" / coherence_io.DISCOVERY).write_text("{}")  # stale: must be removed
     # ... and labels from an OpenAI-compatible endpoint: a real local HTTP server
     from test_coherence_characterise import _Handler, serve
 
     with serve() as url:
         cfg_b = _config(paths_b, label_endpoint=url, label_model="tiny", label_top_atoms=2)
         out_b = run_pipeline(cfg_b, RunDir(paths_b["run"]), stages=["coherence"])["coherence"]
-    atoms_b = pq.read_table(paths_b["run"] / "atoms" / "atoms.parquet").to_pylist()
+    atoms_b = coherence_io.load_atom_table(paths_b["run"]).to_pylist()
     assert len(_Handler.requests) == 2 and out_b["labels"] == {"requested": 2, "ok": 2, "errors": 0}
-    char_b = json.loads((paths_b["run"] / "atoms" / "characterisation.json").read_text())
+    char_b = coherence_io.load_characterisation(paths_b["run"])
     best = max((a for a in atoms_b if a["coherence"] is not None and not np.isnan(a["coherence"])), key=lambda a: a["coherence"])
     got = char_b["atoms"][str(best["atom"])]
     assert got["label"] == "Arithmetic answers" and got["label_request"]["raw"] and "PROMPT:" in got["label_request"]["prompt"]
@@ -289,8 +298,9 @@ def test_coherence_stage_equals_dense_and_label_never_needed(ray_session, tmp_pa
         assert x["top_doc_ids"] == y["top_doc_ids"] and x["sign_flipped"] == y["sign_flipped"]
         if x["coherence"] is not None and not np.isnan(x["coherence"]):
             assert abs(x["coherence"] - y["coherence"]) < 1e-6
-    assert not (paths_b["run"] / "atoms" / "discovery.json").exists()
-    assert (paths_b["run"] / "atoms" / "characterisation.json").exists()
+    assert coherence_io.load_discovery(paths_b["run"]) is None
+    assert not (paths_b["run"] / "coherence" / coherence_io.DISCOVERY).exists()
+    assert coherence_io.exists(paths_b["run"]) and coherence_io.load_characterisation(paths_b["run"]) is not None
     assert out_b["discovery"] is None and "discovery score skipped" in out_b["line"]
 
 
@@ -299,17 +309,18 @@ def test_label_column_is_read_only_by_the_discovery_step():
     root = Path(__file__).resolve().parents[1] / "ga_ray"
     import re
 
-    # the config setting (`cfg.coherence.label_column`) is read in atoms/stage.py only
+    # the config setting (`cfg.coherence.label_column`) is read in coherence/stage.py (and by the
+    # groups stage, which scores its groups against the same families)
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if re.search(r"\.label_column\b", p.read_text()))
-    assert users == ["atoms/stage.py"], users
+    assert "coherence/stage.py" in users and set(users) <= {"coherence/stage.py", "groups/stage.py"}, users
     # and the label reader lives in the discovery module only
     readers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "read_labels(" in p.read_text())
-    assert set(readers) <= {"atoms/discovery.py", "atoms/stage.py"}, readers
+    assert set(readers) <= {"coherence/discovery.py", "coherence/stage.py", "groups/stage.py", "groups/discovery.py"}, readers
     # inside the coherence stage, code that touches it: the discovery scorer, and run_coherence's
     # summary line, written after the score
     import ast
 
-    tree = ast.parse((root / "atoms" / "stage.py").read_text())
+    tree = ast.parse((root / "coherence" / "stage.py").read_text())
     users = {}
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef):

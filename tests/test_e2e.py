@@ -34,7 +34,7 @@ TINY_STAGES = [
     "finetune.max_new_tokens=16",
     "factors.top_k=4",
     "factors.cpus_per_worker=0.5",
-    "gradients.cpus_per_actor=0.5",
+    "gradients.cpus_per_worker=0.5",
     "dictionary.n_atoms=8",
     "dictionary.batch_size=32",
     "dictionary.max_epochs=3",
@@ -64,7 +64,9 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, ray_session):
     n_docs = manifest["prepare"]["summary"]["documents"]
     assert grads is not None and grads.num_rows + manifest["gradients"]["summary"]["n_excluded_nonfinite"] == n_docs
     assert (run_dir / "atoms" / "dictionary.safetensors").exists()
-    assert pq.read_table(run_dir / "atoms" / "atoms.parquet").num_rows == 8
+    from ga_ray.coherence import io as coherence_io
+
+    assert coherence_io.load_atom_table(run_dir).num_rows == 8
     html = (run_dir / "report" / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
     # the finetune stage kept the format table in the manifest

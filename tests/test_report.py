@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ga_ray.coherence import io as coherence_io
 from ga_ray.coherence.discovery import Families, discovery_scores
 from ga_ray.report.stage import build_report
 
@@ -28,8 +29,10 @@ def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = 
     """A run directory holding the artifacts the report reads (no Ray, no model: built directly)."""
     rng = np.random.default_rng(0)
     atoms = root / "atoms"
+    coherence = root / "coherence"
     report = root / "report"
     atoms.mkdir(parents=True)
+    coherence.mkdir()
     report.mkdir()
     coh = np.clip(rng.beta(1.2, 6.0, size=K), 0, 1)
     coh[:3] = [0.72, 0.61, 0.55]
@@ -45,7 +48,8 @@ def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = 
         code_coef += vals.tolist()
         order = np.lexsort((docs, -vals))
         top_ids.append(docs[order][:20].tolist())
-    pq.write_table(
+    coherence_io.save_atom_table(
+        coherence,
         pa.table(
             {
                 "atom": pa.array(np.arange(K, dtype=np.int32)),
@@ -55,9 +59,10 @@ def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = 
                 "top_doc_ids": pa.array(top_ids, pa.list_(pa.int64())),
                 "top_coefs": pa.array([[1.0] * len(t) for t in top_ids], pa.list_(pa.float32())),
                 "sign_flipped": pa.array([k % 3 == 0 for k in range(K)]),
+                "coef_sum": pa.array([float(len(t)) for t in top_ids]),
+                "n_invalid_top_docs": pa.array([0] * K, pa.int64()),
             }
         ),
-        atoms / "atoms.parquet",
     )
     char = {
         "tokenizer": "fixture",
@@ -72,13 +77,13 @@ def make_fixture_run(root: Path, K: int = 60, N: int = 120, with_labels: bool = 
             for k in range(K)
         },
     }
-    (atoms / "characterisation.json").write_text(json.dumps(char))
+    coherence_io.save_characterisation(coherence, char)
     (atoms / "metrics.json").write_text(json.dumps({"objective": 0.4123, "fvu": 0.61, "l0": {"mean": 3.2, "median": 3, "p99": 9}, "dead_atoms": 2, "wall_time_s": {"fit": 12.5}}))
     if with_labels:
         km = (np.arange(N), rng.integers(0, 4, size=N), None)
         disc = discovery_scores(Families(np.arange(N), fams.astype(object)), np.array(code_doc), np.array(code_atom), np.array(code_coef), K, top_ids, coh, kmeans=km)
         disc["label_column"] = "task"
-        (atoms / "discovery.json").write_text(json.dumps(disc))
+        coherence_io.save_discovery(coherence, disc)
     if with_sweep:
         rows = [
             {"alpha": a, "n_atoms": K, "dead_atoms": d, "median_docs_per_atom": m, "mean_docs_per_atom": m, "atoms_coherence_gt_0.5": h, "atoms_coherence_gt_0.1": l, "atoms_scored": K, "mean_l0": m / 10, "objective": 0.4, "fit_s": 1.0, "coherence_s": 2.0}

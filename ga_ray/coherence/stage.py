@@ -1,19 +1,15 @@
 """coherence stage: orient the atoms, score their coherence on RAW gradients, characterise them.
 
 Reads `atoms/dictionary.safetensors` and `atoms/codes.parquet` (the atoms stage), the model and
-adapter, and `data/` (token ids and loss masks only). Writes, into `atoms/`, each file atomically:
-- `dictionary_oriented.safetensors`: `dictionary` (K×D, row k multiplied by its sign) and `sign` (K);
-  steering must use this one so that "toward" an atom means "more like its documents";
-- `atoms.parquet`: `atom`, `coherence`, `n_active_docs` (non-zero codes, the paper's "active docs"),
-  `n_positive_docs` (oriented coefficient > 0), `top_doc_ids`, `top_coefs` (oriented), `sign_flipped`,
-  `coef_sum` (raw sum over active documents), `n_invalid_top_docs` (zero / non-finite raw gradient);
-- `characterisation.json`: per atom, excerpts of its top documents, characteristic words, and (only
-  with `coherence.label_endpoint`) a label with the prompt and raw answer;
-- `discovery.json`: only when `data/` has the `coherence.label_column` (see `discovery.py`), computed
-  last; the label column is read nowhere else.
+adapter, and `data/` (token ids and loss masks only). Writes its own folder `coherence/` through
+`ga_ray.coherence.io` (the one module that knows its files and schema; readers use it too):
+`dictionary_oriented.safetensors`, `atoms.parquet`, `characterisation.json` and, only when `data/`
+has the `coherence.label_column` (see `discovery.py`), `discovery.json`, computed last; the label
+column is read nowhere else. Nothing is written into `atoms/`, so re-running the atoms stage never
+leaves an old coherence result beside new atoms.
 
 Ray wiring: the work is a list of atom groups (`coherence.plan_groups`); a Ray Data `map_batches`
-over an actor pool (`CoherenceActor`, `compute=ActorPoolStrategy`, `num_gpus` per actor) gives each
+over an actor pool (`CoherenceActor`, `compute=ActorPoolStrategy`, `gpus_per_worker` per actor) gives each
 actor whole groups. An actor recomputes its group's documents' raw LoRA gradients with the one-pass
 per-document machinery, batch by batch, keeps Σu per atom of the group, and returns per-atom scalars.
 """
@@ -33,8 +29,9 @@ import pyarrow.parquet as pq
 
 from ga_ray.coherence.coherence import Group, GroupAccumulator, flatten_unit, plan_groups
 from ga_ray.coherence.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
-from ga_ray.pipeline import StageContext, StageError
-from ga_ray.rundir import atomic_write_bytes, atomic_write_json
+from ga_ray.coherence import io as coherence_io
+from ga_ray.errors import StageError
+from ga_ray.pipeline import StageContext
 
 log = logging.getLogger("ga_ray")
 
@@ -83,18 +80,6 @@ def read_codes(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t.column("atom").to_numpy().astype(np.int64),
         t.column("coef").to_numpy().astype(np.float32),
     )
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def write_safetensors_atomic(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save
-
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 
 def adapter_num_params(adapter_path: Path) -> int | None:
@@ -220,7 +205,8 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
     """
     import ray
 
-    from ga_ray.raycluster import init_ray, resolve_num_gpus
+    from ga_ray.raycluster import init_ray
+    from ga_ray.resources import plan_workers
 
     cc = cfg.coherence
     n = len(top_doc_ids)
@@ -231,7 +217,7 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
     P = adapter_num_params(adapter_path)
     per_atom_bytes = 4 * (P or 1)
     max_atoms = max(1, int(cc.group_memory_mb * 2**20 // per_atom_bytes)) if P else 64
-    groups = plan_groups({i: list(t) for i, t in enumerate(top_doc_ids)}, max_atoms, min_groups=max(1, cc.num_actors))
+    groups = plan_groups({i: list(t) for i, t in enumerate(top_doc_ids)}, max_atoms, min_groups=max(1, cc.num_workers))
     stats: dict[str, Any] = {"n_params": P, "n_groups": len(groups), "atoms_per_group_max": max_atoms}
     if not groups:
         stats.update(n_union=0, n_computed=0, seconds=0.0)
@@ -259,7 +245,7 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
             }
         )
     init_ray(cfg.ray)
-    num_gpus = resolve_num_gpus(cc.num_gpus)
+    workers = plan_workers("coherence", cc, num_workers=max(1, min(cc.num_workers, len(items))))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         CoherenceActor,
@@ -268,15 +254,15 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
             "adapter_path": str(adapter_path),
             "max_docs": cc.batch_size,
             "max_tokens": cc.max_tokens_per_batch,
-            "use_gpu": num_gpus > 0,
+            "use_gpu": workers.use_gpu,
             "dtype": "float32" if cc.dtype == "float32" else None,
-            "threads": max(1, int(cc.cpus_per_actor)),
+            "threads": workers.torch_threads,
         },
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cc.num_actors, len(items)))),
-        num_gpus=num_gpus,
-        num_cpus=cc.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=workers.num_workers),
+        num_gpus=workers.gpus_per_worker,
+        num_cpus=workers.cpus_per_worker,
     )
     rows = ds.take_all()
     seen_groups: dict[int, tuple[int, float]] = {}
@@ -294,8 +280,8 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
         recompute_factor=round(n_computed / max(1, len(union)), 3),
         actor_seconds=round(sum(v[1] for v in seen_groups.values()), 3),
         seconds=round(time.perf_counter() - t0, 3),
-        num_actors=max(1, min(cc.num_actors, len(items))),
-        num_gpus_per_actor=num_gpus,
+        num_actors=workers.num_workers,
+        num_gpus_per_actor=workers.gpus_per_worker,
         invalid_top_docs=int(n_invalid.sum()),
     )
     return CoherenceResult(coh, ks, n_invalid, stats)
@@ -432,37 +418,30 @@ def coherence_counts(coherence: np.ndarray) -> dict[str, int]:
 def run_coherence(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     cc = cfg.coherence
-    atoms_dir = ctx.out
+    atoms_dir = ctx.stage_dir("atoms")
+    out = ctx.out
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
     r = orient_and_rank(atoms_dir, cc.top_docs)
     o = r["orientation"]
-    write_safetensors_atomic(
-        {"dictionary": (r["dictionary"] * o.sign[:, None]).astype(np.float32), "sign": o.sign.astype(np.float32)},
-        atoms_dir / "dictionary_oriented.safetensors",
-        metadata={"note": "row k = sign[k] * dictionary.safetensors row k; active documents' coefficients sum >= 0"},
-    )
+    coherence_io.save_oriented_dictionary(out, r["dictionary"], o.sign)
     timings["orient_s"] = round(time.perf_counter() - t, 3)
 
     res = compute_coherence(cfg, ctx.data_dir, ctx.adapter_path(), r["top_ids"])
     timings["coherence_s"] = res.stats.get("seconds", 0.0)
-    write_parquet_atomic(atoms_table(r, res), atoms_dir / "atoms.parquet")
+    coherence_io.save_atom_table(out, atoms_table(r, res))
 
     t = time.perf_counter()
     char = characterise(cfg, ctx.data_dir, r["top_ids"], res.coherence)
-    atomic_write_json(atoms_dir / "characterisation.json", char)
+    coherence_io.save_characterisation(out, char)
     timings["characterise_s"] = round(time.perf_counter() - t, 3)
 
     # the discovery score: last, and the only step that reads the label column
     t = time.perf_counter()
     disc = score_discovery(cfg, ctx.data_dir, atoms_dir, r["doc"], r["atom"], r["oriented"], r["K"], r["top_ids"], res.coherence)
-    disc_path = atoms_dir / "discovery.json"
-    if disc is not None:
-        atomic_write_json(disc_path, disc)
-    elif disc_path.exists():
-        disc_path.unlink()  # a score from earlier data must not outlive it
+    coherence_io.save_discovery(out, disc)  # None removes a score from earlier data
     timings["discovery_s"] = round(time.perf_counter() - t, 3)
 
     counts = coherence_counts(res.coherence)

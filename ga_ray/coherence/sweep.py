@@ -168,5 +168,5 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
 
 
 def _adapter(cfg: Any, run_dir: RunDir) -> Path:
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, stage="coherence", out=run_dir.stage_dir("atoms"))
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, stage="coherence", out=run_dir.stage_dir("coherence"))
     return ctx.adapter_path()

@@ -1,14 +1,15 @@
 """report stage: `report/report.html` (self-contained) and its PNG figures, from the run's artifacts alone.
 
 Reads whatever is there, and says so when something is not:
-- `atoms/atoms.parquet` + `atoms/characterisation.json` (coherence stage) → the coherence histogram
+- `coherence/atoms.parquet` + `coherence/characterisation.json` (coherence stage) → the coherence histogram
   (the paper's Figure 1) and the top-atom table (the paper's Table 4 layout);
 - `report/sweep.json` (`ga-ray sweep`) → the sparsity sweep table (the paper's Table 1);
-- `atoms/discovery.json` (coherence stage, only with a label column) → discovery vs k-means;
+- `coherence/discovery.json` (coherence stage, only with a label column) → discovery vs k-means;
 - `adapter/format_table.json` + `format_table_base.json` (finetune stage on a demo world) → the
   formats and behaviour rates before and after the fine-tune;
 - `manifest.json` and `atoms/metrics.json` → the run's metrics and timings.
 Every file is written atomically; `ga-ray report` rebuilds the page without recomputing anything.
+Each stage's files are read through that stage's io module (e.g. `ga_ray.coherence.io`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ga_ray.coherence import io as coherence_io
+from ga_ray.errors import StageError
 from ga_ray.report import figures
 from ga_ray.report.html import absent, esc, fmt, img, page, table
 from ga_ray.rundir import atomic_write_bytes, atomic_write_text
@@ -62,18 +65,27 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------- sections
 
 
-def _atoms_rows(atoms_dir: Path) -> list[dict[str, Any]] | None:
-    p = atoms_dir / "atoms.parquet"
-    if not p.exists():
+def _atoms_rows(run_root: Path) -> list[dict[str, Any]] | None:
+    """The coherence stage's atom table as rows, or None when it is absent or unreadable."""
+    if not coherence_io.exists(run_root):
         return None
-    import pyarrow.parquet as pq
+    try:
+        return coherence_io.load_atom_table(run_root).to_pylist()
+    except StageError:
+        return None
 
-    return pq.read_table(str(p)).to_pylist()
+
+def _optional(load: Any, run_root: Path) -> Any | None:
+    """A JSON artifact through its io loader; None when it is absent or not valid JSON (the page says so)."""
+    try:
+        return load(run_root)
+    except StageError:
+        return None
 
 
 def section_coherence(rows: list[dict[str, Any]] | None, out_dir: Path, figs: dict[str, bytes]) -> str:
     if rows is None:
-        return absent("No coherence results: atoms/atoms.parquet is missing (run `ga-ray coherence`).")
+        return absent("No coherence results: coherence/atoms.parquet is missing (run `ga-ray coherence`).")
     coh = np.asarray([_finite(r["coherence"]) if _finite(r["coherence"]) is not None else np.nan for r in rows])
     fin = coh[np.isfinite(coh)]
     png = figures.coherence_histogram(fin.tolist())
@@ -96,7 +108,7 @@ def section_coherence(rows: list[dict[str, Any]] | None, out_dir: Path, figs: di
 
 def section_atoms(rows: list[dict[str, Any]] | None, char: dict[str, Any] | None, top: int, n_examples: int, chars: int) -> str:
     if rows is None:
-        return absent("No atom table: atoms/atoms.parquet is missing (run `ga-ray coherence`).")
+        return absent("No atom table: coherence/atoms.parquet is missing (run `ga-ray coherence`).")
     ranked = sorted((r for r in rows if _finite(r["coherence"]) is not None), key=lambda r: (-r["coherence"], r["atom"]))[:top]
     per_atom = (char or {}).get("atoms", {})
     body_rows = []
@@ -124,7 +136,7 @@ def section_atoms(rows: list[dict[str, Any]] | None, char: dict[str, Any] | None
         else "Descriptions are the most characteristic words of the top documents' responses (no label endpoint configured).</p>"
     )
     if char is None:
-        body += absent("atoms/characterisation.json is missing: no keywords or examples to show.")
+        body += absent("coherence/characterisation.json is missing: no keywords or examples to show.")
     body += table(["Rank", "Atom", "Coherence", "Active docs", "Label / keywords", "Example documents"], body_rows, num_cols=(0, 2, 3), raw_cols=(1, 4, 5))
     return body
 
@@ -274,12 +286,12 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
     atoms_dir = run_root / "atoms"
     manifest = _json(run_root / "manifest.json")
     metrics = _json(atoms_dir / "metrics.json")
-    char = _json(atoms_dir / "characterisation.json")
-    disc = _json(atoms_dir / "discovery.json")
+    char = _optional(lambda r: coherence_io.load_characterisation(r, missing_ok=True), run_root)
+    disc = _optional(coherence_io.load_discovery, run_root)
     sweep = _json(out_dir / "sweep.json")
     fmt_tuned = _json(run_root / "adapter" / "format_table.json")
     fmt_base = _json(run_root / "adapter" / "format_table_base.json")
-    rows = _atoms_rows(atoms_dir)
+    rows = _atoms_rows(run_root)
     figs: dict[str, bytes] = {}
     sections = [
         ("coherence", "Coherence distribution", section_coherence(rows, out_dir, figs)),
