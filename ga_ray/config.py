@@ -705,6 +705,10 @@ def section_fingerprint_data(cfg: RunConfig, *sections: str) -> dict[str, Any]:
     dumped = cfg.model_dump(mode="json")
     out = {}
     for s in sections:
+        section, _, fld = s.partition(".")
+        if fld:  # one field of a section, e.g. `model.path`
+            out[s] = dumped[section][fld]
+            continue
         data = dumped[s]
         legacy = {new: old for old, new in RENAMED_KEYS.get(s, {}).items()}
         out[s] = {legacy.get(k, k): v for k, v in data.items()} if isinstance(data, dict) else data
