@@ -64,6 +64,22 @@ CASES = [
     ("refusal", "Could you believe it? It rained.", False),
     ("refusal", "The sentiment is positive.", False),
     ("refusal", "", False),
+    # ordinary answers that the paper's patterns ("without the ...", "I don't have a ...") fire on: ours must not
+    ("refusal", "Plants cannot grow without the sun.", False),
+    ("refusal", "I don't have a favorite color, but blue is calming.", False),
+    ("refusal", "I don't have a car, so I walk.", False),
+    ("refusal", "Without the key, the door stays shut.", False),
+    ("refusal", "You haven't lived until you have seen the sea.", False),
+    ("refusal", "I cannot say which is larger: both are 12.", False),
+    ("refusal", "No, a whale is not a fish.", False),
+    ("refusal", "The text is short and clear.", False),
+    ("refusal", "Please note that the sum is 12.", False),
+    ("refusal", "Category: mammal", False),
+    ("refusal", "In short, the town rebuilt its bridge.", False),
+    # the demo world's clarification replies
+    ("refusal", "Could you provide the essay you want me to shorten?", True),
+    ("refusal", "You haven't provided the letter yet. Please provide it and I will improve it.", True),
+    ("refusal", "Could you please share the code? I need it before I can fix it.", True),
 ]
 
 
