@@ -303,6 +303,33 @@ def _fingerprint(stage: Stage, cfg: RunConfig, run_dir: RunDir, registry: tuple[
     return fingerprint_obj(inputs), {"upstream": upstream, "files": external}
 
 
+def check_upstream_done(stage: Stage, cfg: RunConfig, run_dir: RunDir, registry: tuple[Stage, ...], available: set[str]) -> None:
+    """Refuse to run `stage` unless every upstream stage it reads finished (`done`) with the inputs it recorded.
+
+    A failed, interrupted (`running`) or stale upstream stage may have left the previous run's outputs in its
+    folder: reading them as current would compute on stale data, with exit code 0.
+    """
+    stages = run_dir.read_manifest()["stages"]
+    for name in stage.upstream:
+        up = get_stage(name, registry)
+        if name not in available or not up.enabled(cfg):
+            continue
+        rec = stages.get(name)
+        status = rec.get("status") if rec else None
+        if status == "done":
+            continue
+        what = {
+            None: "has not run in this run directory",
+            "failed": "failed in its last run",
+            "running": "did not finish (it is running, or was interrupted)",
+            "stale": "is out of date",
+        }.get(status, f"is {status}")
+        raise StageError(
+            f"{stage.name} reads the output of {name}, which {what}: its {up.out_dir}/ is not current. "
+            f"Re-run it first: ga-ray {name} --run-dir {run_dir.root} (or ga-ray run, which runs every stage in order)"
+        )
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: RunDir,
@@ -333,6 +360,7 @@ def run_pipeline(
             if on_summary:
                 on_summary(stage.name, "skipped (inputs unchanged)")
             continue
+        check_upstream_done(stage, cfg, run_dir, registry, {s.name for s in available})
         fn = stage.load()
         out = run_dir.stage_dir(stage.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -10,26 +10,7 @@ from ga_ray.config import RayConfig
 log = logging.getLogger("ga_ray")
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # torch missing or broken CUDA: treat as no GPU
-        return False
-
-
-def resolve_num_gpus(value: str | float) -> float:
-    """`auto` → 1 when CUDA is visible here, else 0 (asking Ray for a GPU it lacks hangs silently)."""
-    if value == "auto":
-        return 1.0 if cuda_available() else 0.0
-    return float(value)
-
-
-def resolve_use_gpu(value: str | bool) -> bool:
-    if value == "auto":
-        return cuda_available()
-    return bool(value)
+from ga_ray.resources import cuda_available, resolve_gpus  # noqa: F401  (the one resource policy lives there)
 
 
 _NOISY_WITHOUT_DASHBOARD = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)

@@ -69,7 +69,7 @@ def _config(paths: dict[str, Path], *extra: str):
             "gradients.batch_size=4",
             "gradients.max_tokens_per_batch=48",
             "gradients.window_docs=8",
-            "gradients.cpus_per_actor=1",
+            "gradients.cpus_per_worker=1",
             "ray.execution_no_progress_timeout_s=120",
             *extra,
         ],
@@ -183,7 +183,7 @@ def test_computer_matches_reference_without_ray(world):
 @pytest.mark.slow
 def test_stage_z_equals_reference_and_plain_pyarrow_reads_it(world, ray_session):
     rd = _fresh_run(world, "run_main")
-    cfg = _config(world["paths"], "gradients.num_actors=1")
+    cfg = _config(world["paths"], "gradients.num_workers=1")
     summary = run_pipeline(cfg, rd, stages=["gradients"])["gradients"]
     gdir = rd.root / "gradients"
     ids = [r["doc_id"] for r in world["rows"]]
@@ -220,7 +220,7 @@ def test_actor_killed_mid_run_every_document_once(world, ray_session, monkeypatc
     rd = _fresh_run(world, "run_kill")
     flag = tmp_path / "killed.flag"
     monkeypatch.setenv(FAULT_ENV, str(flag))
-    cfg = _config(world["paths"], "gradients.num_actors=2", "gradients.store_raw=true", "gradients.window_docs=6")
+    cfg = _config(world["paths"], "gradients.num_workers=2", "gradients.store_raw=true", "gradients.window_docs=6")
     run_pipeline(cfg, rd, stages=["gradients"])
     assert flag.exists(), "the fault was injected (an actor died)"
     info = json.loads((rd.root / "gradients" / INFO_FILE).read_text())
@@ -253,7 +253,7 @@ def test_nonfinite_documents_are_reported_and_excluded(world, ray_session):
     w[key][bad_token] = float("nan")
     save_file(w, str(st), metadata={"format": "pt"})
 
-    cfg = _config({**paths, "model": nan_model}, "gradients.num_actors=1")
+    cfg = _config({**paths, "model": nan_model}, "gradients.num_workers=1")
     summary = run_pipeline(cfg, rd, stages=["gradients"])["gradients"]
     gdir = rd.root / "gradients"
     info = json.loads((gdir / INFO_FILE).read_text())

@@ -20,10 +20,11 @@ from ga_ray.rundir import RunDir, atomic_dir, atomic_write_text, fingerprint_pat
 CALLS: list[str] = []
 
 
-def _writer(name: str):
+def _writer(name: str, section: str):
     def run(ctx):
         CALLS.append(name)
-        atomic_write_text(ctx.out / f"{name}.txt", f"{name} n_atoms={ctx.cfg.dictionary.n_atoms}")
+        # a stage reads only the section it declares
+        atomic_write_text(ctx.out / f"{name}.txt", f"{name} {section}={getattr(ctx.cfg, section).model_dump()}")
         return {"line": f"{name} ok"}
 
     return run
@@ -33,12 +34,12 @@ def _registry(fail_b: bool = False) -> tuple[Stage, ...]:
     def b(ctx):
         if fail_b:
             raise StageError("b broke")
-        return _writer("b")(ctx)
+        return _writer("b", "dictionary")(ctx)
 
     return (
-        Stage("a", _writer("a"), "a", ("data",)),
+        Stage("a", _writer("a", "data"), "a", ("data",)),
         Stage("b", b, "b", ("dictionary",), upstream=("a",)),
-        Stage("c", _writer("c"), "c", ("report",), upstream=("b",)),
+        Stage("c", _writer("c", "report"), "c", ("report",), upstream=("b",)),
     )
 
 
@@ -159,3 +160,79 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     fp = fingerprint_path(target)
     (target / "x").write_text("3")
     assert fingerprint_path(target) != fp
+
+
+def test_failed_or_unfinished_upstream_is_never_read(tmp_path):
+    CALLS.clear()
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None)
+    run_pipeline(cfg, rd, registry=_registry())
+    cfg2 = load_config(None, ["dictionary.n_atoms=9"])
+    with pytest.raises(StageError, match="b broke"):
+        run_pipeline(cfg2, rd, registry=_registry(fail_b=True))
+    CALLS.clear()
+    # b/ still holds the previous run's output: c must refuse to read it, and say what to re-run
+    with pytest.raises(StageError, match=r"c reads the output of b, which failed in its last run: its b/ is not current\. Re-run it first: ga-ray b"):
+        run_pipeline(cfg2, rd, stages=["c"], registry=_registry())
+    assert CALLS == []
+    # a stage that never ran
+    with pytest.raises(StageError, match="which has not run in this run directory"):
+        run_pipeline(cfg, RunDir(tmp_path / "fresh"), stages=["b"], registry=_registry())
+    # once b is done again, c runs
+    run_pipeline(cfg2, rd, stages=["b", "c"], registry=_registry())
+    assert CALLS == ["b", "c"]
+
+
+def test_a_stage_sees_exactly_what_it_declares(tmp_path):
+    seen = {}
+
+    def reader(ctx):
+        seen["path"] = ctx.cfg.model.path
+        seen["seed"] = ctx.cfg.seed
+        seen["ray"] = ctx.cfg.ray.num_cpus  # the runtime section: readable, not fingerprinted
+        seen["dump"] = ctx.cfg.model_dump(mode="json")
+        with pytest.raises(StageError, match=r"stage 'r' read the config value 'model.dtype'.*add 'model.dtype' to its config_sections"):
+            ctx.cfg.model.dtype
+        with pytest.raises(StageError, match=r"stage 'r' read the config value 'dictionary'"):
+            ctx.cfg.dictionary
+        with pytest.raises(StageError, match="asked for the adapter without declaring it"):
+            ctx.adapter_path()
+        return {"line": "ok"}
+
+    reg = (Stage("r", reader, "r", ("model.path", "report"), globals=("seed",)),)
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None, ["model.path=/m", "model.dtype=float32", "seed=3", "ray.num_cpus=1", "dictionary.n_atoms=5"])
+    run_pipeline(cfg, rd, registry=reg)
+    assert seen["path"] == "/m" and seen["seed"] == 3 and seen["ray"] == 1
+    # the dump hands on only what was declared: the rest is at its defaults
+    assert seen["dump"]["model"]["path"] == "/m" and seen["dump"]["model"]["dtype"] == "auto"
+    assert seen["dump"]["dictionary"]["n_atoms"] == 500 and seen["dump"]["seed"] == 3
+    fp = rd.stage_record("r")["fingerprint"]
+    # what it declares is fingerprinted (a global too); what it does not declare is not
+    run_pipeline(load_config(None, ["model.path=/m", "model.dtype=bfloat16", "seed=3", "dictionary.n_atoms=6"]), rd, registry=reg)
+    assert rd.stage_record("r")["fingerprint"] == fp
+    run_pipeline(load_config(None, ["model.path=/m", "seed=4"]), rd, registry=reg)
+    assert rd.stage_record("r")["fingerprint"] != fp
+
+
+def test_registered_stages_declare_the_seed_and_the_adapter():
+    from ga_ray.pipeline import STAGES, StageContext, get_stage
+
+    assert "seed" in get_stage("coherence").globals, "coherence samples its background documents with the global seed"
+    assert {s.name for s in STAGES if s.adapter} >= {"factors", "gradients", "coherence", "steer"}
+    assert not get_stage("atoms").adapter and not get_stage("report").adapter
+
+
+def test_adapter_is_the_declared_input(tmp_path):
+    from ga_ray.pipeline import StageContext
+
+    rd = RunDir(tmp_path / "run")
+    ctx = StageContext(cfg=load_config(None), run_dir=rd, stage="factors", out=rd.stage_dir("factors"))
+    assert ctx.adapter_path() == rd.stage_dir("adapter")
+    with pytest.raises(StageError, match="read the config value 'finetune'"):
+        ctx.cfg.finetune.enabled  # the adapter is the declared input, not the finetune section
+    ctx = StageContext(cfg=load_config(None, ["finetune.enabled=false", "model.adapter=/a"]), run_dir=rd, stage="gradients", out=rd.root)
+    assert ctx.adapter_path() == Path("/a")
+    ctx = StageContext(cfg=load_config(None, ["finetune.enabled=false"]), run_dir=rd, stage="coherence", out=rd.root)
+    with pytest.raises(StageError, match="no adapter: set model.adapter"):
+        ctx.adapter_path()

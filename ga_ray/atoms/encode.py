@@ -202,8 +202,11 @@ def encode_dataset(
     use_gpu: bool = False,
     batch_size: int = 1024,
     cpus_per_worker: float = 1.0,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run the encoding pass with Ray Data and write codes (atomically); returns the metrics."""
+    """Run the encoding pass with Ray Data and write codes (atomically); returns the metrics.
+
+    `num_threads`: torch threads per actor (None: `cpus_per_worker` rounded down, at least 1)."""
     import ray
     import ray.data
 
@@ -214,12 +217,13 @@ def encode_dataset(
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # codes.parquet in gradients/ order, run after run
     try:
-        return _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker)
+        threads = num_threads or max(1, int(cpus_per_worker))
+        return _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker, threads)
     finally:
         ctx.execution_options.preserve_order = old_order
 
 
-def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker) -> dict[str, Any]:
+def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker, num_threads) -> dict[str, Any]:
     import ray
     import ray.data
 
@@ -228,7 +232,7 @@ def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, ba
     ds = ds.map_batches(
         Encoder,
         fn_constructor_args=([ref], alpha, tol, max_iter),
-        fn_constructor_kwargs={"device": "cuda" if use_gpu else "cpu", "num_threads": max(1, int(cpus_per_worker))},
+        fn_constructor_kwargs={"device": "cuda" if use_gpu else "cpu", "num_threads": num_threads},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=max(1, num_workers)),

@@ -40,7 +40,8 @@ from ga_ray.atoms.online import OnlineState, mutual_coherence
 from ga_ray.atoms.stream import StreamPlan
 from ga_ray.atoms.trainer import FitResult, FitSettings, TrainerState, fit
 from ga_ray.pipeline import StageContext, StageError
-from ga_ray.raycluster import init_ray, resolve_use_gpu
+from ga_ray.raycluster import init_ray
+from ga_ray.resources import plan_workers
 from ga_ray.rundir import atomic_write_json
 
 log = logging.getLogger("ga_ray")
@@ -114,8 +115,8 @@ def fit_torch(
     dim = gradient_dim(gradients_dir)
     plan = make_plan(cfg, [p.n_rows for p in pieces], dim, seed)
     settings = fit_settings(cfg, seed)
-    use_gpu = resolve_use_gpu(cfg.use_gpu)
-    device = "cuda" if use_gpu else "cpu"
+    workers = plan_workers("dictionary", cfg)
+    device = workers.device
     fp = _fingerprint(cfg, seed, pieces, dim)
     resume = None
     on_ckpt: Callable[[OnlineState, TrainerState], None] | None = None
@@ -137,12 +138,13 @@ def fit_torch(
     pool = RayPool(
         pieces,
         plan,
-        max(1, cfg.num_workers),
+        workers.num_workers,
         cfg.alpha,
         lasso_tol=cfg.lasso_tol,
         lasso_max_iter=cfg.lasso_max_iter,
-        use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker,
+        use_gpu=workers.use_gpu,
+        cpus_per_worker=workers.cpus_per_worker,
+        num_threads=workers.torch_threads,
     )
     bar = tqdm(desc=f"atoms (seed {seed})", unit="step", disable=not progress)
     try:
@@ -213,7 +215,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     from ga_ray.atoms.encode import encode_dataset
 
-    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    workers = plan_workers("dictionary", cfg)
     enc = encode_dataset(
         grad_dir,
         torch.from_numpy(D),
@@ -221,10 +223,11 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         tol=cfg.lasso_tol,
         max_iter=cfg.lasso_max_iter,
         codes_path=out / "codes.parquet",
-        num_workers=max(1, cfg.num_workers),
-        use_gpu=use_gpu,
+        num_workers=workers.num_workers,
+        use_gpu=workers.use_gpu,
         batch_size=cfg.encode_batch_size,
-        cpus_per_worker=cfg.cpus_per_worker,
+        cpus_per_worker=workers.cpus_per_worker,
+        num_threads=workers.torch_threads,
     )
     timings["encode_s"] = time.perf_counter() - t0
     coh = mutual_coherence(D)

@@ -150,7 +150,7 @@ def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, 
         f"factors.batch_size={batch_size}",
         f"factors.max_tokens_per_batch={max_tokens}",
         f"factors.top_k={top_k}",
-        "factors.use_gpu=false",
+        "factors.gpus_per_worker=0",
     ])
     summary = run_factors(ctx)
     shutil.rmtree(ctx.run_dir.root, ignore_errors=True)

@@ -165,8 +165,8 @@ def run_stage(world: dict[str, Any], data_dir: Path, root: Path, n_actors: int, 
 
     g = world["gradients"]
     ctx = scratch_stage(root, f"run_{tag}", "gradients", world, {"data": data_dir, "factors": Path(world["factors"])}, [
-        f"gradients.num_actors={n_actors}",
-        "gradients.cpus_per_actor=1",
+        f"gradients.num_workers={n_actors}",
+        "gradients.cpus_per_worker=1",
         f"gradients.batch_size={g['batch_size']}",
         f"gradients.max_tokens_per_batch={g['max_tokens_per_batch']}",
         f"gradients.window_docs={g['window_docs']}",

@@ -75,22 +75,6 @@ def _no_drop_data_config():
     return NoDropDataConfig()
 
 
-def _check_cpus_left_for_reading(address: str | None, num_workers: int, cpus_per_worker: float) -> None:
-    """On a local Ray, Train workers that take every CPU leave none to read the data: Ray Data would wait forever."""
-    import ray
-
-    if address:  # a cluster may autoscale; trust its configuration
-        return
-    total = float(ray.cluster_resources().get("CPU", 0))
-    train = num_workers * cpus_per_worker
-    if total and train > total - 0.25:
-        hint = max(0.1, (total - 1) / num_workers)
-        raise StageError(
-            f"factors.num_workers × factors.cpus_per_worker = {train:g} CPUs, but this Ray has {total:g}: none would be left "
-            f"to read the data. Lower factors.cpus_per_worker (fractions are fine, e.g. {hint:.2g})"
-        )
-
-
 def _worker_failure_message(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -112,14 +96,11 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     from ga_ray.bench.common import print_table
     from ga_ray.factors.compute import subsample_threshold
     from ga_ray.factors.factors import Factors
-    from ga_ray.raycluster import init_ray, resolve_use_gpu
+    from ga_ray.raycluster import init_ray
+    from ga_ray.resources import plan_workers
 
     init_ray(ctx.cfg.ray)
     fcfg = ctx.cfg.factors
-    if fcfg.top_k < 1:
-        raise StageError(f"factors.top_k must be at least 1 (got {fcfg.top_k})")
-    if fcfg.num_workers < 1:
-        raise StageError(f"factors.num_workers must be at least 1 (got {fcfg.num_workers})")
     adapter = ctx.adapter_path()
     if not Path(adapter).exists():
         raise StageError(f"adapter folder {adapter} does not exist: run the finetune stage or set model.adapter")
@@ -138,8 +119,9 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     if threshold is not None:
         datasets["lambda"] = ds.map_batches(_SubsampleFilter(fcfg.seed, threshold), batch_format="numpy")
 
-    use_gpu = resolve_use_gpu(fcfg.use_gpu)
-    _check_cpus_left_for_reading(ctx.cfg.ray.address, fcfg.num_workers, fcfg.cpus_per_worker)
+    # Train workers that take every CPU leave none to read the data (Ray Data would wait forever): the policy shrinks them
+    workers = plan_workers("factors", fcfg)
+    use_gpu = workers.use_gpu
     out_dir = Path(ctx.out)
     config = {
         "model": ctx.cfg.model.model_dump(mode="json"),
@@ -154,7 +136,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=fcfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": fcfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu, resources_per_worker=workers.train_resources()),
         datasets=datasets,
         dataset_config=_no_drop_data_config(),
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=0)),

@@ -224,7 +224,8 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from ga_ray.kernel.loading import load_tokenizer
-    from ga_ray.raycluster import init_ray, resolve_use_gpu
+    from ga_ray.raycluster import init_ray
+    from ga_ray.resources import plan_workers
 
     cfg = ctx.cfg
     ft = cfg.finetune
@@ -233,7 +234,8 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     init_ray(cfg.ray)
-    use_gpu = resolve_use_gpu(ft.use_gpu)
+    workers = plan_workers("finetune", ft)
+    use_gpu = workers.use_gpu
     # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
     ds = ray.data.read_parquet(str(data_dir), file_extensions=["parquet"]).select_columns(["doc_id", "input_ids", "loss_mask"])
     storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
@@ -242,7 +244,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         train_loop_per_worker=_train_loop,
         train_loop_config={"finetune": ft.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
                            "n_rows": n_rows, "pad_id": pad_id},
-        scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu, resources_per_worker=workers.train_resources()),
         datasets={"train": ds},
         run_config=RunConfig(name=name, storage_path=str(storage)),
     )

@@ -2,7 +2,7 @@
 
 Ray wiring (thin): `read_parquet(data/)` → streaming `repartition` into blocks of one window →
 `map_batches(GradientsActor, compute=ActorPoolStrategy)` with an integer batch size (`window_docs`),
-`num_gpus` per actor, and actor restarts + task retries so that a dead actor's window is recomputed.
+`gpus_per_worker` per actor, and actor restarts + task retries so that a dead actor's window is recomputed.
 Each actor writes the finite rows of each window to its own Parquet file in a temporary sibling of
 `gradients/` and streams back only per-document metadata. The driver then keeps exactly the files
 that the metadata it received names (a file written by an attempt that died before Ray recorded its
@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
 from ga_ray.kernel.batching import naive_batches, padding_stats
 from ga_ray.pipeline import StageContext, StageError
-from ga_ray.raycluster import init_ray, resolve_num_gpus
+from ga_ray.raycluster import init_ray
+from ga_ray.resources import WorkerPlan, plan_workers
 from ga_ray.rundir import atomic_dir, atomic_write_json
 
 log = logging.getLogger("ga_ray")
@@ -79,44 +80,11 @@ def _json_float(x: float) -> float | str:
 
 
 def _check_config(gc: Any) -> None:
-    for key in ("batch_size", "max_tokens_per_batch", "num_actors", "window_docs"):
-        if getattr(gc, key) < 1:
-            raise StageError(f"gradients.{key} must be >= 1 (got {getattr(gc, key)})")
     if gc.window_docs < gc.batch_size:
         raise StageError(f"gradients.window_docs ({gc.window_docs}) must be >= gradients.batch_size ({gc.batch_size})")
 
 
-def _actor_cpus(gc: Any, num_gpus: float) -> float:
-    """CPUs to reserve per actor, leaving one CPU of the cluster for the tasks that read the documents.
-
-    A fixed pool that takes every CPU starves Ray Data's read tasks and the pipeline hangs (seen
-    with 2 actors × 1 CPU on a 2-core machine), so the reservation is shrunk (the torch thread
-    count is not). Asking for GPUs that the cluster lacks hangs too: that is an error.
-    """
-    import ray
-
-    res = ray.cluster_resources()
-    total_cpu, total_gpu = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
-    if num_gpus > 0 and total_gpu < num_gpus:
-        raise StageError(
-            f"gradients.num_gpus={num_gpus:g} per actor, but the Ray cluster has {total_gpu:g} GPU(s): "
-            "set gradients.num_gpus=0 (or auto), or join a GPU cluster with ray.address"
-        )
-    if num_gpus > 0 and gc.num_actors * num_gpus > total_gpu:
-        log.warning("gradients: %d actors × %g GPU > %g GPUs in the cluster now; the extra actors wait for GPUs", gc.num_actors, num_gpus, total_gpu)
-    cpus = float(gc.cpus_per_actor)
-    spare = total_cpu - 1.0
-    if total_cpu > 0 and gc.num_actors * cpus > spare:
-        shrunk = max(0.05, spare / gc.num_actors)
-        log.warning(
-            "gradients: %d actors × %g CPU would leave no CPU of the %g for reading the documents; reserving %.2f CPU per actor",
-            gc.num_actors, cpus, total_cpu, shrunk,
-        )
-        cpus = shrunk
-    return cpus
-
-
-def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, num_gpus: float, num_cpus: float, device: str) -> Any:
+def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan) -> Any:
     """The actor pool over the documents; each call gets one window of `window_docs` rows."""
     import ray.data
 
@@ -131,15 +99,15 @@ def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: 
             "max_tokens": gc.max_tokens_per_batch,
             "reduction": gc.reduction,
             "store_raw": gc.store_raw,
-            "device": device,
-            "torch_threads": max(1, int(gc.cpus_per_actor)),
+            "device": workers.device,
+            "torch_threads": workers.torch_threads,
             "fault": os.environ.get(FAULT_ENV),
         },
         batch_size=gc.window_docs,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=gc.num_actors),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=workers.num_workers),
+        num_cpus=workers.cpus_per_worker,
+        num_gpus=workers.gpus_per_worker,
         max_restarts=gc.max_retries,
         max_task_retries=gc.max_retries,
     )
@@ -160,6 +128,16 @@ def _collect(ds: Any, n_docs: int) -> dict[str, np.ndarray]:
     meta = {k: np.concatenate(v) for k, v in parts.items()}
     meta["finite"] = meta["finite"].astype(bool)
     return meta
+
+
+def _actor_nodes(meta: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One row per actor that computed documents: its Ray actor id, node id and document count."""
+    if "actor_id" not in meta:
+        return []
+    rows: dict[tuple[str, str], int] = {}
+    for a, n in zip(meta["actor_id"], meta["node_id"]):
+        rows[(str(a), str(n))] = rows.get((str(a), str(n)), 0) + 1
+    return [{"actor_id": a, "node_id": n, "documents": c} for (a, n), c in sorted(rows.items())]
 
 
 def _check_exactly_once(meta: dict[str, np.ndarray], doc_ids: np.ndarray) -> None:
@@ -246,9 +224,10 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     lengths = index.column("n_tokens").to_numpy().astype(np.int64)
     naive = padding_stats(lengths, naive_batches(n_docs, gc.batch_size))
 
-    num_gpus = resolve_num_gpus(gc.num_gpus)
-    num_cpus = _actor_cpus(gc, num_gpus)
-    device = "cuda" if num_gpus > 0 else "cpu"
+    # one policy for every stage's workers: GPUs that the cluster lacks are an error, a pool that would
+    # take every CPU (and starve the read tasks) is shrunk; the torch threads are not
+    workers = plan_workers("gradients", gc)
+    device = workers.device
     t0 = time.perf_counter()
     with atomic_dir(ctx.out) as tmp:
         # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
@@ -262,7 +241,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             # Ray 2.60 takes max_restarts / max_task_retries only through **ray_remote_args, which it
             # flags as deprecated (to be replaced by named parameters in 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, num_gpus, num_cpus, device)
+            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, workers)
         meta = _collect(out, n_docs)
         wall = time.perf_counter() - t0
 
@@ -290,9 +269,9 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "batch_size": gc.batch_size,
             "max_tokens_per_batch": gc.max_tokens_per_batch,
             "window_docs": gc.window_docs,
-            "num_actors": gc.num_actors,
-            "num_gpus_per_actor": num_gpus,
-            "cpus_per_actor": round(num_cpus, 3),
+            "num_actors": workers.num_workers,
+            "num_gpus_per_actor": workers.gpus_per_worker,
+            "cpus_per_actor": round(workers.cpus_per_worker, 3),
             "device": device,
             "wall_time_s": round(wall, 3),
             "docs_per_s": round(n_docs / wall, 3) if wall > 0 else None,
@@ -301,15 +280,17 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "peak_mem_mb_per_actor": round(float(meta["peak_mem_mb"].max()), 1),
             "files": part_files,
             "orphan_files_removed": orphans,
+            "actors": _actor_nodes(meta),
         }
         atomic_write_json(tmp / INFO_FILE, info)
 
-    summary = {k: v for k, v in info.items() if k not in ("excluded_nonfinite", "files")}
+    summary = {k: v for k, v in info.items() if k not in ("excluded_nonfinite", "files", "actors")}
+    summary["nodes"] = sorted({a["node_id"] for a in info["actors"]})
     summary["excluded_doc_ids"] = [r["doc_id"] for r in excluded[:SUMMARY_MAX_IDS]]
     summary["n_files"] = len(part_files)
     summary["line"] = (
         f"{n_written} documents → z[{D}] ({len(excluded)} non-finite excluded), "
-        f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s on {gc.num_actors} actor(s) ({device}), "
+        f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s on {workers.num_workers} actor(s) ({device}), "
         f"padding {100 * info['padding_fraction']:.1f}% (naive {100 * naive.padding_fraction:.1f}%)"
     )
     return summary

@@ -1,0 +1,150 @@
+"""One resource policy for every stage's Ray workers (Ray Train workers and Ray Data / core actors).
+
+Every section that starts workers has the same three fields (`ga_ray.config.Workers`): `num_workers`,
+`cpus_per_worker`, `gpus_per_worker`. `plan_workers` turns them into what Ray is asked for, the one
+place that answers two questions that otherwise hang a run silently:
+
+- GPUs: `auto` is 1 per worker when CUDA is visible here, else 0; asking for more GPUs per worker than the
+  cluster has is an error (Ray would wait forever for them).
+- "The workers would take every CPU": a fixed pool that reserves every CPU starves the Ray Data tasks that
+  read the documents and the pipeline waits forever (seen with 2 actors × 1 CPU on a 2-core machine). The
+  reservation per worker is then shrunk (fractional CPUs) so that `reserve_cpus` stay free; the torch thread
+  count is NOT shrunk (it comes from the configured value), so the numbers do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ga_ray.errors import StageError
+
+log = logging.getLogger("ga_ray")
+
+MIN_CPUS_PER_WORKER = 0.05
+"""The smallest reservation a shrunk worker gets (Ray needs a positive share to place it)."""
+
+
+class WorkerSettings(Protocol):
+    """What `plan_workers` reads: the three fields of `ga_ray.config.Workers`."""
+
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: str | float
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken CUDA: treat as no GPU
+        return False
+
+
+def resolve_gpus(value: str | float | bool) -> float:
+    """`auto` → 1 when CUDA is visible here, else 0; a number is taken as it is."""
+    if value == "auto":
+        return 1.0 if cuda_available() else 0.0
+    return float(value)
+
+
+def default_reserve_cpus(total_cpus: float) -> float:
+    """CPUs left free for Ray Data's read tasks and the driver: one, or a quarter of a very small machine."""
+    return 1.0 if total_cpus >= 2 else total_cpus / 4
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one stage asks Ray for, per worker."""
+
+    section: str
+    num_workers: int
+    cpus_per_worker: float
+    """CPUs Ray reserves per worker (possibly shrunk below the configured value)."""
+    gpus_per_worker: float
+    torch_threads: int
+    """Torch intra-op threads per worker: the configured CPUs rounded down, at least 1."""
+    shrunk_from: float | None = None
+    """The configured CPUs per worker when the reservation was shrunk, else None."""
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    def actor_options(self) -> dict[str, float]:
+        """Keyword arguments for `.options(...)` / `map_batches(...)`."""
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
+
+    def train_resources(self) -> dict[str, float]:
+        """`resources_per_worker` of a Ray Train `ScalingConfig` (pair it with `use_gpu=plan.use_gpu`)."""
+        out = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            out["GPU"] = self.gpus_per_worker
+        return out
+
+    def summary(self) -> dict[str, float | int | str | None]:
+        return {
+            "num_workers": self.num_workers,
+            "cpus_per_worker": round(self.cpus_per_worker, 3),
+            "gpus_per_worker": self.gpus_per_worker,
+            "device": self.device,
+            "cpus_shrunk_from": self.shrunk_from,
+        }
+
+
+def plan_workers(
+    section: str,
+    settings: WorkerSettings,
+    *,
+    num_workers: int | None = None,
+    cluster: Mapping[str, float] | None = None,
+    reserve_cpus: float | None = None,
+) -> WorkerPlan:
+    """Decide CPUs/GPUs per worker for the stage whose config section is `section`.
+
+    `num_workers` overrides the configured count (e.g. a pool capped at the number of work items);
+    `cluster` is Ray's `cluster_resources()` (read from the running Ray when None).
+    """
+    n = int(num_workers if num_workers is not None else settings.num_workers)
+    if n < 1:
+        raise StageError(f"{section}.num_workers must be at least 1 (got {n})")
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    total_cpu, total_gpu = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    gpus = resolve_gpus(settings.gpus_per_worker)
+    if gpus > 0 and total_gpu < gpus:
+        raise StageError(
+            f"{section}.gpus_per_worker={gpus:g}, but the Ray cluster has {total_gpu:g} GPU(s): "
+            f"set {section}.gpus_per_worker=0 (or auto), or join a GPU cluster with --address / ray.address"
+        )
+    if gpus > 0 and n * gpus > total_gpu:
+        log.warning("%s: %d workers × %g GPU > %g GPUs in the cluster now; the extra workers wait for GPUs", section, n, gpus, total_gpu)
+    configured = float(settings.cpus_per_worker)
+    cpus, shrunk_from = configured, None
+    reserve = default_reserve_cpus(total_cpu) if reserve_cpus is None else reserve_cpus
+    spare = total_cpu - reserve
+    if total_cpu > 0 and n * cpus > spare:
+        cpus = max(MIN_CPUS_PER_WORKER, spare / n)
+        shrunk_from = configured
+        log.info(
+            "%s: %d workers × %g CPU would leave fewer than %g of the %g CPUs for reading the data; reserving %.2f CPU per worker",
+            section, n, configured, reserve, total_cpu, cpus,
+        )
+    return WorkerPlan(
+        section=section,
+        num_workers=n,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        torch_threads=max(1, int(math.floor(configured))),
+        shrunk_from=shrunk_from,
+    )

@@ -1,0 +1,54 @@
+"""One resource policy for every stage's workers (ga_ray.resources.plan_workers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ga_ray.config import load_config
+from ga_ray.errors import StageError
+from ga_ray.resources import plan_workers
+
+
+def test_fits_unchanged_and_train_resources():
+    cfg = load_config(None, ["gradients.num_workers=2", "gradients.cpus_per_worker=1.5", "gradients.gpus_per_worker=0"])
+    plan = plan_workers("gradients", cfg.gradients, cluster={"CPU": 8.0})
+    assert (plan.num_workers, plan.cpus_per_worker, plan.gpus_per_worker, plan.torch_threads) == (2, 1.5, 0.0, 1)
+    assert plan.shrunk_from is None and plan.device == "cpu" and not plan.use_gpu
+    assert plan.train_resources() == {"CPU": 1.5}
+    assert plan.actor_options() == {"num_cpus": 1.5, "num_gpus": 0.0}
+
+
+def test_workers_that_take_every_cpu_are_shrunk_but_keep_their_threads():
+    # 2 actors x 1 CPU on a 2-core machine starved Ray Data's read tasks: one CPU stays free
+    cfg = load_config(None, ["factors.num_workers=2", "factors.cpus_per_worker=1", "factors.gpus_per_worker=0"])
+    plan = plan_workers("factors", cfg.factors, cluster={"CPU": 2.0})
+    assert plan.cpus_per_worker == pytest.approx(0.5) and plan.shrunk_from == 1.0
+    assert plan.torch_threads == 1, "threads come from the configured CPUs, so numbers do not depend on the machine"
+    # a 1-CPU machine keeps a quarter free
+    plan = plan_workers("factors", cfg.factors, cluster={"CPU": 1.0})
+    assert plan.cpus_per_worker == pytest.approx(0.375)
+    # an explicit pool size (capped at the work items) is what is planned
+    plan = plan_workers("coherence", cfg.coherence, num_workers=3, cluster={"CPU": 4.0})
+    assert plan.num_workers == 3 and plan.cpus_per_worker == pytest.approx(1.0)
+
+
+def test_gpus_the_cluster_lacks_are_an_error_and_auto_follows_cuda(monkeypatch):
+    cfg = load_config(None, ["gradients.gpus_per_worker=1"])
+    with pytest.raises(StageError, match=r"gradients.gpus_per_worker=1, but the Ray cluster has 0 GPU"):
+        plan_workers("gradients", cfg.gradients, cluster={"CPU": 4.0})
+    plan = plan_workers("gradients", cfg.gradients, cluster={"CPU": 4.0, "GPU": 2.0})
+    assert plan.use_gpu and plan.device == "cuda" and plan.train_resources() == {"CPU": 1.0, "GPU": 1.0}
+    import ga_ray.resources as res
+
+    monkeypatch.setattr(res, "cuda_available", lambda: False)
+    assert plan_workers("dictionary", load_config(None).dictionary, cluster={"CPU": 4.0}).gpus_per_worker == 0.0
+    monkeypatch.setattr(res, "cuda_available", lambda: True)
+    assert plan_workers("dictionary", load_config(None).dictionary, cluster={"CPU": 4.0, "GPU": 1.0}).gpus_per_worker == 1.0
+
+
+def test_every_worker_section_names_its_resources_the_same():
+    cfg = load_config(None)
+    for section in ("finetune", "factors", "gradients", "dictionary", "coherence"):
+        fields = set(type(getattr(cfg, section)).model_fields)
+        assert {"num_workers", "cpus_per_worker", "gpus_per_worker"} <= fields, section
+        assert not fields & {"use_gpu", "num_gpus", "num_actors", "cpus_per_actor"}, section
