@@ -22,19 +22,36 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ga_ray.errors import StageError
+
 MANIFEST = "manifest.json"
 CONTENT_HASH_MAX_BYTES = 64 << 20
 """Files above this size are fingerprinted by size and modification time instead of content."""
 
 
+def cannot_write(path: Path, exc: OSError) -> StageError:
+    """One line for a failed write (read-only run directory, full disk, a file where a folder should be)."""
+    path = Path(path)
+    reason = exc.strerror or type(exc).__name__
+    blocker = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return StageError(f"cannot write {path}: {blocker} is a file, not a folder; move it away or choose another --run-dir")
+    return StageError(f"cannot write {path} ({reason}): make {path.parent} writable (or free disk space), or choose another --run-dir")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise cannot_write(path, exc) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,9 +76,12 @@ def _json_default(o: Any) -> Any:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Build a folder under a temporary name; it replaces `path` only if the block finishes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise cannot_write(tmp, exc) from None
     try:
         yield tmp
     except BaseException:
@@ -122,8 +142,19 @@ class RunDir:
     """A run directory and its manifest."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StageError(f"run directory {self.root} is a file, not a folder: choose another --run-dir, or move the file away")
+        blocker = next((q for q in self.root.parents if q.exists() and not q.is_dir()), None)
+        if blocker is not None:
+            raise StageError(f"run directory {self.root} lies under {blocker}, which is a file: choose another --run-dir")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StageError(
+                f"cannot create run directory {self.root} ({exc.strerror or type(exc).__name__}): choose another --run-dir, "
+                f"or make its parent writable"
+            ) from None
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -133,9 +164,28 @@ class RunDir:
         return self.root / MANIFEST
 
     def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
+        path = self.manifest_path
+        if not path.exists():
             return {"stages": {}}
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise self._bad_manifest(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._bad_manifest(f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(manifest, dict):
+            raise self._bad_manifest(f"the top level is a JSON {type(manifest).__name__}, not an object")
+        stages = manifest.setdefault("stages", {})
+        if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
+            raise self._bad_manifest("'stages' must map each stage name to an object")
+        return manifest
+
+    def _bad_manifest(self, detail: str) -> StageError:
+        path = self.manifest_path
+        return StageError(
+            f"{path} is damaged ({detail}). It records which stages finished: restore it, or move it away "
+            f"(mv {path} {path}.broken) to run every stage again, or choose another --run-dir"
+        )
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_json(self.manifest_path, manifest)

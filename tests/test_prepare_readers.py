@@ -12,7 +12,7 @@ import pytest
 from ga_ray.config import DataConfig
 from ga_ray.data.errors import MAX_SHOWN, SKIP_HINT, format_bad_rows
 from ga_ray.data.readers import read_source
-from ga_ray.pipeline import StageError
+from ga_ray.errors import DataError, GaRayError
 
 
 def chat(q: str, a: str) -> list[dict[str, str]]:
@@ -129,7 +129,7 @@ def test_hf_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert s.table.column("doc_id").to_pylist() == [6]
 
     datasets.DatasetDict({"a": pr, "b": pr}).save_to_disk(str(tmp_path / "ab"))
-    with pytest.raises(StageError) as err:
+    with pytest.raises(DataError) as err:
         read_source(DataConfig(path=str(tmp_path / "ab")))
     assert str(err.value) == f"{tmp_path / 'ab'} is a DatasetDict with splits a, b; set data.split to the one to prepare"
 
@@ -279,7 +279,7 @@ def test_error_message_lists_the_first_rows_and_counts_the_rest(tmp_path):
 
 
 def _source_error(cfg: DataConfig) -> str:
-    with pytest.raises(StageError) as err:
+    with pytest.raises(GaRayError) as err:  # DataError for the source, ConfigError for the settings
         read_source(cfg)
     return str(err.value)
 

@@ -15,7 +15,8 @@ from ga_ray.kernel.collate import collate
 from ga_ray.data.errors import SKIP_HINT
 from ga_ray.data.io import read_prepare_report, read_prepared
 from ga_ray.data.tokenize import encode_conversation
-from ga_ray.pipeline import StageError, run_pipeline
+from ga_ray.errors import DataError, StageError
+from ga_ray.pipeline import run_pipeline
 from ga_ray.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def test_bad_rows_stop_the_stage_with_every_problem(ray_session, tmp_path):
     src, max_length = _bad_source(tmp_path)
     cfg = config(tmp_path, src, tok_dir, max_length=max_length, num_blocks=2)
     run = RunDir(tmp_path / "run")
-    with pytest.raises(StageError) as err:
+    with pytest.raises(DataError) as err:
         run_pipeline(cfg, run, stages=["prepare"])
     n_prompt = encode_conversation(make_tokenizer(TEMPLATE_NO_SYSTEM), chat("word " * 60, "a"), 10_000).n_prompt
     assert str(err.value) == "\n".join(
@@ -127,7 +128,7 @@ def test_bad_rows_stop_the_stage_with_every_problem(ray_session, tmp_path):
 def test_skip_bad_rows_writes_rejected_jsonl_and_counts(ray_session, tmp_path):
     tok_dir = save_tokenizer(tmp_path / "tok", TEMPLATE_NO_SYSTEM)
     src, max_length = _bad_source(tmp_path)
-    cfg = config(tmp_path, src, tok_dir, max_length=max_length, num_blocks=2, skip_bad_rows=True)
+    cfg = config(tmp_path, src, tok_dir, max_length=max_length, num_blocks=2, skip_bad_rows=True, max_rejected_share=0.5)
     run = RunDir(tmp_path / "run")
     summary = run_pipeline(cfg, run, stages=["prepare"])["prepare"]
     data = run.stage_dir("data")
@@ -183,7 +184,7 @@ def test_no_document_left_is_an_error_even_when_skipping(ray_session, tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("{oops\n")
     cfg = config(tmp_path, src, tok_dir, skip_bad_rows=True)
-    with pytest.raises(StageError) as err:
+    with pytest.raises(DataError) as err:
         run_pipeline(cfg, RunDir(tmp_path / "run"), stages=["prepare"])
     assert str(err.value) == "\n".join(
         [

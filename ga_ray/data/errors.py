@@ -27,6 +27,9 @@ DUPLICATE_ID = "duplicate_id"
 TEMPLATE_ERROR = "template_error"
 NO_RESPONSE_TOKENS = "no_response_tokens"
 NO_RESPONSE_AFTER_TRUNCATION = "no_response_after_truncation"
+INVALID_TEXT = "invalid_text"
+TOO_DEEP = "too_deep"
+SPECIAL_TOKEN_TEXT = "special_token_text"
 
 KINDS = (
     INVALID_JSON,
@@ -40,6 +43,9 @@ KINDS = (
     TEMPLATE_ERROR,
     NO_RESPONSE_TOKENS,
     NO_RESPONSE_AFTER_TRUNCATION,
+    INVALID_TEXT,
+    TOO_DEEP,
+    SPECIAL_TOKEN_TEXT,
 )
 
 SKIP_HINT = (
@@ -129,3 +135,27 @@ def count_by_kind(bad: list[BadRow]) -> dict[str, int]:
     for b in bad:
         out[b.kind] = out.get(b.kind, 0) + 1
     return dict(sorted(out.items()))
+
+
+def too_many_rejected(n_bad: int, n_rows: int, max_share: float) -> bool:
+    """More than `max_share` of the source's rows rejected (a share of 1.0 never stops)."""
+    return n_rows > 0 and n_bad / n_rows > max_share
+
+
+def format_too_many_rejected(bad: list[BadRow], n_rows: int, max_share: float, source: str) -> str:
+    """The message that stops prepare when too many rows are bad: the share, the count per reason, the first rows."""
+    n = len(bad)
+    counts = count_by_kind(bad)
+    lines = [
+        f"{n:,} of {n_rows:,} rows of {source} are bad ({n / n_rows:.1%}), more than data.max_rejected_share = "
+        f"{max_share:g} ({max_share:.1%}) allows; by reason: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])),
+    ]
+    bad = sorted(bad, key=lambda b: b.pos)
+    lines += [f"  {b.describe()}" for b in bad[:MAX_SHOWN]]
+    if n > MAX_SHOWN:
+        lines.append(f"  ... and {n - MAX_SHOWN:,} more")
+    lines.append(
+        "Nothing was written. Fix the source (is data.path the file you meant, and are the column settings right?), "
+        "or raise data.max_rejected_share (1.0: no limit) to prepare the remaining rows anyway."
+    )
+    return "\n".join(lines)

@@ -16,8 +16,10 @@ wiring and the atomic write). Output, built in a temporary sibling folder and sw
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +27,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ga_ray.data.errors import BadRow, count_by_kind, format_bad_rows
+from ga_ray.data.errors import BadRow, count_by_kind, format_bad_rows, format_too_many_rejected, too_many_rejected
 from ga_ray.data.readers import PROMPT_RESPONSE, Source, read_source
-from ga_ray.data.tokenize import COL_FILE, COL_KIND, COL_MESSAGES, COL_POS, COL_REASON, COL_TRUNCATED, COL_WHERE, INTERNAL_PREFIX, tokenize_table
+from ga_ray.data.tokenize import (
+    COL_FILE,
+    COL_KIND,
+    COL_MESSAGES,
+    COL_POS,
+    COL_REASON,
+    COL_SPECIAL,
+    COL_TRUNCATED,
+    COL_WHERE,
+    INTERNAL_PREFIX,
+    tokenize_table,
+)
+from ga_ray.errors import DataError, StageError
 from ga_ray.kernel.loading import load_tokenizer
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import StageContext
 from ga_ray.raycluster import init_ray
 from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
 
 _DOCS_PER_BLOCK = 2000
 _MAX_BLOCKS = 256
 _TOKENIZERS: dict[str, Any] = {}
+log = logging.getLogger("ga_ray")
 
 
-def _tokenize_batch(batch: pa.Table, tokenizer_ref: list[Any], max_length: int) -> pa.Table:
+def _tokenize_batch(batch: pa.Table, tokenizer_ref: list[Any], max_length: int, special_text: str = "keep") -> pa.Table:
     """Ray Data task: the tokenizer is fetched once per worker process, then reused for every batch.
 
     Tasks rather than an actor pool: Ray reuses its worker processes across operators and stage
@@ -52,7 +67,7 @@ def _tokenize_batch(batch: pa.Table, tokenizer_ref: list[Any], max_length: int) 
     if tok is None:
         _TOKENIZERS.clear()
         tok = _TOKENIZERS[key] = ray.get(tokenizer_ref[0])
-    return tokenize_table(tok, batch, max_length)
+    return tokenize_table(tok, batch, max_length, special_text)
 
 
 def _block_stats(batch: pa.Table) -> pa.Table:
@@ -66,8 +81,16 @@ def _block_stats(batch: pa.Table) -> pa.Table:
             "response_tokens": [int(pc.sum(pc.cast(flat_mask, pa.int64())).as_py() or 0)],
             "truncated": [int(pc.sum(pc.cast(kept.column(COL_TRUNCATED), pa.int64())).as_py() or 0)],
             "max_tokens": [int(pc.max(kept.column("n_tokens")).as_py() or 0)],
+            "special_text_documents": [int(pc.sum(pc.greater(pc.list_value_length(kept.column(COL_SPECIAL)), 0)).as_py() or 0)],
         }
     )
+
+
+def _special_text_only(batch: pa.Table) -> pa.Table:
+    """The special-token texts found in good rows (one list per row that has any)."""
+    good = batch.filter(pc.is_null(batch.column(COL_KIND)))
+    has = pc.greater(pc.list_value_length(good.column(COL_SPECIAL)), 0)
+    return good.filter(has).select([COL_SPECIAL])
 
 
 def _bad_rows_only(batch: pa.Table) -> pa.Table:
@@ -132,9 +155,7 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
     import ray.data
 
     init_ray(ctx.cfg.ray)
-    cfg = ctx.cfg.data
-    if cfg.max_length < 2:
-        raise StageError(f"data.max_length is {cfg.max_length}; it must be at least 2 (a prompt token and a response token)")
+    cfg = ctx.cfg.data  # ranges (max_length >= 2, batch_size >= 1, ...) are checked when the config loads
     tokenizer = load_tokenizer(ctx.cfg.model)
     tok_path = ctx.cfg.model.tokenizer or ctx.cfg.model.path
     if not getattr(tokenizer, "chat_template", None):
@@ -144,8 +165,12 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
         )
     source = read_source(cfg)
     table = source.table
+    if cfg.skip_bad_rows and table.num_rows and too_many_rejected(len(source.bad), source.n_rows, cfg.max_rejected_share):
+        # already too many before tokenising (which can only add more): stop before the Ray work
+        raise DataError(format_too_many_rejected(source.bad, source.n_rows, cfg.max_rejected_share, source.description))
 
-    stats = {"documents": 0, "tokens": 0, "response_tokens": 0, "truncated": 0, "max_tokens": 0}
+    stats = {"documents": 0, "tokens": 0, "response_tokens": 0, "truncated": 0, "max_tokens": 0, "special_text_documents": 0}
+    special_counts: Counter[str] = Counter()
     worker_bad: list[BadRow] = []
     good_ds = None
     data_ctx = ray.data.DataContext.get_current()
@@ -159,7 +184,7 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
             tok_ref = ray.put(tokenizer)
             tokenised = ray.data.from_arrow(slices).map_batches(
                 _tokenize_batch,
-                fn_kwargs={"tokenizer_ref": [tok_ref], "max_length": cfg.max_length},
+                fn_kwargs={"tokenizer_ref": [tok_ref], "max_length": cfg.max_length, "special_text": cfg.special_token_text},
                 batch_format="pyarrow",
                 batch_size=cfg.batch_size,
                 num_cpus=1,
@@ -169,6 +194,9 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
             for row in tokenised.map_batches(_block_stats, batch_format="pyarrow", batch_size=None).take_all():
                 for k in stats:
                     stats[k] = max(stats[k], int(row[k])) if k == "max_tokens" else stats[k] + int(row[k])
+            if stats["special_text_documents"]:
+                for rec in tokenised.map_batches(_special_text_only, batch_format="pyarrow", batch_size=None).take_all():
+                    special_counts.update(rec[COL_SPECIAL])
             for rec in tokenised.map_batches(_bad_rows_only, batch_format="pyarrow", batch_size=None).take_all():
                 worker_bad.append(
                     BadRow(
@@ -185,9 +213,17 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
 
         bad = sorted(source.bad + worker_bad, key=lambda b: b.pos)
         if bad and not cfg.skip_bad_rows:
-            raise StageError(format_bad_rows(bad, source.description))
+            raise DataError(format_bad_rows(bad, source.description))
         if stats["documents"] == 0:
-            raise StageError(format_bad_rows(bad, source.description, footer="No document is left to prepare: fix these rows."))
+            raise DataError(format_bad_rows(bad, source.description, footer="No document is left to prepare: fix these rows."))
+        if too_many_rejected(len(bad), source.n_rows, cfg.max_rejected_share):
+            raise DataError(format_too_many_rejected(bad, source.n_rows, cfg.max_rejected_share, source.description))
+        special_text = {
+            "handling": cfg.special_token_text,
+            "documents": stats.pop("special_text_documents"),
+            "occurrences": dict(special_counts.most_common()),
+        }
+        special_text["documents"] += sum(1 for b in bad if b.kind == "special_token_text")
 
         with atomic_dir(ctx.out) as tmp:
             files = _write_ordered_parts(good_ds, tmp)
@@ -205,6 +241,8 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
                 "rejected": len(bad),
                 "rejected_by_reason": rejected,
                 "skip_bad_rows": cfg.skip_bad_rows,
+                "max_rejected_share": cfg.max_rejected_share,
+                "special_token_text": special_text,
                 "sidecars": source.sidecars,
                 "files": files,
             }
@@ -218,6 +256,16 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
     )
     if bad:
         line += " (see data/rejected.jsonl)"
+    if special_text["documents"]:
+        shown = ", ".join(f"{t} x{n}" for t, n in list(special_text["occurrences"].items())[:3])
+        what = {
+            "keep": "kept as control tokens (data.special_token_text=escape tokenises them as plain text)",
+            "escape": "tokenised as plain text",
+            "reject": "rejected",
+        }[cfg.special_token_text]
+        note = f"{special_text['documents']:,} documents spell special tokens in their text" + (f" ({shown})" if shown else "") + f": {what}"
+        log.warning("prepare: %s", note)
+        line += f"; {note}"
     summary = {k: v for k, v in report.items() if k != "files"}
     summary["line"] = line
     return summary

@@ -17,17 +17,33 @@ when a BPE merge crosses the prompt/response boundary (the straddling token coun
 
 Texts are rendered with `tokenize=False` and tokenised with `add_special_tokens=False`, as
 `apply_chat_template(tokenize=True)` does: templates write their own BOS.
+
+Special-token text in content: a tokenizer turns the text of a special token (`<|eos|>`, `<|assistant|>`)
+into that control token wherever it appears, also inside a document's own words. Every occurrence in a
+turn's content is found and counted (`Encoded.special_text`); `data.special_token_text` decides what
+happens: `keep` (the tokenizer's parse: control tokens), `escape` (the occurrence is tokenised as plain
+text, `split_special_tokens=True`, while the template's own markers stay control tokens) or `reject`.
+Escaping works on the rendered text: each occurrence is swapped for a private-use placeholder before
+templating, and the rendered text is tokenised piece by piece around the placeholders.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from ga_ray.data.errors import BAD_MESSAGES, NO_RESPONSE_AFTER_TRUNCATION, NO_RESPONSE_TOKENS, TEMPLATE_ERROR, RowProblem
+from ga_ray.data.errors import (
+    BAD_MESSAGES,
+    NO_RESPONSE_AFTER_TRUNCATION,
+    NO_RESPONSE_TOKENS,
+    SPECIAL_TOKEN_TEXT,
+    TEMPLATE_ERROR,
+    RowProblem,
+)
 
 # Internal columns that travel with the rows through Ray and are dropped before writing.
 COL_MESSAGES = "__ga_messages"
@@ -37,6 +53,7 @@ COL_POS = "__ga_pos"
 COL_TRUNCATED = "__ga_truncated"
 COL_KIND = "__ga_kind"
 COL_REASON = "__ga_reason"
+COL_SPECIAL = "__ga_special"
 INTERNAL_PREFIX = "__ga_"
 
 OUTPUT_COLUMNS = ("doc_id", "input_ids", "loss_mask", "n_tokens")
@@ -53,6 +70,8 @@ class Encoded:
     """Prompt tokens (the common prefix), before truncation."""
     n_full: int
     """Tokens of the whole templated conversation, before truncation."""
+    special_text: tuple[str, ...] = ()
+    """Special-token texts found in the turns' content, one entry per occurrence (see the module docstring)."""
 
     @property
     def truncated(self) -> bool:
@@ -110,22 +129,114 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int) -> Encoded:
+SPECIAL_TEXT_MODES = ("keep", "escape", "reject")
+_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
+_PATTERNS: dict[int, tuple[Any, re.Pattern[str] | None]] = {}
+
+
+def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts the tokenizer parses as special (control) tokens wherever they appear, longest first."""
+    texts = {t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t}
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", ""):
+            texts.add(added.content)
+    return tuple(sorted(texts, key=lambda t: (-len(t), t)))
+
+
+def special_text_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching any special-token text (longest first); None when the tokenizer has none. Cached per tokenizer."""
+    hit = _PATTERNS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    texts = special_token_texts(tokenizer)
+    pattern = re.compile("|".join(re.escape(t) for t in texts)) if texts else None
+    _PATTERNS[id(tokenizer)] = (tokenizer, pattern)
+    return pattern
+
+
+def find_special_text(messages: Sequence[dict[str, str]], pattern: re.Pattern[str] | None) -> tuple[str, ...]:
+    """Every special-token text in the turns' content, in order (one entry per occurrence)."""
+    if pattern is None:
+        return ()
+    return tuple(m.group() for turn in messages for m in pattern.finditer(turn.get("content") or ""))
+
+
+def _with_placeholders(messages: Sequence[dict[str, str]], pattern: re.Pattern[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """The turns with each special-token text swapped for a numbered private-use placeholder, and the texts in order."""
+    literals: list[str] = []
+
+    def swap(m: re.Match[str]) -> str:
+        literals.append(m.group())
+        return f"\ue000{len(literals) - 1}\ue001"
+
+    return [{**turn, "content": pattern.sub(swap, turn.get("content") or "")} for turn in messages], literals
+
+
+def _escaped_ids(tokenizer: Any, text: str, literals: list[str]) -> list[int]:
+    """Token ids of a rendered text with placeholders: the pieces between them as usual, each placeholder's
+    special-token text as plain text."""
+    pieces = _PLACEHOLDER.split(text)  # even indices: template text and content; odd: placeholder numbers
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            if piece:
+                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        elif int(piece) < len(literals):
+            ids.extend(tokenizer(literals[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        else:  # the content itself spelled a placeholder: keep it as the text it is
+            ids.extend(tokenizer(f"\ue000{piece}\ue001", add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _special_text_problem(found: tuple[str, ...]) -> RowProblem:
+    counts: dict[str, int] = {}
+    for t in found:
+        counts[t] = counts.get(t, 0) + 1
+    listed = ", ".join(f"{t!r} x{n}" for t, n in counts.items())
+    return RowProblem(
+        SPECIAL_TOKEN_TEXT,
+        f"the content spells special tokens of the tokenizer ({listed}); data.special_token_text is reject. "
+        f"Set it to escape to tokenise them as plain text, or keep to let them become control tokens",
+    )
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int, special_text: str = "keep") -> Encoded:
     """Template, tokenise, mask and truncate one conversation; raises `RowProblem`."""
-    result = encode_many(tokenizer, [messages], max_length)[0]
+    result = encode_many(tokenizer, [messages], max_length, special_text)[0]
     if isinstance(result, RowProblem):
         raise result
     return result
 
 
-def encode_many(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_length: int) -> list[Encoded | RowProblem]:
-    """`encode_conversation` over many conversations with one tokenizer call; problems are returned, not raised."""
+def encode_many(
+    tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_length: int, special_text: str = "keep"
+) -> list[Encoded | RowProblem]:
+    """`encode_conversation` over many conversations with one tokenizer call; problems are returned, not raised.
+
+    `special_text` (`keep`, `escape`, `reject`) says what special-token text in content becomes (module docstring).
+    """
+    if special_text not in SPECIAL_TEXT_MODES:
+        raise ValueError(f"special_text must be one of {SPECIAL_TEXT_MODES}, got {special_text!r}")
+    pattern = special_text_pattern(tokenizer)
     fulls: list[str] = []
     prompts: list[str] = []
     ok: list[int] = []
+    escaped: dict[int, tuple[list[int], list[int]]] = {}  # conversation -> (full ids, prompt ids), tokenised piecewise
+    found: list[tuple[str, ...]] = [()] * len(conversations)
     out: list[Encoded | RowProblem | None] = [None] * len(conversations)
     for i, msgs in enumerate(conversations):
         try:
+            found[i] = find_special_text(msgs, pattern)
+            if found[i] and special_text == "reject":
+                raise _special_text_problem(found[i])
+            if found[i] and special_text == "escape":
+                assert pattern is not None
+                placed, literals = _with_placeholders(msgs, pattern)
+                prompt_turns, _ = split_conversation(placed)
+                full_text = render(tokenizer, placed, add_generation_prompt=False)
+                prompt_text = render(tokenizer, prompt_turns, add_generation_prompt=True)
+                escaped[i] = (_escaped_ids(tokenizer, full_text, literals), _escaped_ids(tokenizer, prompt_text, literals))
+                continue
             prompt_turns, _ = split_conversation(msgs)
             full_text = render(tokenizer, msgs, add_generation_prompt=False)
             prompt_text = render(tokenizer, prompt_turns, add_generation_prompt=True)
@@ -137,25 +248,31 @@ def encode_many(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]
         ok.append(i)
     full_ids = _token_ids(tokenizer, fulls)
     prompt_ids = _token_ids(tokenizer, prompts)
-    for k, i in enumerate(ok):
+    pairs = {i: (full_ids[k], prompt_ids[k]) for k, i in enumerate(ok)} | escaped
+    for i, (f_ids, p_ids) in pairs.items():
         try:
-            out[i] = mask_from_ids(full_ids[k], prompt_ids[k], max_length)
+            enc = mask_from_ids(f_ids, p_ids, max_length)
         except RowProblem as p:
             out[i] = p
+            continue
+        enc.special_text = found[i]
+        out[i] = enc
     return out  # type: ignore[return-value]
 
 
-def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int) -> pa.Table:
+def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int, special_text: str = "keep") -> pa.Table:
     """Rows read by `ga_ray.data.readers` → the `data/` schema plus internal status columns.
 
     Input: `doc_id`, `__ga_messages`, `__ga_file`, `__ga_where`, `__ga_pos`, sidecars. Output: `doc_id`
     int64, `input_ids` list<int32>, `loss_mask` list<int8>, `n_tokens` int32, `__ga_truncated` bool,
-    `__ga_kind`/`__ga_reason` (null on good rows; a bad row has empty lists), the location and
-    message columns (for the rejected rows), and the sidecars untouched. Row order is kept.
+    `__ga_kind`/`__ga_reason` (null on good rows; a bad row has empty lists), `__ga_special` (the
+    special-token texts found in a good row's content), the location and message columns (for the
+    rejected rows), and the sidecars untouched. Row order is kept.
     """
     n = table.num_rows
     conversations = table.column(COL_MESSAGES).to_pylist() if n else []
-    results = encode_many(tokenizer, conversations, max_length)
+    results = encode_many(tokenizer, conversations, max_length, special_text)
+    specials: list[list[str]] = []
     ids_values: list[int] = []
     mask_values: list[int] = []
     offsets = [0]
@@ -169,6 +286,7 @@ def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int) -> pa.Table
             reasons.append(r.reason)
             n_tokens.append(0)
             truncated.append(False)
+            specials.append([])
         else:
             ids_values.extend(r.input_ids)
             mask_values.extend(r.loss_mask)
@@ -176,6 +294,7 @@ def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int) -> pa.Table
             reasons.append(None)
             n_tokens.append(len(r.input_ids))
             truncated.append(r.truncated)
+            specials.append(list(r.special_text))
         offsets.append(len(ids_values))
     offs = pa.array(offsets, type=pa.int32())
     input_ids = pa.ListArray.from_arrays(offs, pa.array(ids_values, type=pa.int32()))
@@ -188,6 +307,7 @@ def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int) -> pa.Table
         COL_TRUNCATED: pa.array(truncated, type=pa.bool_()),
         COL_KIND: pa.array(kinds, type=pa.string()),
         COL_REASON: pa.array(reasons, type=pa.string()),
+        COL_SPECIAL: pa.array(specials, type=pa.list_(pa.string())),
     }
     for name in table.column_names:
         if name not in cols and name != "doc_id":
