@@ -396,7 +396,10 @@ class SteerConfig(Section):
     """Also write a merged full-model folder per variant (`<variant>/merged/`, for tools without LoRA support)."""
 
 
-class ServeConfig(Section):
+class ServeConfig(Workers):
+    """`ga-ray serve`. The Workers fields are the engine replicas: `num_workers` replicas, each holding the base model
+    and every variant, with `cpus_per_worker` / `gpus_per_worker` (torch threads: the CPUs rounded down)."""
+
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds (0.0.0.0 exposes it to the network: a warning is printed)."""
     port: int = Field(default=8000, ge=1, le=65535)
@@ -405,14 +408,6 @@ class ServeConfig(Section):
     """`peft`: transformers + PEFT (CPU or GPU); `vllm`: vLLM multi-LoRA (GPU); `auto`: vllm when CUDA and vLLM are there."""
     api_key_env: str | None = "GA_RAY_API_KEY"
     """Environment variable holding the API key; when set, requests need `Authorization: Bearer <key>`."""
-    num_replicas: int = Field(default=1, ge=1)
-    """Engine replicas (each holds the base model and every variant)."""
-    num_cpus: float = Field(default=1.0, gt=0.0)
-    """CPUs reserved per engine replica (fractional on small machines)."""
-    num_gpus: float | Literal["auto"] = "auto"
-    """GPUs per engine replica (`auto`: 1 when CUDA is visible here, else 0; asking for a missing GPU hangs)."""
-    torch_threads: int | None = Field(default=None, ge=1)
-    """Intra-op CPU threads of an engine replica (None: torch's default)."""
     max_batch_size: int = Field(default=8, ge=1, le=1024)
     """Requests (of any variants) batched into one engine call by `@serve.batch`."""
     batch_wait_timeout_s: float = Field(default=0.02, ge=0.0, le=10.0)
