@@ -337,9 +337,14 @@ def run_pipeline(
     force: str | None = None,
     on_summary: Callable[[str, str], None] | None = None,
     registry: tuple[Stage, ...] = STAGES,
+    saved_config: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the named stages (default: all available) in order; returns {stage: summary}."""
-    atomic_write_text(run_dir.root / "config.yaml", dump_config(cfg))
+    """Run the named stages (default: all available) in order; returns {stage: summary}.
+
+    `saved_config` is what RUN_DIR/config.yaml records (default: `cfg`); the CLI passes the config without its
+    one-run flags (`prepare --skip-bad-rows`), so a later run does not inherit them.
+    """
+    atomic_write_text(run_dir.root / "config.yaml", dump_config(saved_config or cfg))
     available = available_stages(registry)
     if force is not None and force not in {s.name for s in registry}:
         raise StageError(f"--force {force!r}: unknown stage; stages are: {', '.join(s.name for s in registry)}")
