@@ -39,7 +39,8 @@ from ga_ray.atoms.io import (
 from ga_ray.atoms.online import OnlineState, mutual_coherence
 from ga_ray.atoms.stream import StreamPlan
 from ga_ray.atoms.trainer import FitResult, FitSettings, TrainerState, fit
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import StageContext
+from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
 from ga_ray.resources import plan_workers
 from ga_ray.rundir import atomic_write_json

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import StageContext
+from ga_ray.errors import StageError
 
 _COLUMNS = ["doc_id", "input_ids", "loss_mask"]
 
@@ -93,7 +94,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ga_ray.bench.common import print_table
+    from ga_ray.tables import print_table
     from ga_ray.factors.compute import subsample_threshold
     from ga_ray.factors.factors import Factors
     from ga_ray.raycluster import init_ray

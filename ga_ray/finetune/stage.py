@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ga_ray.config import FinetuneConfig, ModelConfig
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import StageContext
+from ga_ray.errors import StageError
 from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
 
 BUCKET_BATCHES = 16

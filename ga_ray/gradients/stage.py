@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
 from ga_ray.kernel.batching import naive_batches, padding_stats
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import StageContext
+from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
 from ga_ray.resources import WorkerPlan, plan_workers
 from ga_ray.rundir import atomic_dir, atomic_write_json
