@@ -250,6 +250,12 @@ def sweep_cmd(
 
     try:
         run_sweep(cfg, RunDir(run_dir), values)
+        report_dir = RunDir(run_dir).stage_dir("report")
+        if (report_dir / "report.html").exists():  # an existing report picks the sweep up at once
+            from ga_ray.report.stage import build_report
+
+            rc = cfg.report
+            build_report(RunDir(run_dir).root, report_dir, top_atoms=rc.top_atoms, examples_per_atom=rc.examples_per_atom, excerpt_chars=rc.excerpt_chars, title=cfg.name)
     except (ConfigError, StageError) as exc:
         _fail(str(exc))
 

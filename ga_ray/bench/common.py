@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ga_ray.tables import print_table  # noqa: F401  (the benchmarks print their tables with it)
+
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "gpu": "none"}
@@ -37,27 +39,6 @@ def time_median(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> tuple[
     return statistics.median(times), times
 
 
-def print_table(title: str, rows: list[dict[str, Any]]) -> None:
-    """Print rows (dicts with the same keys) as an aligned text table."""
-    print(f"\n{title}")
-    if not rows:
-        print("  (no rows)")
-        return
-    keys = list(rows[0].keys())
-    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print("  " + "  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    print("  " + "  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  " + "  ".join(v.ljust(w) for v, w in zip(c, widths)))
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def emit(result: dict[str, Any], as_json: bool) -> None:
     """With --json, the figures as one JSON object on the last line."""
     if as_json:
@@ -65,11 +46,11 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
 
 
 def scratch_stage(root: Path, name: str, stage: str, world: dict[str, Any], links: dict[str, Path], overrides: list[str]):
-    """A StageContext over a scratch run directory `root/name` that runs `stage` on the benchmark world's model
+    """A LocalStageContext (whole config, no manifest record) over a scratch run directory `root/name` that runs `stage` on the benchmark world's model
     and adapter: `links` (run-directory folder -> existing folder) are symlinked in, `overrides` go on top of
     the model settings. The caller removes `ctx.run_dir.root` when done."""
     from ga_ray.config import load_config
-    from ga_ray.pipeline import StageContext
+    from ga_ray.context import LocalStageContext
     from ga_ray.rundir import RunDir
 
     rd = RunDir(root / name)
@@ -79,4 +60,4 @@ def scratch_stage(root: Path, name: str, stage: str, world: dict[str, Any], link
                              "finetune.enabled=false", *overrides])
     out = rd.stage_dir(stage)
     out.mkdir()
-    return StageContext(cfg=cfg, run_dir=rd, stage=stage, out=out)
+    return LocalStageContext(cfg=cfg, run_dir=rd, stage=stage, out=out)

@@ -31,7 +31,7 @@ from ga_ray.coherence.coherence import Group, GroupAccumulator, flatten_unit, pl
 from ga_ray.coherence.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
 from ga_ray.coherence import io as coherence_io
 from ga_ray.errors import StageError
-from ga_ray.pipeline import StageContext
+from ga_ray.context import StageContext
 
 log = logging.getLogger("ga_ray")
 

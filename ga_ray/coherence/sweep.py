@@ -7,7 +7,7 @@ no k-means, one seed) writes a full atoms folder to `report/sweep/alpha_<α>/` (
 `atoms/` is never touched); the atoms are oriented and ranked as in the coherence stage, and the
 coherence of every α's atoms is computed in ONE pass of the coherence actor pool (the model is loaded
 once per actor, only the union of top documents is recomputed). Results: `report/sweep.csv` and
-`report/sweep.json`, which the report shows.
+`report/sweep.json`, which the report shows (`ga-ray sweep` rebuilds an existing report at once).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ga_ray.coherence.stage import coherence_counts, compute_coherence, orient_and_rank
-from ga_ray.pipeline import StageContext, StageError
+from ga_ray.context import LocalStageContext
+from ga_ray.errors import StageError
 from ga_ray.rundir import RunDir, atomic_write_json, atomic_write_text
 
 FitFn = Callable[[Any, RunDir, Path], dict[str, Any]]
@@ -50,7 +51,7 @@ def fit_with_atoms_stage(cfg: Any, run_dir: RunDir, out: Path) -> dict[str, Any]
     except ImportError as exc:
         raise StageError(f"the atoms stage (ga_ray.atoms.stage:run_atoms) is not available in this build ({exc})") from None
     out.mkdir(parents=True, exist_ok=True)
-    return run_atoms(StageContext(cfg=cfg, run_dir=run_dir, stage="atoms", out=out)) or {}
+    return run_atoms(LocalStageContext(cfg=cfg, run_dir=run_dir, stage="atoms", out=out)) or {}
 
 
 def alpha_dirname(alpha: float) -> str:
@@ -159,14 +160,9 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
     payload = {"alphas": alphas, "n_docs": n_docs, "top_docs": top_n, "coherence_stats": res.stats, "rows": rows}
     atomic_write_json(report_dir / "sweep.json", payload)
     atomic_write_text(report_dir / "sweep.csv", sweep_csv(rows))
-    if (report_dir / "report.html").exists():  # an existing report picks the sweep up at once
-        from ga_ray.report.stage import build_report
-
-        rc = cfg.report
-        build_report(run_dir.root, report_dir, top_atoms=rc.top_atoms, examples_per_atom=rc.examples_per_atom, excerpt_chars=rc.excerpt_chars, title=cfg.name)
     return rows
 
 
 def _adapter(cfg: Any, run_dir: RunDir) -> Path:
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, stage="coherence", out=run_dir.stage_dir("coherence"))
+    ctx = LocalStageContext(cfg=cfg, run_dir=run_dir, stage="coherence", out=run_dir.stage_dir("coherence"))
     return ctx.adapter_path()

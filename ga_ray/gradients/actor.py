@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ga_ray.kernel.batching import PaddingStats, padding_stats, plan_batches
-from ga_ray.pipeline import StageError
+from ga_ray.errors import StageError
 
 # Fault injection for the tests: a flag-file path. The first window that any incarnation of any
 # actor processes dies (os._exit) right after writing its Parquet file and before returning it, the

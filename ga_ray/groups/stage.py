@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from ga_ray.errors import StageError
 from ga_ray.groups import grouping as gp
 from ga_ray.groups import io as gio
-from ga_ray.pipeline import StageContext
+from ga_ray.context import StageContext
 from ga_ray.rundir import atomic_write_json
 
 log = logging.getLogger("ga_ray")
