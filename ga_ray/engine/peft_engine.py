@@ -146,13 +146,13 @@ class PeftEngine:
 
     @classmethod
     def from_config(cls, model_cfg: Any, *, adapter: str | Path | None = None, variants: dict[str, str | Path] | None = None,
-                    device: str | None = None, dtype: str | None = None, **kw: Any) -> PeftEngine:
-        """Load `model.path` (and its tokenizer) through `ga_ray.kernel.loading` on `device`
-        (None: CUDA when available) and build the engine."""
+                    device: str | None = None, dtype: str | None = None, tokenizer: Any = None, **kw: Any) -> PeftEngine:
+        """Load `model.path` (and its tokenizer, unless given) through `ga_ray.kernel.loading` on
+        `device` (None: CUDA when available) and build the engine."""
         from ga_ray.kernel.loading import load_base_model, load_tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tok = load_tokenizer(model_cfg)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
         model = load_base_model(model_cfg, device=device, dtype=dtype)
         return cls(model, tok, adapter=adapter, variants=variants, **kw)
 
@@ -314,16 +314,18 @@ class PeftEngine:
                 out = self._forward(ids, attn, pos, keys, past, last_only=True)
                 past = _cache_of(out)
                 logits = out.logits[:, -1, :].float()
+                argmax = logits.argmax(-1).tolist()  # every greedy row at once
+                logp = torch.log_softmax(logits, -1) if any(p.logprobs is not None for p in params) else None
                 nxt = [self.pad_id] * n
                 for b in range(n):
                     if finish[b] is not None:
                         continue
                     p = params[b]
-                    tok = self._pick(logits[b], p, gens[b])
+                    tok = int(argmax[b]) if p.greedy else self._pick(logits[b], p, gens[b])
                     nxt[b] = tok
                     new[b].append(tok)
-                    if p.logprobs is not None:
-                        lp = torch.log_softmax(logits[b], -1)
+                    if logp is not None and p.logprobs is not None:
+                        lp = logp[b]
                         lps[b].append(float(lp[tok]))
                         if p.logprobs > 0:
                             v, i = lp.topk(min(p.logprobs, lp.numel()))

@@ -1,6 +1,9 @@
 """The format table: greedy decoding on a demo world's held-out prompts, scored by the family format
 checks (`ga_ray.demo.formats`) and the behaviour detectors (`ga_ray.detectors`).
 
+Generation goes through the project's one generation engine (`ga_ray.engine`): the fine-tuned
+model is variant `finetuned`, the base model `base` (adapter off), of one engine.
+
 Targets (issue 2): every deterministic family's format rate >= 80%, every behaviour's rate on its 100
 evaluation prompts within [15%, 85%] (headroom for steering in both directions).
 """
@@ -12,9 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ga_ray.detectors import DETECTORS, rate
+from ga_ray.engine import BASE, FINETUNED, Engine, GenerationRequest, SamplingParams, chat_prompt_ids
 
 FAMILY_TARGET = 0.80
 BEHAVIOUR_RANGE = (0.15, 0.85)
@@ -38,38 +40,35 @@ def load_eval_set(eval_dir: str | Path, limit: int | None = None) -> dict[str, d
     return out
 
 
-@torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64,
-                    progress: bool = False) -> list[str]:
-    """Greedy completions of single-turn user prompts (chat template + generation prompt), batched with
-    left padding; prompts are length-sorted so batches pad little. Returns the decoded new text."""
+def engine_greedy(engine: Engine, prompts: Sequence[str], max_new_tokens: int, variant: str = FINETUNED,
+                  batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Greedy completions of single-turn user prompts (chat template + generation prompt) by `variant`
+    of `engine`. Prompts are length-sorted into batches of `batch_size` so batches pad little; the
+    engine decodes each batch (left padding, KV cache). Returns the generated text of each prompt."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
     out: list[str] = [""] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="format table: generating", disable=not progress, leave=False):
-        T = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):  # left padding
-            ids[b, T - len(enc[i]) :] = torch.tensor(enc[i])
-            attn[b, T - len(enc[i]) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for b, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[b, T:], skip_special_tokens=True)
+        gens = engine.generate([GenerationRequest(variant, enc[i], sampling) for i in idx])
+        for i, g in zip(idx, gens):
+            out[i] = g.text
     return out
+
+
+def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64,
+                    progress: bool = False) -> list[str]:
+    """`engine_greedy` for a loaded transformers model: a plain model generates as the base model, a
+    `PeftModel` with its active adapter."""
+    from ga_ray.engine.peft_engine import PeftEngine
+
+    engine = PeftEngine(model, tokenizer, max_batch_size=batch_size)
+    active = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
+    variant = BASE if active is None else (FINETUNED if active == "default" else active)
+    return engine_greedy(engine, prompts, max_new_tokens, variant, batch_size, progress)
 
 
 def compute_format_table(
@@ -109,16 +108,16 @@ def compute_format_table(
     }
 
 
-def run_format_table(model, tokenizer, eval_dir: str | Path, max_new_tokens: int, limit: int | None = None,
-                     batch_size: int = 64, progress: bool = False,
+def run_format_table(engine: Engine, eval_dir: str | Path, max_new_tokens: int, variant: str = FINETUNED,
+                     limit: int | None = None, batch_size: int = 64, progress: bool = False,
                      format_checks: dict[str, Callable[[str], bool]] | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """Generate for every held-out prompt in one batched pass and score. Returns (table, generations)."""
+    """Generate (greedy, `variant` of `engine`) for every held-out prompt and score. Returns (table, generations)."""
     if format_checks is None:
         from ga_ray.demo.formats import FORMAT_CHECKS as format_checks
     eval_set = load_eval_set(eval_dir, limit)
     flat: list[tuple[str, str, dict]] = [(kind, name, row) for kind in ("families", "behaviours")
                                          for name, rows in eval_set[kind].items() for row in rows]
-    texts = generate_greedy(model, tokenizer, [row["prompt"] for _, _, row in flat], max_new_tokens, batch_size, progress)
+    texts = engine_greedy(engine, [row["prompt"] for _, _, row in flat], max_new_tokens, variant, batch_size, progress)
     responses: dict[str, dict[str, list[str]]] = {"families": {}, "behaviours": {}}
     for (kind, name, _), text in zip(flat, texts):
         responses[kind].setdefault(name, []).append(text)

@@ -324,8 +324,8 @@ def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], dict |
     `finetune.format_eval_base` the base model on the same prompts (the same PEFT model, adapter off)."""
     import torch
 
+    from ga_ray.engine import BASE, FINETUNED, make_engine
     from ga_ray.finetune.format_table import format_table_text, run_format_table
-    from ga_ray.kernel.loading import load_lora_model
 
     ft = cfg.finetune
     t0 = time.perf_counter()
@@ -333,15 +333,13 @@ def _format_table(cfg, adapter_dir: Path, tok) -> tuple[dict, list[dict], dict |
     torch.set_num_threads(_torch_threads(ft))
     base_table, base_gens = None, []
     try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_lora_model(cfg.model, adapter_dir, device=device)
-        model.eval()
+        # one engine, the adapter loaded once: variant `finetuned`, and `base` = the same model, adapter off
+        engine = make_engine("peft", cfg.model, adapter=adapter_dir, tokenizer=tok, max_batch_size=ft.eval_batch_size)
         kw = dict(limit=ft.eval_prompts, batch_size=ft.eval_batch_size, progress=True)
         if ft.format_eval_base:
-            with model.disable_adapter():
-                base_table, base_gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, **kw)
-        model = model.merge_and_unload()  # plain weights: faster generation, same function
-        table, gens = run_format_table(model, tok, ft.format_eval_set, ft.max_new_tokens, **kw)
+            base_table, base_gens = run_format_table(engine, ft.format_eval_set, ft.max_new_tokens, BASE, **kw)
+        table, gens = run_format_table(engine, ft.format_eval_set, ft.max_new_tokens, FINETUNED, **kw)
+        engine.close()
     finally:
         torch.set_num_threads(threads)
     print("\nformat table (greedy decoding on held-out prompts" + ("; base = the model before the fine-tune" if base_table else "")
