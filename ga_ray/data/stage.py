@@ -154,7 +154,6 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
     import ray
     import ray.data
 
-    init_ray(ctx.cfg.ray)
     cfg = ctx.cfg.data  # ranges (max_length >= 2, batch_size >= 1, ...) are checked when the config loads
     tokenizer = load_tokenizer(ctx.cfg.model)
     tok_path = ctx.cfg.model.tokenizer or ctx.cfg.model.path
@@ -178,6 +177,7 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
     data_ctx.execution_options.preserve_order = True
     try:
         if table.num_rows:
+            init_ray(ctx.cfg.ray)  # after the driver-side checks: a problem of the file fails in a second, without Ray
             n_blocks = _default_blocks(table.num_rows, cfg.num_blocks)
             step = math.ceil(table.num_rows / n_blocks)
             slices = [table.slice(i, step) for i in range(0, table.num_rows, step)]
