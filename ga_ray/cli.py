@@ -51,20 +51,94 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _user_error(exc: BaseException) -> str | None:
-    """The actionable message inside an exception chain (Ray wraps errors raised in workers)."""
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
+    """The message of the first `GaRayError` in an exception's chain, or None (a bug: keep the traceback).
+
+    Ray wraps an error raised in a worker: a task's `RayTaskError` keeps it as `.cause` (and may itself
+    subclass the error's type, with the worker's traceback as its text), Ray Train keeps each worker's
+    error in `.worker_failures`, and the rest chain through `__cause__` / `__context__`. Types only: the
+    text of a message is never matched.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop(0)
+        if id(cur) in seen:
+            continue
         seen.add(id(cur))
+        cause = getattr(cur, "cause", None)
+        if isinstance(cause, BaseException) and cause is not cur:
+            todo.insert(0, cause)  # the worker's own exception, not Ray's wrapper text
+            continue
         if isinstance(cur, GaRayError):
             return str(cur)
-        cause = getattr(cur, "cause", None)
-        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
-    text = str(exc)
-    for marker in ("StageError: ", "ModelLoadError: "):
-        if marker in text:
-            return text.split(marker, 1)[1].strip().splitlines()[0]
+        failures = getattr(cur, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(e for _, e in sorted(failures.items(), key=lambda kv: str(kv[0])) if isinstance(e, BaseException))
+        todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
     return None
+
+
+VERBOSE = {"on": os.environ.get("GA_RAY_VERBOSE") == "1"}
+"""`ga-ray --verbose ...` (or GA_RAY_VERBOSE=1): Ray's own logs, progress bars, warnings and worker output on the terminal too."""
+
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.air")
+_HANDLER_TAG = "_ga_ray_handler"
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also show Ray's own logs and progress bars, warnings and the workers' output (always kept in RUN_DIR/logs/)."),
+    ] = False,
+) -> None:
+    VERBOSE["on"] = verbose or os.environ.get("GA_RAY_VERBOSE") == "1"
+
+
+def setup_logging(run_dir: Path, verbose: bool) -> Path:
+    """Everything (all loggers from INFO, warnings) into RUN_DIR/logs/ga-ray.log; on the terminal only our own lines
+    and errors, unless `verbose`. Returns the log file."""
+    from ga_ray.raycluster import configure_output
+
+    log_dir = Path(run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "ga-ray.log"
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(h)
+        h.close()
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:
+        console.addFilter(lambda r: r.name == "ga_ray" or r.name.startswith("ga_ray.") or r.levelno >= logging.ERROR)
+    for h in (file_handler, console):
+        setattr(h, _HANDLER_TAG, True)
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    logging.getLogger("ga_ray").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # deprecation and future warnings: into the log file (the console filter drops them)
+    quiet_library_loggers(verbose, file_handler)
+    configure_output(verbose, log_dir)
+    return log_file
+
+
+def quiet_library_loggers(verbose: bool, file_handler: logging.Handler | None = None) -> None:
+    """Ray's loggers have their own terminal handlers and do not propagate: send them to the log file instead."""
+    import ray  # noqa: F401  (configures Ray's loggers)
+    import ray.data  # noqa: F401
+
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and not getattr(h, _HANDLER_TAG, False):
+                h.setLevel(logging.INFO if verbose else logging.ERROR)
+        if file_handler is not None and not lg.propagate and file_handler not in lg.handlers:
+            for old in [h for h in lg.handlers if getattr(h, _HANDLER_TAG, False)]:
+                lg.removeHandler(old)
+            lg.addHandler(file_handler)
 
 
 def _load(config: str | None, run_dir: Path, sets: list[str] | None, address: str | None) -> RunConfig:
@@ -80,20 +154,17 @@ def _print_summary(stage: str, text: str) -> None:
     typer.secho(f"[{stage}] {text}", fg=typer.colors.GREEN if "done" in text else typer.colors.BLUE)
 
 
-def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | None) -> None:
-    # our own INFO lines; other libraries only from WARNING (dask-ml logs every k-means iteration at INFO)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("ga_ray").setLevel(logging.INFO)
+def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | None, saved: RunConfig | None = None) -> None:
     try:
-        run_pipeline(cfg, RunDir(run_dir), stages=stages, force=force, on_summary=_print_summary)
-    except GaRayError as exc:
-        _fail(str(exc))
+        rd = RunDir(run_dir)
+        setup_logging(rd.root, VERBOSE["on"])
+        run_pipeline(cfg, rd, stages=stages, force=force, on_summary=_print_summary, saved_config=saved)
     except Exception as exc:
         msg = _user_error(exc)
         if msg is None:
             raise
         _fail(msg)
-    typer.echo(f"run directory: {run_dir}")
+    typer.echo(f"run directory: {run_dir} (logs in {Path(run_dir) / 'logs'}; `ga-ray status {run_dir}` for the table)")
 
 
 def _stage_command(name: str, help_text: str, always: bool = False) -> None:
@@ -122,16 +193,30 @@ def prepare_cmd(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the stage even if its inputs are unchanged.")] = False,
     skip_bad_rows: Annotated[
-        bool, typer.Option("--skip-bad-rows", help="Write bad rows to data/rejected.jsonl with their reason instead of stopping.")
-    ] = False,
+        Optional[bool],
+        typer.Option(
+            "--skip-bad-rows/--no-skip-bad-rows",
+            help="This run only: write bad rows to data/rejected.jsonl with their reason instead of stopping (or not). "
+            "RUN_DIR/config.yaml keeps data.skip_bad_rows as the config says (set it there, or with --set, to keep it).",
+        ),
+    ] = None,
     address: AddressOpt = None,
 ) -> None:
     """Tokenise documents (JSONL, Parquet, or a datasets folder) into data/ with response-only loss masks."""
     try:
-        cfg = _load(config, run_dir, (set_ or []) + (["data.skip_bad_rows=true"] if skip_bad_rows else []), address)
+        cfg = _load(config, run_dir, set_, address)
     except ConfigError as exc:
         _fail(str(exc))
-    _run(cfg, run_dir, ["prepare"], "prepare" if force else None)
+    run_cfg = cfg
+    if skip_bad_rows is not None and skip_bad_rows != cfg.data.skip_bad_rows:
+        # a one-run flag: this run uses it, the saved config.yaml does not record it
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.data.skip_bad_rows = skip_bad_rows
+        typer.echo(
+            f"--{'' if skip_bad_rows else 'no-'}skip-bad-rows: this run only "
+            f"(RUN_DIR/config.yaml keeps data.skip_bad_rows: {str(cfg.data.skip_bad_rows).lower()})"
+        )
+    _run(run_cfg, run_dir, ["prepare"], "prepare" if force else None, saved=cfg)
 
 
 _stage_command("finetune", "LoRA fine-tune the base model on data/ with Ray Train (writes adapter/, a PEFT folder).")
@@ -158,6 +243,28 @@ def atoms_cmd(
 
 
 _stage_command("coherence", "Orient atoms, score coherence on raw gradients, characterise (writes coherence/atoms.parquet).")
+
+
+@app.command("steer")
+def steer_cmd(
+    config: ConfigArg = None,
+    run_dir: RunDirOpt = Path("runs/run"),
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo the stage even if its inputs are unchanged.")] = False,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="paper, linear or both (steer.mode).")] = None,
+    units: Annotated[Optional[str], typer.Option("--units", help="absolute or relative (steer.units).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write a merged full-model folder per variant.")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Steered PEFT adapters along atoms chosen by behaviour, by id, groups, compositions, plus controls (writes variants/)."""
+    extra = ([f"steer.mode={mode}"] if mode else []) + ([f"steer.units={units}"] if units else []) + (["steer.merge=true"] if merge else [])
+    try:
+        cfg = _load(config, run_dir, (set_ or []) + extra, address)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _run(cfg, run_dir, ["steer"], "steer" if force else None)
+
+
 _stage_command("report", "Build report/report.html and its figures from the run's artifacts.", always=True)
 
 
@@ -307,6 +414,44 @@ def validate_manifests_cmd(
             typer.echo(f"{path}: valid")
     if bad:
         raise typer.Exit(1)
+
+
+def status_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
+    """(stage, status, wall time, summary line) per recorded stage, in pipeline order (then any other record)."""
+    stages = manifest.get("stages", {})
+    order = [n for n in STAGE_NAMES if n in stages] + [n for n in stages if n not in STAGE_NAMES]
+    rows = []
+    for name in order:
+        rec = stages[name] or {}
+        wall = rec.get("wall_time_s")
+        wall_s = "" if wall is None else (f"{wall:.1f}s" if wall < 120 else f"{wall / 60:.1f}min")
+        status = rec.get("status", "?")
+        summary = rec.get("summary") or {}
+        line = (rec.get("error") or "") if status == "failed" else (summary.get("line", "") if isinstance(summary, dict) else "")
+        rows.append((name, status, wall_s, " ".join(str(line).split())))
+    return rows
+
+
+@app.command("status")
+def status_cmd(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Print the run's manifest as a table: stage, status, wall time, summary line."""
+    if not (run_dir / "manifest.json").is_file():
+        _fail(f"{run_dir} has no manifest.json: not a run directory (or no stage has run in it yet)")
+    try:
+        manifest = RunDir(run_dir).read_manifest()
+    except Exception as exc:
+        msg = _user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg)
+    rows = status_rows(manifest)
+    header = ("stage", "status", "wall", "summary")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    colours = {"done": typer.colors.GREEN, "failed": typer.colors.RED, "running": typer.colors.YELLOW}
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
+    for r in rows:
+        cells = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths))
+        typer.secho(f"{cells}  {r[3]}", fg=colours.get(r[1]))
 
 
 @app.command("config")

@@ -145,8 +145,9 @@ def _peft(world, folder):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(world["root"] / "base_model")
-    return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    if "base" not in world:  # read once; every variant gets a fresh copy
+        world["base"] = AutoModelForCausalLM.from_pretrained(world["root"] / "base_model").eval()
+    return PeftModel.from_pretrained(copy.deepcopy(world["base"]), str(folder)).eval()
 
 
 def _summed_loss(model, docs) -> float:
@@ -319,6 +320,7 @@ def test_toward_lowers_and_away_raises_the_atoms_documents_loss(world, tmp_path)
             assert lt < l0 < la, (atom, mode, lt, l0, la)
 
 
+@pytest.mark.slow
 def test_stage_end_to_end(world, tmp_path):
     """Through the runner: choice by behaviour (bullets -> atom 0, yes_no -> atom 1), every mode, groups,
     compositions, controls; every variant loads with PEFT and changes the logits; the index."""
@@ -414,3 +416,29 @@ def test_errors_say_what_to_do(world, tmp_path):
         s.write(Target("atom", (99,), (1.0,)), "toward", 1.0, "paper")
     with pytest.raises(ConfigError, match="not in the atom table"):
         s.atom_info(99)
+
+
+def test_cli_steer_prints_the_choice_and_fails_in_one_line(world, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ga_ray.cli import app
+    from ga_ray.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    rd = RunDir(run)
+    for up in ("prepare", "factors", "gradients", "atoms", "coherence"):
+        rd.mark_done(up, rd.mark_running(up, "fixture", {}), {})
+    r = world["root"]
+    sets = [f"model.path={r / 'base_model'}", f"model.tokenizer={r / 'tok'}", f"model.adapter={r / 'adapter'}", "finetune.enabled=false",
+            "groups.enabled=false", "steer.alphas=[1.0]", "steer.controls=false"]
+    args = ["steer", "--run-dir", str(run), "--mode", "linear"] + sum((["--set", x] for x in sets), [])
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "bullets" in out.output and "atom    0" in out.output and "100.0% (8/8" in out.output
+    idx = vio.read_index(run)
+    assert len(idx) == 1 + 2 * 2 and {r["mode"] for r in idx if r["kind"] != "baseline"} == {"linear"}
+    bad = CliRunner().invoke(app, args + ["--set", "steer.atoms=[99]", "--force"])
+    assert bad.exit_code == 2 and "atom 99" in bad.output and "Traceback" not in bad.output
