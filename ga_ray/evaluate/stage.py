@@ -75,7 +75,7 @@ def endpoint(cfg: RunConfig, run_dir: Path) -> Iterator[tuple[str, list[str]]]:
         return
     from ga_ray.serve.launch import start_local
 
-    with start_local(run_dir, cfg) as handle:
+    with start_local(run_dir, cfg, port=0) as handle:  # a free port: never clash with another server
         yield handle.url, list(handle.model_ids)
 
 
