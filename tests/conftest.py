@@ -36,27 +36,11 @@ def make_tiny_llama(
     intermediate_size: int = 24,
     seed: int = 0,
 ):
-    """A random Llama model (about 10^4 parameters), float32, eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Llama model (about 10^4 parameters), float32, eval mode (ga_ray.kernel.tiny_llama builds it)."""
+    from ga_ray.kernel.tiny_llama import build_tiny_llama, tiny_llama_config
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads or n_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.eval()
-    return model
+    cfg = tiny_llama_config(vocab_size, hidden_size, n_layers, n_heads, intermediate_size, n_kv_heads=n_kv_heads, max_positions=128)
+    return build_tiny_llama(cfg, seed=seed)
 
 
 def make_tiny_lora_model(
@@ -69,21 +53,12 @@ def make_tiny_lora_model(
     **llama_kwargs,
 ):
     """A tiny Llama wrapped in a PEFT LoRA with NON-zero lora_B (so every gradient is non-trivial)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from ga_ray.kernel.tiny_llama import add_random_lora
 
     base = make_tiny_llama(seed=seed, **llama_kwargs)
     if save_base_to is not None:
         base.save_pretrained(save_base_to)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, use_rslora=use_rslora)
-    model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.eval()
-    return model
+    return add_random_lora(base, r=r, alpha=alpha, target_modules=target_modules, use_rslora=use_rslora, b_scale=0.1, b_seed=seed + 1)
 
 
 def make_random_docs(n_docs: int, vocab_size: int = 64, min_len: int = 5, max_len: int = 20, seed: int = 0) -> list[dict]:

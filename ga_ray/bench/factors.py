@@ -36,35 +36,13 @@ QUICK = {"vocab_size": 256, "hidden_size": 32, "n_layers": 2, "n_heads": 2, "int
 def _synthetic_world(root: Path, quick: bool, n_docs: int) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ga_ray.kernel.tiny_llama import add_random_lora, build_tiny_llama, tiny_llama_config
 
     dims = QUICK if quick else SYNTH
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=dims["vocab_size"],
-            hidden_size=dims["hidden_size"],
-            num_hidden_layers=dims["n_layers"],
-            num_attention_heads=dims["n_heads"],
-            num_key_value_heads=dims["n_heads"],
-            intermediate_size=dims["intermediate_size"],
-            max_position_embeddings=1024,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    base = build_tiny_llama(tiny_llama_config(dims["vocab_size"], dims["hidden_size"], dims["n_layers"], dims["n_heads"], dims["intermediate_size"], max_positions=1024), seed=0)
     base.save_pretrained(root / "base_model")
     n_params = sum(p.numel() for p in base.parameters())
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # a fine-tuned adapter has non-zero B
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model = add_random_lora(base, r=8, alpha=16, b_scale=0.02, b_seed=1)  # a fine-tuned adapter has non-zero B
     model.save_pretrained(root / "adapter")
     rng = np.random.default_rng(0)
     median, max_len = (30, 64) if quick else (100, 400)

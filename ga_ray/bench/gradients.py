@@ -39,37 +39,15 @@ SYNTH = {"vocab_size": 2048, "hidden_size": 160, "n_layers": 4, "n_heads": 4, "i
 
 # ----------------------------------------------------------------------------------------- worlds
 def _llama(vocab_size: int, hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ga_ray.kernel.tiny_llama import build_tiny_llama, tiny_llama_config
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama(tiny_llama_config(vocab_size, hidden_size, n_layers, n_heads, intermediate_size, max_positions=1024), seed=seed)
 
 
 def _add_lora(base, r: int = 8, alpha: float = 16.0, seed: int = 0):
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from ga_ray.kernel.tiny_llama import add_random_lora
 
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # a fine-tuned adapter has non-zero B
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
+    return add_random_lora(base, r=r, alpha=alpha, b_scale=0.02, b_seed=seed + 1)  # a fine-tuned adapter has non-zero B
 
 
 def synthetic_docs(n: int, vocab_size: int, median: float, max_len: int, seed: int = 0) -> list[dict]:

@@ -1,5 +1,5 @@
-"""The demo world's base model: a small Llama (transformers `LlamaConfig`) pre-trained from scratch on
-CPU on the base split, saved with `save_pretrained`.
+"""The demo world's base model: a small Llama (built by `ga_ray.kernel.tiny_llama`, the one tiny-Llama
+builder) pre-trained from scratch on CPU on the base split, saved with `save_pretrained`.
 
 Pre-training packs the base documents (`<|bos|> text <|eos|>`, concatenated) into fixed-length
 blocks and trains with AdamW (linear warm-up, cosine decay) on plain next-token prediction.
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ga_ray.kernel.tiny_llama import build_tiny_llama, tiny_llama_config
+
 
 @dataclass
 class PretrainResult:
@@ -28,29 +30,14 @@ class PretrainResult:
 
 def make_config(vocab_size: int, hidden_size: int, n_layers: int, n_heads: int, intermediate_size: int,
                 pad_id: int = 0, bos_id: int = 1, eos_id: int = 2, max_positions: int = 512):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=pad_id,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-    )
+    """The demo model's config: the shared tiny-Llama config with tied embeddings and 512 positions."""
+    return tiny_llama_config(vocab_size, hidden_size, n_layers, n_heads, intermediate_size, max_positions=max_positions,
+                             pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, tie_word_embeddings=True)
 
 
 def make_model(config, seed: int = 0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    """A seeded random model of `config`, in training mode (pre-training starts from it)."""
+    return build_tiny_llama(config, seed=seed, eval_mode=False)
 
 
 def pack_blocks(docs: Sequence[Sequence[int]], seq_len: int, seed: int = 0) -> torch.Tensor:
