@@ -265,6 +265,8 @@ def steer_cmd(
     _run(cfg, run_dir, ["steer"], "steer" if force else None)
 
 
+_stage_command("evaluate", "Every variant's answers to its behaviour's prompts through an OpenAI-compatible endpoint (the "
+               "run's own serve app, or evaluation.endpoint): rates, intervals, tests, side effects (writes eval/).")
 _stage_command("report", "Build report/report.html and its figures from the run's artifacts.", always=True)
 
 
