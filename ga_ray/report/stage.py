@@ -25,6 +25,7 @@ import numpy as np
 from ga_ray.coherence import io as coherence_io
 from ga_ray.errors import StageError
 from ga_ray.report import figures
+from ga_ray.report.steering import load_steering_artifacts, section_steering
 from ga_ray.report.html import absent, esc, fmt, img, page, table
 from ga_ray.rundir import atomic_write_bytes, atomic_write_text
 
@@ -292,12 +293,14 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
     fmt_tuned = _json(run_root / "adapter" / "format_table.json")
     fmt_base = _json(run_root / "adapter" / "format_table_base.json")
     rows = _atoms_rows(run_root)
+    steering_art = load_steering_artifacts(run_root)
     figs: dict[str, bytes] = {}
     sections = [
         ("coherence", "Coherence distribution", section_coherence(rows, out_dir, figs)),
         ("atoms", f"Top {top_atoms} atoms", section_atoms(rows, char, top_atoms, examples_per_atom, excerpt_chars)),
         ("sweep", "Sparsity sweep", section_sweep(sweep, figs)),
         ("discovery", "Discovery score against k-means", section_discovery(disc, figs)),
+        ("steering", "Steering: rates against alpha, Table 2, side effects, controls", section_steering(steering_art, out_dir, figs)),
         ("format_table", "Fine-tune: formats and behaviours, before and after", section_format_table(fmt_tuned, fmt_base)),
         ("metrics", "Run metrics and timings", section_metrics(manifest, metrics, char)),
     ]
@@ -307,6 +310,7 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
         "sweep": bool(sweep),
         "discovery": bool(disc),
         "format_table": bool(fmt_tuned),
+        "steering": steering_art is not None,
         "metrics": bool(manifest) or bool(metrics),
     }
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
