@@ -246,6 +246,17 @@ def _maybe_fault(flag: str | None) -> None:
     os._exit(17)
 
 
+def _whereabouts() -> tuple[str, str]:
+    """(Ray node id, Ray actor id) of this process; empty strings outside Ray."""
+    try:
+        import ray
+
+        rc = ray.get_runtime_context()
+        return rc.get_node_id() or "", rc.get_actor_id() or ""
+    except Exception:  # not inside a Ray worker (the in-process tests)
+        return "", ""
+
+
 class GradientsActor:
     """Ray Data callable class: `map_batches(GradientsActor, compute=ActorPoolStrategy(...))`."""
 
@@ -273,6 +284,7 @@ class GradientsActor:
         )
         self.out_dir = out_dir
         self.fault = fault
+        self.node_id, self.actor_id = _whereabouts()
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         result = self.computer.run(batch)
@@ -289,4 +301,7 @@ class GradientsActor:
             "file": np.array([name if f else "" for f in result.finite], dtype=object),
             "compute_s": np.full(n, result.compute_s / max(n, 1), dtype=np.float64),
             "peak_mem_mb": np.full(n, _peak_mem_mb(self.computer.device), dtype=np.float32),
+            # where each document was computed: the stage records the actors' nodes in its metadata
+            "node_id": np.array([self.node_id] * n, dtype=object),
+            "actor_id": np.array([self.actor_id] * n, dtype=object),
         }
