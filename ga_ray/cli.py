@@ -54,9 +54,8 @@ def _user_error(exc: BaseException) -> str | None:
     """The message of the first `GaRayError` in an exception's chain, or None (a bug: keep the traceback).
 
     Ray wraps an error raised in a worker: a task's `RayTaskError` keeps it as `.cause` (and may itself
-    subclass the error's type, with the worker's traceback as its text), Ray Train keeps each worker's
-    error in `.worker_failures`, and the rest chain through `__cause__` / `__context__`. Types only: the
-    text of a message is never matched.
+    subclass the error's type, with the worker's traceback as its text); the rest chain through
+    `__cause__` / `__context__`. Types only: the text of a message is never matched.
     """
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
@@ -71,9 +70,6 @@ def _user_error(exc: BaseException) -> str | None:
             continue
         if isinstance(cur, GaRayError):
             return str(cur)
-        failures = getattr(cur, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(e for _, e in sorted(failures.items(), key=lambda kv: str(kv[0])) if isinstance(e, BaseException))
         todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
     return None
 
@@ -95,6 +91,21 @@ def _options(
     VERBOSE["on"] = verbose or os.environ.get("GA_RAY_VERBOSE") == "1"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A terminal handler that writes to whatever `sys.stderr` is now (a test runner swaps it per command)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(run_dir: Path, verbose: bool) -> Path:
     """Everything (all loggers from INFO, warnings) into RUN_DIR/logs/ga-ray.log; on the terminal only our own lines
     and errors, unless `verbose`. Returns the log file."""
@@ -104,13 +115,13 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "ga-ray.log"
     root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+    for h in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:  # a previous command in this process
         root.removeHandler(h)
         h.close()
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = logging.StreamHandler(sys.stderr)
+    console = _StderrHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     if not verbose:
         console.addFilter(lambda r: r.name == "ga_ray" or r.name.startswith("ga_ray.") or r.levelno >= logging.ERROR)

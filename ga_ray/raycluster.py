@@ -1,16 +1,40 @@
-"""Starting or joining Ray, and resource decisions that must not hang on a CPU machine."""
+"""Starting or joining Ray, quietly.
+
+`init_ray` joins `ray.address` when it is set, and otherwise starts a LOCAL Ray in-process
+(`ray.init(address="local")`), even when a `ray start` cluster runs on this machine (a plain
+`ray.init()` would silently join it). It says in one line which Ray the run uses.
+
+Output: unless `configure_output(verbose=True)` was called (the CLI's `--verbose`), the workers' logs
+stay out of the terminal (`log_to_driver=False`; the local Ray's log folder is linked as
+`RUN_DIR/logs/ray`), and Ray Data's progress bars are off (the stages draw their own).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from ga_ray.config import RayConfig
+from ga_ray.resources import cuda_available, resolve_gpus  # noqa: F401  (the one resource policy lives there)
 
 log = logging.getLogger("ga_ray")
 
 
-from ga_ray.resources import cuda_available, resolve_gpus  # noqa: F401  (the one resource policy lives there)
+@dataclass
+class OutputSettings:
+    verbose: bool = False
+    log_dir: Path | None = None
+
+
+OUTPUT = OutputSettings()
+"""Set by the CLI before a run (`configure_output`); read when Ray starts."""
+
+
+def configure_output(verbose: bool, log_dir: Path | None) -> None:
+    OUTPUT.verbose = verbose
+    OUTPUT.log_dir = Path(log_dir) if log_dir is not None else None
 
 
 _NOISY_WITHOUT_DASHBOARD = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
@@ -22,6 +46,48 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def init_kwargs(cfg: RayConfig, verbose: bool) -> dict:
+    """The `ray.init` arguments for `cfg` (pure, so the choice of Ray is testable without starting one)."""
+    kwargs: dict = {"log_to_driver": verbose, "include_dashboard": False, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if cfg.address:
+        kwargs["address"] = cfg.address
+    else:
+        # "local": a new Ray for this process, never an already running `ray start` cluster (what the help promises)
+        kwargs["address"] = "local"
+        # a local Ray without the dashboard has no State API; Ray Train's placement-group cleaner
+        # would then warn every few seconds that it cannot query it (nothing is wrong)
+        kwargs["runtime_env"] = {"worker_process_setup_hook": "ga_ray.raycluster.quiet_worker_logs"}
+        if cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+    return kwargs
+
+
+def describe_ray(address: str | None, resources: dict[str, float]) -> str:
+    """The one line that says which Ray a run uses."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    size = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+    if address:
+        return f"Ray: joined the cluster at {address} ({size})"
+    return f"Ray: a local Ray started in-process ({size}); use --address to join a cluster"
+
+
+def _link_ray_logs() -> None:
+    """RUN_DIR/logs/ray -> this local Ray's log folder (the workers' stdout/stderr)."""
+    if OUTPUT.log_dir is None:
+        return
+    try:
+        import ray
+
+        session = Path(ray._private.worker._global_node.get_session_dir_path())  # type: ignore[attr-defined]
+        link = OUTPUT.log_dir / "ray"
+        OUTPUT.log_dir.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(session / "logs", target_is_directory=True)
+    except Exception as exc:  # a private Ray API: the link is a convenience, never a reason to fail
+        log.debug("could not link the Ray logs: %s", exc)
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join `cfg.address`, or start a local Ray in-process; idempotent."""
     import ray
@@ -29,19 +95,15 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
-        kwargs: dict = {"log_to_driver": True, "include_dashboard": False}
-        if cfg.address:
-            kwargs["address"] = cfg.address
-        else:
-            # a local Ray without the dashboard has no State API; Ray Train's placement-group cleaner
-            # would then warn every few seconds that it cannot query it (nothing is wrong)
-            kwargs["runtime_env"] = {"worker_process_setup_hook": "ga_ray.raycluster.quiet_worker_logs"}
-            if cfg.num_cpus is not None:
-                kwargs["num_cpus"] = cfg.num_cpus
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        ray.init(**kwargs)
+        ray.init(**init_kwargs(cfg, OUTPUT.verbose))
+        log.info(describe_ray(cfg.address, ray.cluster_resources()))
+        if not cfg.address:
+            _link_ray_logs()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.verbose_progress = False
+    if not OUTPUT.verbose:
+        ctx.enable_progress_bars = False
     try:  # name of the option in Ray 2.60's DataContext
         ctx.execution_no_progress_timeout_s = cfg.execution_no_progress_timeout_s  # type: ignore[attr-defined]
     except Exception:  # older Ray without the option: nothing to set

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from typer.testing import CliRunner
 
 from ga_ray.cli import app
@@ -54,3 +56,66 @@ def test_missing_data_path_is_actionable(tmp_path):
         app, ["prepare", "demo", "--run-dir", str(tmp_path / "r"), "--set", "data.path=/no/such/file.jsonl", "--set", f"model.path={tmp_path}"]
     )
     assert out.exit_code == 2 and "has no tokenizer" in _plain(out.output) and "set model.tokenizer" in out.output, out.output
+
+
+def test_failed_prepare_blocks_later_stages_with_one_line(tmp_path):
+    run = tmp_path / "r"
+    # a real prepare that fails inside the stage (no tokenizer in the model folder)
+    out = runner.invoke(app, ["prepare", "demo", "--run-dir", str(run), "--set", "data.path=/no/such/file.jsonl", "--set", f"model.path={tmp_path}"])
+    assert out.exit_code == 2, out.output
+    from ga_ray.rundir import RunDir
+
+    assert RunDir(run).stage_record("prepare")["status"] == "failed"
+    (run / "data").mkdir(exist_ok=True)  # what a previous run would have left behind
+    out = runner.invoke(app, ["finetune", "--run-dir", str(run)])
+    text = _plain(out.output)
+    assert out.exit_code == 2, text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "finetune reads the output of prepare, which failed in its last run" in errors[0], text
+    assert f"ga-ray prepare --run-dir {run.resolve()}" in errors[0] and "Traceback" not in text
+    assert RunDir(run).stage_record("finetune") is None, "the refused stage did not start"
+
+
+def test_status_prints_the_manifest_as_a_table(tmp_path):
+    from ga_ray.rundir import RunDir
+
+    rd = RunDir(tmp_path / "r")
+    t0 = rd.mark_running("prepare", "fp1", {})
+    rd.mark_done("prepare", t0, {"line": "5,000 documents,\n 0 rejected"})
+    t0 = rd.mark_running("finetune", "fp2", {})
+    rd.mark_failed("finetune", t0, "StageError: out of memory")
+    rd.mark_running("sweep", "fp3", {})
+    out = runner.invoke(app, ["status", str(rd.root)])
+    assert out.exit_code == 0, out.output
+    lines = _plain(out.output).splitlines()
+    assert lines[0].split() == ["stage", "status", "wall", "summary"]
+    assert re.match(r"prepare\s+done\s+\d+\.\ds\s+5,000 documents, 0 rejected$", lines[1]), lines[1]
+    assert re.match(r"finetune\s+failed\s+\d+\.\ds\s+StageError: out of memory$", lines[2]), lines[2]
+    assert re.match(r"sweep\s+running\s*$", lines[3]), lines[3]
+    out = runner.invoke(app, ["status", str(tmp_path / "nothing")])
+    assert out.exit_code == 2 and "has no manifest.json" in _plain(out.output)
+
+
+def test_user_errors_are_found_inside_rays_wrappers(ray_session):
+    import ray
+
+    from ga_ray.cli import _user_error
+    from ga_ray.errors import DataError, StageError
+
+    @ray.remote(num_cpus=0.1)
+    def broken():
+        raise DataError("docs.jsonl line 3: not JSON")
+
+    with pytest.raises(Exception) as info:
+        ray.get(broken.remote(), timeout=120)
+    assert type(info.value).__name__.startswith("RayTaskError"), "Ray wraps the worker's error"
+    assert _user_error(info.value) == "docs.jsonl line 3: not JSON", "the message, not Ray's traceback text"
+
+    try:
+        try:
+            raise StageError("worker 0: no adapter")
+        except StageError as inner:
+            raise RuntimeError("outer") from inner
+    except RuntimeError as exc:
+        assert _user_error(exc) == "worker 0: no adapter", "found through __cause__"
+    assert _user_error(ValueError("StageError: looks like one")) is None, "messages are never matched as text"

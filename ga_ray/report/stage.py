@@ -22,9 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from ga_ray.atoms import io as atoms_io
 from ga_ray.coherence import io as coherence_io
 from ga_ray.errors import StageError
+from ga_ray.finetune import io as finetune_io
 from ga_ray.report import figures
+from ga_ray.report.groups_section import load_groups_artifacts, section_groups
 from ga_ray.report.steering import load_steering_artifacts, section_steering
 from ga_ray.report.html import absent, esc, fmt, img, page, table
 from ga_ray.rundir import atomic_write_bytes, atomic_write_text
@@ -257,6 +260,8 @@ def section_metrics(manifest: Any, metrics: Any, char: Any) -> str:
     if manifest and manifest.get("stages"):
         rows = []
         for name, rec in manifest["stages"].items():
+            if name == "report" and rec.get("status") == "running":
+                continue  # this very build: its record is finished only after the page is written
             rows.append([name, rec.get("status"), _finite(rec.get("wall_time_s")), rec.get("finished_at") or rec.get("started_at"), (rec.get("summary") or {}).get("line", "")])
         body += "<h3>Stages (manifest.json)</h3>" + table(["stage", "status", "wall time (s)", "finished", "summary"], rows, num_cols=(2,))
         versions = next((rec.get("versions") for rec in manifest["stages"].values() if rec.get("versions")), None)
@@ -284,18 +289,19 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
     """Write report.html and the PNGs into `out_dir` (default RUN/report) from the artifacts of `run_root`."""
     run_root = Path(run_root)
     out_dir = Path(out_dir) if out_dir is not None else run_root / "report"
-    atoms_dir = run_root / "atoms"
     manifest = _json(run_root / "manifest.json")
-    metrics = _json(atoms_dir / "metrics.json")
+    metrics = atoms_io.load_metrics(run_root / "atoms")
     char = _optional(lambda r: coherence_io.load_characterisation(r, missing_ok=True), run_root)
     disc = _optional(coherence_io.load_discovery, run_root)
-    sweep = _json(out_dir / "sweep.json")
-    fmt_tuned = _json(run_root / "adapter" / "format_table.json")
-    fmt_base = _json(run_root / "adapter" / "format_table_base.json")
+    sweep = coherence_io.load_sweep(run_root)
+    fmt_tuned, fmt_base = finetune_io.load_format_tables(run_root)
     rows = _atoms_rows(run_root)
+    groups_art = load_groups_artifacts(run_root)
     steering_art = load_steering_artifacts(run_root)
+    explorer = _build_explorer(run_root, out_dir) if rows is not None else None
     figs: dict[str, bytes] = {}
     sections = [
+        ("groups", "Behaviours found (atom groups)", section_groups(groups_art, explorer=explorer is not None)),
         ("coherence", "Coherence distribution", section_coherence(rows, out_dir, figs)),
         ("atoms", f"Top {top_atoms} atoms", section_atoms(rows, char, top_atoms, examples_per_atom, excerpt_chars)),
         ("sweep", "Sparsity sweep", section_sweep(sweep, figs)),
@@ -305,6 +311,7 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
         ("metrics", "Run metrics and timings", section_metrics(manifest, metrics, char)),
     ]
     present = {
+        "groups": groups_art is not None,
         "coherence": rows is not None,
         "atoms": rows is not None,
         "sweep": bool(sweep),
@@ -319,7 +326,17 @@ def build_report(run_root: Path, out_dir: Path | None = None, *, top_atoms: int 
     for fname, png in figs.items():
         atomic_write_bytes(out_dir / fname, png)
     atomic_write_text(out_dir / "report.html", html_text)
-    return {"html": str(out_dir / "report.html"), "figures": sorted(figs), "sections": present}
+    return {"html": str(out_dir / "report.html"), "figures": sorted(figs), "sections": present, "explorer": explorer}
+
+
+def _build_explorer(run_root: Path, out_dir: Path) -> str | None:
+    """report/explorer.html (the atom explorer); None when the coherence results cannot be read."""
+    from ga_ray.report.explorer import build_explorer
+
+    try:
+        return str(build_explorer(run_root, out_dir))
+    except StageError:
+        return None
 
 
 def run_report(ctx: Any) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""Which Ray a run uses: the default is a local Ray started in-process, even with a `ray start` cluster running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ga_ray.config import RayConfig
+from ga_ray.raycluster import describe_ray, init_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_is_local_and_an_address_joins():
+    kw = init_kwargs(RayConfig(num_cpus=2), verbose=False)
+    assert kw["address"] == "local", "a plain ray.init() would join a `ray start` cluster on this machine"
+    assert kw["num_cpus"] == 2 and kw["log_to_driver"] is False, "worker output stays out of the terminal"
+    kw = init_kwargs(RayConfig(address="10.0.0.1:6379"), verbose=True)
+    assert kw["address"] == "10.0.0.1:6379" and "num_cpus" not in kw and kw["log_to_driver"] is True
+    assert describe_ray(None, {"CPU": 2.0}) == "Ray: a local Ray started in-process (2 CPUs); use --address to join a cluster"
+    assert describe_ray("auto", {"CPU": 16.0, "GPU": 2.0}) == "Ray: joined the cluster at auto (16 CPUs, 2 GPUs)"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+PROBE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+import ray
+from ga_ray.config import RayConfig
+from ga_ray.raycluster import init_ray
+init_ray(RayConfig(address=sys.argv[1] or None, num_cpus=None if sys.argv[1] else 2))
+print("CPUS", ray.cluster_resources().get("CPU"))
+ray.shutdown()
+"""
+
+
+def _probe(address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-c", PROBE, address], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"init_ray({address!r}) hung: {(exc.stdout or b'')[-2000:]!r} {(exc.stderr or b'')[-3000:]!r}")
+
+
+@pytest.mark.slow
+def test_default_does_not_join_a_running_ray_start_cluster():
+    ray_bin = Path(sys.executable).with_name("ray")
+    # a short temp dir: Ray's socket paths must stay under 108 characters
+    tmp = Path(tempfile.mkdtemp(prefix="gah", dir="/tmp"))
+    port, client, nm, om, agent, agent_grpc, metrics, rt_env, wmin = _free_ports(9)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    # --block: the head lives as long as this process, and stopping it stops only this cluster (never `ray stop`,
+    # which would stop every Ray on the machine)
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={tmp}", "--num-cpus=1", "--num-gpus=0",
+         "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={client}", f"--node-manager-port={nm}",
+         f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={wmin}",
+         f"--max-worker-port={wmin + 20}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the ray start head never listened")
+        # the default (no address): a local Ray of its own, with 2 CPUs, not the 1-CPU cluster
+        local = _probe("", env)
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert "Ray: a local Ray started in-process (2 CPUs)" in local.stdout and "CPUS 2.0" in local.stdout, local.stdout
+        # an address joins it, and says so
+        joined = _probe(f"127.0.0.1:{port}", env)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert f"Ray: joined the cluster at 127.0.0.1:{port} (1 CPUs)" in joined.stdout and "CPUS 1.0" in joined.stdout, joined.stdout
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+            head.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
