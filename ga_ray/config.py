@@ -469,6 +469,9 @@ class EvaluationConfig(Section):
     """Goal check: a behaviour moves by at least this many percentage points from alpha = 0 ..."""
     goal_p: float = Field(default=0.01, gt=0.0, le=1.0)
     """... at a Holm-corrected p below this, within the KL budget, and beyond the random control."""
+    controls_at_recommended: bool = True
+    """With steer.controls: after a first pass, write (through the steer stage's add_variant) and evaluate the random
+    and supervised controls at each atom's recommended alpha, both signs, where the steer stage wrote none."""
 
 
 class DemoConfig(Section):

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,16 @@ def plan(variants: Sequence[Mapping[str, Any]], sets: Mapping[str, Sequence[Prom
 
 
 @contextlib.contextmanager
-def endpoint(cfg: RunConfig, run_dir: Path) -> Iterator[tuple[str, list[str]]]:
-    """(OpenAI base URL, model ids): `evaluation.endpoint`, or the run's own serve app for the block."""
+def endpoint(cfg: RunConfig, run_dir: Path) -> Iterator[tuple[str, Callable[[], list[str]]]]:
+    """(OpenAI base URL, a function listing the model ids served now): `evaluation.endpoint`, or the run's own serve app for the block."""
     if cfg.evaluation.endpoint:
-        yield cfg.evaluation.endpoint, list_models(cfg.evaluation.endpoint, api_key(cfg))
+        url, key = cfg.evaluation.endpoint, api_key(cfg)
+        yield url, lambda: list_models(url, key)
         return
     from ga_ray.serve.launch import start_local
 
     with start_local(run_dir, cfg, port=0) as handle:  # a free port: never clash with another server
-        yield handle.url, list(handle.model_ids)
+        yield handle.url, handle.refresh_model_ids
 
 
 def api_key(cfg: RunConfig) -> str:
@@ -124,91 +126,169 @@ def _item(p: PromptRow) -> str:
 # ------------------------------------------------------------------------------------------------ stage
 
 
+@dataclass
+class _Inputs:
+    """What every pass of the evaluation shares: prompt sets, their token ids, documents, durable stores."""
+
+    ev: Any
+    tok: Any
+    sets: dict[str, list[PromptRow]]
+    prompt_ids: dict[str, list[int]]
+    by_item: dict[str, PromptRow]
+    docs: list[Any]
+    gen_store: io.PartStore
+    score_store: io.PartStore
+    kl_sets: dict[str, list[str]] = field(default_factory=dict)
+    score_items: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+def _pass(inp: _Inputs, settings: ClientSettings, asked: Mapping[str, list[str]], reference: str,
+          timings: dict[str, float]) -> int:
+    """Generate what is not done yet, then score it; returns how many generations were already done."""
+    ev, sets = inp.ev, inp.sets
+    from ga_ray.engine.protocol import chat_prompt_ids
+
+    order = [reference] + sorted(m for m in asked if m != reference)  # the reference first: the KL needs its answers
+    jobs = [CompletionJob(key=(m, _item(p)), model=m, prompt=inp.prompt_ids[_item(p)], max_tokens=ev.max_tokens)
+            for m in order for b in asked[m] for p in sets[b]]
+    log.info("evaluate: %d generations over %d model ids", len(jobs), len(asked))
+    t0 = time.perf_counter()
+    n_resumed = run_pending(jobs, inp.gen_store, settings, lambda r: generation_row(r, inp.by_item[r.key[1]]))
+    timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t0
+    # scoring: held-out documents (perplexity), and the reference's answers to the neutral prompts (KL)
+    ref_answers = {g["item"]: g for g in inp.gen_store.rows() if g["variant"] == reference and not g.get("error")}
+    inp.kl_sets.clear()
+    for b, rows in sets.items():
+        for p in rows:
+            g = ref_answers.get(_item(p))
+            if p.kind == "neutral" and g is not None:
+                item = f"kl:{_item(p)}"
+                inp.score_items[item] = (inp.prompt_ids[_item(p)],
+                                         response_ids(inp.tok, g["response"] or "", g["finish_reason"] == "stop"))
+                inp.kl_sets.setdefault(b, []).append(item)
+    for d in inp.docs:
+        inp.score_items[f"ppl:{d.doc_id}"] = (chat_prompt_ids(inp.tok, [{"role": "user", "content": d.prompt}]),
+                                              response_ids(inp.tok, d.response, True))
+    ppl_items = [i for i in inp.score_items if i.startswith("ppl:")]
+    sjobs = []
+    for m in order:
+        for item in [i for b in asked[m] for i in inp.kl_sets.get(b, [])] + ppl_items:
+            pids, rids = inp.score_items[item]
+            sjobs.append(score_job(m, item, pids, rids, ev.kl_top_k if item.startswith("kl:") else 0))
+    t0 = time.perf_counter()
+    run_pending(sjobs, inp.score_store, settings, lambda r: score_row(r, len(inp.score_items[r.key[1]][0])))
+    timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t0
+    return n_resumed
+
+
+def _compute(inp: _Inputs, meta: Mapping[str, dict], reference: str, asked: Mapping[str, list[str]], registry: Mapping[str, Any],
+             ms: metrics.Settings, coherence: Mapping[int, float]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    from ga_ray.demo.formats import FORMAT_CHECKS
+
+    wanted = {(m, _item(p)) for m in asked for b in asked[m] for p in inp.sets[b]}
+    gens = [g for g in inp.gen_store.rows() if (g["variant"], g["item"]) in wanted]
+    scores = inp.score_store.rows()
+    kl = mean_kls(scores, reference, inp.kl_sets)
+    ppl = perplexities(scores)
+    rows, flagged = metrics.cell_metrics(gens, meta, reference, registry, FORMAT_CHECKS, kl, ppl, ms)
+    table = metrics.table2(rows, flagged, meta, reference, coherence, ms)
+    return rows, flagged, table, scores
+
+
+def _add_controls(run_dir: Path, cfg: RunConfig, table: Sequence[Mapping[str, Any]], meta: Mapping[str, dict]) -> tuple[list[str], list[str]]:
+    """Random and supervised controls at each atom's recommended alpha (both signs) where the steer stage did not
+    write one; returns (names added, reasons for controls that could not be written)."""
+    from ga_ray.steer.stage import add_variant
+
+    have = {(m.get("kind"), tuple(m.get("atoms") or ()), m.get("behaviour"), m.get("sign"), float(m.get("alpha") or 0.0))
+            for m in meta.values()}
+    added, skipped = [], []
+    for r in table:
+        if r["kind"] != "atom" or len(r["atoms"]) != 1:
+            continue
+        atom, beh = int(r["atoms"][0]), r["behaviour"]
+        for sign in ("toward", "away"):
+            alpha = r.get(f"recommended_alpha_{sign}")
+            if alpha is None or not math.isfinite(alpha):
+                continue
+            for kind in ("random", "supervised"):
+                if (kind, (atom,), beh, sign, float(alpha)) in have:
+                    continue
+                try:
+                    row = add_variant(run_dir, cfg, kind, sign, float(alpha), atom=atom, behaviour=beh,
+                                      mode=r.get("mode"), units=r.get("units"))
+                    added.append(row["name"])
+                except Exception as exc:  # noqa: BLE001 - a control that cannot be written is reported, not fatal
+                    skipped.append(f"{kind} {sign} a{alpha:g} for atom {atom}: {type(exc).__name__}: {exc}")
+    return added, skipped
+
+
+def _wait_served(list_ids: Callable[[], list[str]], names: Sequence[str], timeout_s: float = 120.0) -> list[str]:
+    """Model ids once every name is served (the serve app lists new variant folders on its own)."""
+    deadline = time.monotonic() + timeout_s
+    ids = list_ids()
+    while not set(names) <= set(ids) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        ids = list_ids()
+    return ids
+
+
 def run_evaluate(ctx) -> dict[str, Any]:
     cfg: RunConfig = ctx.cfg
     ev = cfg.evaluation
     t_start = time.perf_counter()
     registry = detector_registry(cfg.detectors)
     sets = load_prompt_sets(ev.prompts, cfg.finetune.format_eval_set, set(registry), ev.behaviours or None)
+    from ga_ray.engine.protocol import chat_prompt_ids
+    from ga_ray.kernel.loading import load_tokenizer
     from ga_ray.steer.io import list_variants
 
-    variants = list_variants(ctx.run_dir.root)
-    meta, reference, asked = plan(variants, sets)
-    from ga_ray.kernel.loading import load_tokenizer
-    from ga_ray.engine.protocol import chat_prompt_ids
-
+    run_root = ctx.run_dir.root
+    meta, reference, asked = plan(list_variants(run_root), sets)
     tok = load_tokenizer(cfg.model)
-    prompt_ids = {(_item(p)): chat_prompt_ids(tok, [{"role": "user", "content": p.prompt}]) for rows in sets.values() for p in rows}
-    by_item = {_item(p): p for rows in sets.values() for p in rows}
-    docs = []
+    docs: list[Any] = []
     if ev.perplexity_docs:
         docs = load_documents(ev.perplexity_docs)
     elif cfg.finetune.format_eval_set and ev.perplexity_docs_per_family > 0:
         docs = demo_heldout_documents(cfg.demo.seed, ev.perplexity_docs_per_family)
-
-    parts = ctx.out / "parts"
-    gen_store = io.PartStore(parts / "generations", chunk_rows=ev.chunk_rows)
-    score_store = io.PartStore(parts / "scores", chunk_rows=ev.chunk_rows)
+    inp = _Inputs(ev=ev, tok=tok, sets=sets, docs=docs,
+                  prompt_ids={_item(p): chat_prompt_ids(tok, [{"role": "user", "content": p.prompt}]) for rows in sets.values() for p in rows},
+                  by_item={_item(p): p for rows in sets.values() for p in rows},
+                  gen_store=io.PartStore(ctx.out / "parts" / "generations", chunk_rows=ev.chunk_rows),
+                  score_store=io.PartStore(ctx.out / "parts" / "scores", chunk_rows=ev.chunk_rows))
+    ms = metrics.Settings(kl_budget=ev.kl_budget, collapse_degenerate_rise=ev.collapse_degenerate_rise,
+                          collapse_format_drop=ev.collapse_format_drop, goal_delta_pp=ev.goal_delta_pp, goal_p=ev.goal_p,
+                          split_seed=ev.split_seed)
+    coherence = _coherence(run_root)
     timings: dict[str, float] = {}
-    with endpoint(cfg, ctx.run_dir.root) as (url, model_ids):
+    added: list[str] = []
+    skipped: list[str] = []
+    with endpoint(cfg, run_root) as (url, list_ids):
+        model_ids = list_ids()
         missing = sorted(set(asked) - set(model_ids))
         if missing:
             raise StageError(f"the endpoint {url} does not serve {len(missing)} model id(s) the evaluation needs: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (it serves {len(model_ids)})")
         settings = ClientSettings(base_url=url, api_key=api_key(cfg), concurrency=ev.concurrency, retries=ev.retries,
                                   backoff_s=ev.backoff_s, timeout_s=ev.timeout_s)
-        # 1. generations (the reference first: the KL needs its answers)
-        order = [reference] + sorted(m for m in asked if m != reference)
-        jobs = [CompletionJob(key=(m, _item(p)), model=m, prompt=prompt_ids[_item(p)], max_tokens=ev.max_tokens)
-                for m in order for b in asked[m] for p in sets[b]]
-        log.info("evaluate: %d generations over %d model ids, endpoint %s", len(jobs), len(asked), url)
-        t0 = time.perf_counter()
-        n_resumed = run_pending(jobs, gen_store, settings, lambda r: generation_row(r, by_item[r.key[1]]))
-        timings["generate_s"] = time.perf_counter() - t0
-        gens = gen_store.rows()
-        # 2. scoring: perplexity documents, and the reference's answers to neutral prompts (KL)
-        ref_answers = {g["item"]: g for g in gens if g["variant"] == reference and not g.get("error")}
-        score_items: dict[str, tuple[list[int], list[int]]] = {}
-        kl_sets: dict[str, list[str]] = {}
-        for b, rows in sets.items():
-            for p in rows:
-                g = ref_answers.get(_item(p))
-                if p.kind == "neutral" and g is not None:
-                    item = f"kl:{_item(p)}"
-                    score_items[item] = (prompt_ids[_item(p)], response_ids(tok, g["response"] or "", g["finish_reason"] == "stop"))
-                    kl_sets.setdefault(b, []).append(item)
-        for d in docs:
-            score_items[f"ppl:{d.doc_id}"] = (chat_prompt_ids(tok, [{"role": "user", "content": d.prompt}]),
-                                              response_ids(tok, d.response, True))
-        sjobs = []
-        for m in order:
-            items = [i for b in asked[m] for i in kl_sets.get(b, [])] + [i for i in score_items if i.startswith("ppl:")]
-            for item in items:
-                pids, rids = score_items[item]
-                sjobs.append(score_job(m, item, pids, rids, ev.kl_top_k if item.startswith("kl:") else 0))
-        t0 = time.perf_counter()
-        run_pending(sjobs, score_store, settings, lambda r: score_row(r, len(score_items[r.key[1]][0])))
-        timings["score_s"] = time.perf_counter() - t0
-    scores = score_store.rows()
-    # 3. metrics
-    from ga_ray.demo.formats import FORMAT_CHECKS
-
-    t0 = time.perf_counter()
-    ms = metrics.Settings(kl_budget=ev.kl_budget, collapse_degenerate_rise=ev.collapse_degenerate_rise,
-                          collapse_format_drop=ev.collapse_format_drop, goal_delta_pp=ev.goal_delta_pp, goal_p=ev.goal_p,
-                          split_seed=ev.split_seed)
-    wanted = {(m, _item(p)) for m in asked for b in asked[m] for p in sets[b]}
-    gens = [g for g in gens if (g["variant"], g["item"]) in wanted]
-    kl = mean_kls(scores, reference, kl_sets)
-    ppl = perplexities(scores)
-    rows, flagged = metrics.cell_metrics(gens, meta, reference, registry, FORMAT_CHECKS, kl, ppl, ms)
-    table = metrics.table2(rows, flagged, meta, reference, _coherence(ctx.run_dir.root), ms)
-    timings["metrics_s"] = time.perf_counter() - t0
+        n_resumed = _pass(inp, settings, asked, reference, timings)
+        rows, flagged, table, scores = _compute(inp, meta, reference, asked, registry, ms, coherence)
+        if ev.controls_at_recommended and cfg.steer.controls:
+            t0 = time.perf_counter()
+            added, skipped = _add_controls(run_root, cfg, table, meta)
+            for why in skipped:
+                log.warning("evaluate: control not written: %s", why)
+            if added:
+                served = _wait_served(list_ids, added)
+                meta, reference, asked = plan(list_variants(run_root), sets)
+                asked = {m: b for m, b in asked.items() if m in served}
+                n_resumed += _pass(inp, settings, asked, reference, timings)
+                rows, flagged, table, scores = _compute(inp, meta, reference, asked, registry, ms, coherence)
+            timings["controls_s"] = time.perf_counter() - t0
     gen_out = [{k: g[k] for k in ("variant", "prompt_id", "behaviour", "kind", "source", "prompt", "response", "finish_reason",
                                   "completion_tokens", "latency_s", "attempts", "error", "failed", "fired", "format_ok",
                                   "empty", "looping", "no_stop", "degenerate")} for g in flagged]
-    # each detector's flag on every answer (a prompt set's own detector is `fired`)
-    for g, f in zip(gen_out, flagged):
+    for g, f in zip(gen_out, flagged):  # every detector's flag on every answer (the prompt set's own is `fired`)
         text = None if f["failed"] else f.get("response")
         for name, det in registry.items():
             g[f"flag_{name}"] = bool(det(text))
@@ -217,8 +297,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
     io.write_table(ctx.out / io.TABLE2, table, csv=True)
     n_failed = sum(g["failed"] for g in gen_out)
     atom_rows = [r for r in table if r["kind"] not in metrics.CONTROL_KINDS]
-    met = [r for r in atom_rows if r.get("goal_met")]
-    behaviours_met = sorted({r["behaviour"] for r in met})
+    behaviours_met = sorted({r["behaviour"] for r in atom_rows if r.get("goal_met")})
     summary = {
         "endpoint": cfg.evaluation.endpoint or "own serve app",
         "reference": reference,
@@ -226,8 +305,9 @@ def run_evaluate(ctx) -> dict[str, Any]:
         "generations": len(gen_out), "failed": n_failed, "resumed": n_resumed,
         "scores": len(scores), "kl_top_k": ev.kl_top_k, "kl_direction": "KL(P_alpha=0 || P_variant), nats per token",
         "max_tokens": ev.max_tokens, "kl_budget": ev.kl_budget, "perplexity_docs": len(docs),
+        "controls_added": added, "controls_skipped": skipped,
         "behaviours": list(sets), "goal": {"behaviours_met": behaviours_met, "n_met": len(behaviours_met),
-                                           "n_behaviours": len({r['behaviour'] for r in atom_rows}),
+                                           "n_behaviours": len({r["behaviour"] for r in atom_rows}),
                                            "delta_pp": ev.goal_delta_pp, "p": ev.goal_p},
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total_s": round(time.perf_counter() - t_start, 2)},
     }
