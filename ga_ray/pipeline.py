@@ -252,8 +252,8 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "ga_ray.evaluate.stage:run_evaluate",
         "eval",
-        # the serve app it starts finds the adapter from finetune.enabled / model.adapter
-        ("model", "serve", "evaluation", "detectors", "finetune.enabled", "finetune.format_eval_set", "demo.seed"),
+        # the serve app it starts finds the adapter from finetune.enabled / model.adapter; steer: the controls it adds
+        ("model", "serve", "evaluation", "detectors", "steer", "finetune.enabled", "finetune.format_eval_set", "demo.seed"),
         upstream=("prepare", "finetune", "steer"),
         external=lambda c: [c.model.path, c.evaluation.prompts, c.finetune.format_eval_set],
         adapter=True,
