@@ -1,4 +1,10 @@
-"""I/O of the atoms stage: gradients/ pieces, checkpoints, dictionary and codes files.
+"""I/O of the atoms stage: gradients/ pieces, checkpoints, and the one owner of the atoms/ files.
+
+Files of an atoms folder (`RUN_DIR/atoms/`, or a sweep's `report/sweep/alpha_<α>/`):
+`dictionary.safetensors` (key "dictionary", K × D float32), `codes.parquet` (`CODES_SCHEMA`: sparse
+`doc_id`, `atom`, `coef`), `metrics.json`, and `kmeans.parquet` (`KMEANS_SCHEMA`, optional). Readers of
+another stage (coherence, groups, report) use `load_dictionary_array`, `load_codes`, `load_kmeans`,
+`load_metrics` and never open these files themselves.
 
 Pieces: every row group of every `gradients/*.parquet` file (split into sub-pieces of at most
 `max_piece_rows` rows), in file-name order. Readers decode one piece at a time, so memory is bounded
@@ -22,12 +28,18 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from ga_ray.gradients.io import column_to_numpy
+from ga_ray.errors import StageError
+from ga_ray.gradients.io import column_to_numpy, gradient_files  # noqa: F401  (gradient_files: the stage and encode use it)
 from ga_ray.rundir import atomic_dir, atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoint"
 CODES_SCHEMA = pa.schema([("doc_id", pa.int64()), ("atom", pa.int32()), ("coef", pa.float32())])
 KMEANS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("cluster", pa.int32())])
+DICTIONARY_FILE = "dictionary.safetensors"
+CODES_FILE = "codes.parquet"
+METRICS_FILE = "metrics.json"
+KMEANS_FILE = "kmeans.parquet"
+_RUN_HINT = "run the atoms stage first (`ga-ray atoms`)"
 
 
 @dataclass(frozen=True)
@@ -37,10 +49,6 @@ class Piece:
     start: int
     """First row inside the row group."""
     n_rows: int
-
-
-def gradient_files(gradients_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(gradients_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
 def list_pieces(gradients_dir: Path, max_piece_rows: int = 8192) -> list[Piece]:
@@ -152,6 +160,51 @@ def write_dictionary(path: Path, D: torch.Tensor | np.ndarray, metadata: dict[st
 
 def read_dictionary(path: Path) -> torch.Tensor:
     return load_file(str(path))["dictionary"]
+
+
+def load_dictionary_array(atoms_dir: Path) -> np.ndarray:
+    """The dictionary (K × D float32) of an atoms folder, as numpy."""
+    from safetensors.numpy import load_file
+
+    path = Path(atoms_dir) / DICTIONARY_FILE
+    if not path.is_file():
+        raise StageError(f"{path} is missing: {_RUN_HINT}")
+    tensors = load_file(str(path))
+    if "dictionary" not in tensors:
+        raise StageError(f"{path} has no 'dictionary' tensor (keys: {', '.join(tensors)}): re-run the atoms stage")
+    return tensors["dictionary"]
+
+
+def load_codes(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc_id int64, atom int64, coef float32) of `codes.parquet`, in file order (one row per non-zero code)."""
+    path = Path(atoms_dir) / CODES_FILE
+    if not path.is_file():
+        raise StageError(f"{path} is missing: {_RUN_HINT}")
+    t = pq.read_table(str(path), columns=["doc_id", "atom", "coef"])
+    return (
+        t.column("doc_id").to_numpy().astype(np.int64),
+        t.column("atom").to_numpy().astype(np.int64),
+        t.column("coef").to_numpy().astype(np.float32),
+    )
+
+
+def load_kmeans(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(doc_id int64, cluster int64, distance or None) of the k-means baseline, or None when it was not run."""
+    path = Path(atoms_dir) / KMEANS_FILE
+    if not path.is_file():
+        return None
+    t = pq.read_table(str(path))
+    dist = t.column("distance").to_numpy() if "distance" in t.column_names else None
+    return t.column("doc_id").to_numpy().astype(np.int64), t.column("cluster").to_numpy().astype(np.int64), dist
+
+
+def load_metrics(atoms_dir: Path) -> dict[str, Any] | None:
+    """`metrics.json` (objective, FVU, L0, ...), or None when absent or not valid JSON."""
+    path = Path(atoms_dir) / METRICS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def pieces_json(pieces: list[Piece]) -> list[dict[str, Any]]:

@@ -33,15 +33,11 @@ import numpy as np
 
 def read_labels(data_dir: Path, column: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(doc_id, label as str or None) from data/, or None when the column is absent."""
-    import pyarrow.dataset as pads
+    from ga_ray.data import io as data_io
 
-    files = sorted(str(p) for p in Path(data_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
+    if not data_io.exists(data_dir) or column not in data_io.column_names(data_dir):
         return None
-    ds = pads.dataset(files, format="parquet")
-    if column not in ds.schema.names:
-        return None
-    t = ds.to_table(columns=["doc_id", column])
+    t = data_io.read_documents(data_dir, columns=["doc_id", column])
     labels = np.asarray([None if v is None else str(v) for v in t.column(column).to_pylist()], dtype=object)
     return t.column("doc_id").to_numpy().astype(np.int64), labels
 

@@ -10,6 +10,9 @@ Files, each written atomically:
 - `characterisation.json`: per atom, excerpts of its top documents, characteristic words, optional labels;
 - `discovery.json`: the discovery score, only when `data/` has the label column (absent otherwise).
 
+The sparsity sweep (`ga-ray sweep`, `coherence/sweep.py`) writes `report/sweep.json` and `report/sweep.csv`
+(`save_sweep`, `load_sweep`); its refitted atoms folders lie under `report/sweep/alpha_<α>/`.
+
 Readers take the run directory (a `RunDir`, or its root path) and never list the folder themselves.
 """
 
@@ -31,6 +34,9 @@ ATOM_TABLE = "atoms.parquet"
 ORIENTED_DICTIONARY = "dictionary_oriented.safetensors"
 CHARACTERISATION = "characterisation.json"
 DISCOVERY = "discovery.json"
+SWEEP_DIR = "report"
+SWEEP_JSON = "sweep.json"
+SWEEP_CSV = "sweep.csv"
 
 ATOM_TABLE_SCHEMA = pa.schema(
     [
@@ -49,10 +55,13 @@ ATOM_TABLE_SCHEMA = pa.schema(
 _RUN_HINT = "run the coherence stage first (`ga-ray coherence RUN_DIR`)"
 
 
+def _root(run_dir: RunDir | str | Path) -> Path:
+    return run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+
+
 def stage_dir(run_dir: RunDir | str | Path) -> Path:
     """`RUN_DIR/coherence/`."""
-    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
-    return root / STAGE_DIR
+    return _root(run_dir) / STAGE_DIR
 
 
 def exists(run_dir: RunDir | str | Path) -> bool:
@@ -93,6 +102,16 @@ def save_discovery(out: Path, discovery: dict[str, Any] | None) -> None:
         atomic_write_json(path, discovery)
     elif path.exists():
         path.unlink()
+
+
+def save_sweep(run_dir: RunDir | str | Path, payload: dict[str, Any], csv_text: str) -> Path:
+    """`report/sweep.json` (the rows and the settings) and `report/sweep.csv`; returns the folder."""
+    from ga_ray.rundir import atomic_write_text
+
+    out = _root(run_dir) / SWEEP_DIR
+    atomic_write_json(out / SWEEP_JSON, payload)
+    atomic_write_text(out / SWEEP_CSV, csv_text)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- read
@@ -146,3 +165,11 @@ def load_characterisation(run_dir: RunDir | str | Path, missing_ok: bool = False
 def load_discovery(run_dir: RunDir | str | Path) -> dict[str, Any] | None:
     """discovery.json, or None: the score exists only when data/ has the label column."""
     return _load_json(stage_dir(run_dir) / DISCOVERY, missing_ok=True)
+
+
+def load_sweep(run_dir: RunDir | str | Path) -> dict[str, Any] | None:
+    """`report/sweep.json`, or None when no sweep ran (or the file is not valid JSON: the report then shows none)."""
+    try:
+        return _load_json(_root(run_dir) / SWEEP_DIR / SWEEP_JSON, missing_ok=True)
+    except StageError:
+        return None

@@ -25,76 +25,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ga_ray.coherence.coherence import Group, GroupAccumulator, flatten_unit, plan_groups
 from ga_ray.coherence.orient import active_counts, orient, oriented_coefs, positive_counts, top_documents
+from ga_ray.atoms import io as atoms_io
 from ga_ray.coherence import io as coherence_io
+from ga_ray.data import io as data_io
+from ga_ray.finetune.io import adapter_num_params
 from ga_ray.errors import StageError
 from ga_ray.context import StageContext
 
 log = logging.getLogger("ga_ray")
 
-DOC_COLUMNS = ["doc_id", "input_ids", "loss_mask"]  # the only data/ columns read before the discovery score
-
-
-# ------------------------------------------------------------------------------------------- I/O
-
-
-def data_files(data_dir: Path) -> list[Path]:
-    files = sorted(p for p in Path(data_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise StageError(f"no Parquet documents in {data_dir}: run the prepare stage first (`ga-ray prepare`)")
-    return files
-
-
-def read_documents(data_dir: Path, doc_ids: Sequence[int] | None = None, columns: Sequence[str] = DOC_COLUMNS) -> pa.Table:
-    """`doc_id`, `input_ids`, `loss_mask` of data/ (only `doc_ids` when given), never other columns."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    ds = pads.dataset([str(f) for f in data_files(data_dir)], format="parquet")
-    flt = None if doc_ids is None else pc.field("doc_id").isin(pa.array(np.asarray(list(doc_ids), dtype=np.int64)))
-    return ds.to_table(columns=list(columns), filter=flt)
-
-
-def read_dictionary(atoms_dir: Path) -> np.ndarray:
-    from safetensors.numpy import load_file
-
-    path = Path(atoms_dir) / "dictionary.safetensors"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    tensors = load_file(str(path))
-    if "dictionary" not in tensors:
-        raise StageError(f"{path} has no 'dictionary' tensor (keys: {', '.join(tensors)}): re-run the atoms stage")
-    return tensors["dictionary"]
-
-
-def read_codes(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    path = Path(atoms_dir) / "codes.parquet"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    t = pq.read_table(str(path), columns=["doc_id", "atom", "coef"])
-    return (
-        t.column("doc_id").to_numpy().astype(np.int64),
-        t.column("atom").to_numpy().astype(np.int64),
-        t.column("coef").to_numpy().astype(np.float32),
-    )
-
-
-def adapter_num_params(adapter_path: Path) -> int | None:
-    """P = number of LoRA weights of the adapter, from its safetensors header (no model load)."""
-    f = Path(adapter_path) / "adapter_model.safetensors"
-    if not f.exists():
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(f), framework="numpy") as fh:
-        for key in fh.keys():
-            if "lora_A" in key or "lora_B" in key:
-                total += int(np.prod(fh.get_slice(key).get_shape()))
-    return total or None
+DOC_COLUMNS = list(data_io.TOKEN_COLUMNS)  # the only data/ columns read before the discovery score
 
 
 # -------------------------------------------------------------------- compute (no Ray, no files)
@@ -224,7 +167,7 @@ def compute_coherence(cfg: Any, data_dir: Path, adapter_path: Path, top_doc_ids:
         return CoherenceResult(coh, ks, n_invalid, stats)
 
     union = sorted({d for g in groups for d in g.doc_ids})
-    table = read_documents(data_dir, union)
+    table = data_io.read_documents(data_dir, union, columns=DOC_COLUMNS)
     docs = {int(d): (ids, m) for d, ids, m in zip(table.column("doc_id").to_pylist(), table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())}
     missing = [d for d in union if d not in docs]
     if missing:
@@ -310,10 +253,10 @@ def characterise(cfg: Any, data_dir: Path, top_doc_ids: Sequence[Sequence[int]],
     cc = cfg.coherence
     t0 = time.perf_counter()
     decoder, tok_desc = _decoder(cfg)
-    all_ids = read_documents(data_dir, columns=["doc_id"]).column("doc_id").to_numpy()
+    all_ids = data_io.read_documents(data_dir, columns=["doc_id"]).column("doc_id").to_numpy()
     bg_ids = sample_ids(all_ids, cc.background_docs, seed=cfg.seed)
     need = sorted({int(d) for t in top_doc_ids for d in t} | {int(d) for d in bg_ids})
-    table = read_documents(data_dir, need)
+    table = data_io.read_documents(data_dir, need, columns=DOC_COLUMNS)
     docs = {int(d): (ids, m) for d, ids, m in zip(table.column("doc_id").to_pylist(), table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())}
     bg_resp = decoder.many([split_prompt_response(*docs[int(d)])[1] for d in bg_ids]) if len(bg_ids) else []
     per_atom = characterise_atoms(
@@ -340,15 +283,6 @@ def characterise(cfg: Any, data_dir: Path, top_doc_ids: Sequence[Sequence[int]],
 # -------------------------------------------------------------------------------------- discovery
 
 
-def read_kmeans(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    path = Path(atoms_dir) / "kmeans.parquet"
-    if not path.exists():
-        return None
-    t = pq.read_table(str(path))
-    dist = t.column("distance").to_numpy() if "distance" in t.column_names else None
-    return t.column("doc_id").to_numpy().astype(np.int64), t.column("cluster").to_numpy().astype(np.int64), dist
-
-
 def score_discovery(cfg: Any, data_dir: Path, atoms_dir: Path, code_doc, code_atom, oriented, n_atoms, top_doc_ids, coherence) -> dict[str, Any] | None:
     """The discovery score, or None when there is no label column. The ONLY reader of the label."""
     from ga_ray.coherence.discovery import Families, discovery_scores, read_labels
@@ -361,7 +295,7 @@ def score_discovery(cfg: Any, data_dir: Path, atoms_dir: Path, code_doc, code_at
         return None
     fam = Families(*labels)
     out = discovery_scores(
-        fam, code_doc, code_atom, oriented, n_atoms, top_doc_ids, coherence, kmeans=read_kmeans(atoms_dir), top_n=cfg.coherence.top_docs
+        fam, code_doc, code_atom, oriented, n_atoms, top_doc_ids, coherence, kmeans=atoms_io.load_kmeans(atoms_dir), top_n=cfg.coherence.top_docs
     )
     out["label_column"] = column
     return out
@@ -372,8 +306,8 @@ def score_discovery(cfg: Any, data_dir: Path, atoms_dir: Path, code_doc, code_at
 
 def orient_and_rank(atoms_dir: Path, top_n: int) -> dict[str, Any]:
     """Orientation, counts and top documents from atoms/ (pure bookkeeping, shared with the sweep)."""
-    D = read_dictionary(atoms_dir)
-    doc, atom, coef = read_codes(atoms_dir)
+    D = atoms_io.load_dictionary_array(atoms_dir)
+    doc, atom, coef = atoms_io.load_codes(atoms_dir)
     K = int(D.shape[0])
     o = orient(atom, coef, K)
     oc = oriented_coefs(atom, coef, o)

@@ -24,7 +24,8 @@ import numpy as np
 from ga_ray.coherence.stage import coherence_counts, compute_coherence, orient_and_rank
 from ga_ray.context import LocalStageContext
 from ga_ray.errors import StageError
-from ga_ray.rundir import RunDir, atomic_write_json, atomic_write_text
+from ga_ray.coherence.io import save_sweep
+from ga_ray.rundir import RunDir
 
 FitFn = Callable[[Any, RunDir, Path], dict[str, Any]]
 
@@ -84,8 +85,8 @@ def sweep_csv(rows: Sequence[dict[str, Any]]) -> str:
 def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], fit: FitFn | None = None) -> list[dict[str, Any]]:
     """One row per α: atoms, dead atoms, median/mean active documents per atom, atoms with coherence
     > 0.5 and > 0.1, mean L0, objective, times. Writes report/sweep.csv and report/sweep.json."""
-    import json
-
+    from ga_ray.atoms.io import load_metrics
+    from ga_ray.gradients import io as gradients_io
     from ga_ray.gradients.io import read_gradients
     from ga_ray.raycluster import init_ray
 
@@ -96,7 +97,7 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
     if any(a < 0 for a in alphas):
         raise StageError(f"sweep: alphas must be >= 0, got {alphas}")
     grads = run_dir.stage_dir("gradients")
-    if not grads.exists() or not any(grads.glob("*.parquet")):
+    if not gradients_io.exists(grads):
         raise StageError(f"no stored gradients in {grads}: run the pipeline up to the gradients stage first (`ga-ray gradients`)")
     fit = fit or fit_with_atoms_stage
     init_ray(cfg.ray)
@@ -118,8 +119,7 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
         summary = fit(c, run_dir, out)
         fit_s = time.perf_counter() - t0
         r = orient_and_rank(out, top_n)
-        metrics_path = out / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else summary
+        metrics = load_metrics(out) or summary
         fitted.append((a, r, fit_s, metrics))
 
     # one coherence pass for every α: items are (α, atom) pairs
@@ -158,8 +158,7 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
             }
         )
     payload = {"alphas": alphas, "n_docs": n_docs, "top_docs": top_n, "coherence_stats": res.stats, "rows": rows}
-    atomic_write_json(report_dir / "sweep.json", payload)
-    atomic_write_text(report_dir / "sweep.csv", sweep_csv(rows))
+    save_sweep(run_dir, payload, sweep_csv(rows))
     return rows
 
 

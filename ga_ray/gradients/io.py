@@ -47,12 +47,21 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
 
 
+def gradient_files(gradients_dir: str | Path) -> list[Path]:
+    """The Parquet parts of a `gradients/` folder in name order (never `_gradients.json` or a dot-prefixed temp file)."""
+    return sorted(p for p in Path(gradients_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def exists(gradients_dir: str | Path) -> bool:
+    return Path(gradients_dir).is_dir() and bool(gradient_files(gradients_dir))
+
+
 def parquet_files(path: str | Path) -> list[str]:
-    """The Parquet files of a stage folder (it also holds JSON metadata that pyarrow must not parse)."""
+    """The Parquet files of a gradients folder (it also holds JSON metadata that pyarrow must not parse), or one file."""
     p = Path(path)
     if p.is_file():
         return [str(p)]
-    files = sorted(str(f) for f in p.glob("*.parquet"))
+    files = [str(f) for f in gradient_files(p)]
     if not files:
         raise FileNotFoundError(f"no Parquet files in {p}")
     return files
