@@ -131,9 +131,33 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
     root.setLevel(logging.INFO)
     logging.getLogger("ga_ray").setLevel(logging.INFO)
     logging.captureWarnings(True)  # deprecation and future warnings: into the log file (the console filter drops them)
+    if not verbose:
+        # transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards"); read at their import,
+        # and inherited by the local Ray's workers
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported (e.g. by the demo world): switch its bars off directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     quiet_library_loggers(verbose, file_handler)
     configure_output(verbose, log_dir)
     return log_file
+
+
+class _OnlyToLogFile(logging.Filter):
+    """A logger filter: the record goes to the log file, and to the logger's own (terminal) handlers only if it is an error.
+
+    On the logger itself, so it holds also for handlers a library adds later (Ray Serve adds its terminal handler
+    when `ray.serve` is first imported, inside a stage)."""
+
+    def __init__(self, file_handler: logging.Handler | None):
+        super().__init__()
+        self.file_handler = file_handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True  # errors: the logger's handlers (or the root's, with the log file) as usual
+        if self.file_handler is not None and record.levelno >= self.file_handler.level:
+            self.file_handler.handle(record)
+        return False
 
 
 def quiet_library_loggers(verbose: bool, file_handler: logging.Handler | None = None) -> None:
@@ -143,6 +167,10 @@ def quiet_library_loggers(verbose: bool, file_handler: logging.Handler | None = 
 
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
+        for f in [f for f in lg.filters if isinstance(f, _OnlyToLogFile)]:
+            lg.removeFilter(f)
+        if not verbose and name != "ray":  # (the `ray` logger's own records: through its handlers below)
+            lg.addFilter(_OnlyToLogFile(file_handler))
         for h in lg.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and not getattr(h, _HANDLER_TAG, False):
                 h.setLevel(logging.INFO if verbose else logging.ERROR)
@@ -380,7 +408,47 @@ def sweep_cmd(
         _fail(str(exc))
 
 
-BENCHES = ("factors", "gradients", "dictionary")
+@app.command("serve")
+def serve_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory whose variants/ to serve (plus `finetuned` and `base`).")],
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config (default: RUN_DIR/config.yaml).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Bind address (default serve.host = 127.0.0.1; 0.0.0.0 warns).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="HTTP port (default serve.port; 0 picks a free one).")] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (default: the serve.api_key_env variable).")
+    ] = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """OpenAI-compatible endpoints for every variant on Ray Serve, until Ctrl-C (new variant folders appear live)."""
+    import time as _time
+
+    from ga_ray.serve.launch import public_bind_warning, start_local
+
+    try:
+        cfg = _load(config, run_dir, set_, address)
+    except ConfigError as exc:
+        _fail(str(exc))
+    warning = public_bind_warning(host or cfg.serve.host)
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    try:
+        handle = start_local(run_dir, cfg, port=port, host=host, api_key=api_key)
+    except GaRayError as exc:
+        _fail(str(exc))
+    try:
+        typer.secho(f"[serve] {handle.url}  ({len(handle.model_ids)} models; Ctrl-C stops)", fg=typer.colors.GREEN)
+        for mid in handle.model_ids:
+            typer.echo(f"  {mid}")
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("[serve] stopping")
+    finally:
+        handle.shutdown()
+
+
+BENCHES = ("factors", "gradients", "dictionary", "serve")
 
 
 @app.command("bench")

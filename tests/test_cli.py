@@ -119,3 +119,44 @@ def test_user_errors_are_found_inside_rays_wrappers(ray_session):
     except RuntimeError as exc:
         assert _user_error(exc) == "worker 0: no adapter", "found through __cause__"
     assert _user_error(ValueError("StageError: looks like one")) is None, "messages are never matched as text"
+
+
+def test_quiet_output_keeps_library_lines_in_the_log_file(tmp_path, capsys):
+    import logging
+    import sys
+    import warnings
+
+    from ga_ray.cli import _HANDLER_TAG, LIBRARY_LOGGERS, setup_logging
+
+    serve = logging.getLogger("ray.serve")
+    late = logging.StreamHandler(sys.stderr)  # what Ray Serve adds when it is first imported, inside a stage
+    try:
+        log_file = setup_logging(tmp_path, verbose=False)
+        serve.addHandler(late)
+        serve.setLevel(logging.INFO)
+        logging.getLogger("ga_ray").info("[prepare] done")
+        serve.info("Started Serve in namespace")
+        logging.getLogger("ray.data").info("Starting execution of Dataset")
+        logging.getLogger("distributed.worker").info("dask chatter")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("old API", DeprecationWarning)
+        serve.error("a real serve error")
+        err = capsys.readouterr().err
+        assert "[prepare] done" in err and "a real serve error" in err
+        for quiet in ("Started Serve", "Starting execution", "dask chatter", "old API"):
+            assert quiet not in err, quiet
+        text = log_file.read_text()
+        for line in ("[prepare] done", "Started Serve in namespace", "Starting execution of Dataset", "dask chatter", "old API"):
+            assert line in text, line
+        assert log_file == tmp_path / "logs" / "ga-ray.log"
+    finally:
+        serve.removeHandler(late)
+        root = logging.getLogger()
+        for lg in [root, *(logging.getLogger(n) for n in LIBRARY_LOGGERS)]:
+            for h in [h for h in lg.handlers if getattr(h, _HANDLER_TAG, False)]:
+                lg.removeHandler(h)
+                h.close()
+            for f in list(lg.filters):
+                lg.removeFilter(f)
+        logging.captureWarnings(False)
