@@ -37,7 +37,7 @@ ForceOpt = Annotated[
     Optional[str], typer.Option("--force", help=f"Redo this stage and every one after it ({', '.join(STAGE_NAMES)}).")
 ]
 AddressOpt = Annotated[
-    Optional[str], typer.Option("--address", help="Join this Ray cluster (e.g. 'auto'); default: a local Ray started in-process.")
+    Optional[str], typer.Option("--address", help="Join this Ray cluster (e.g. 'auto'); default: a local Ray started in-process, even when a `ray start` cluster runs here.")
 ]
 ConfigArg = Annotated[
     Optional[str],
