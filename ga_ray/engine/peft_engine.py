@@ -10,7 +10,8 @@ Decoding is our own loop, not `model.generate`, because every request carries it
 settings (greedy or sampled, temperature, top-p, seed, stop strings, max tokens, log-probs), which one
 `generate` call cannot mix. Prompts are left-padded (position ids count real tokens only, as
 transformers' own `generate` does), one prefill and then one token per step with the KV cache. A
-finished row keeps its place (fed a pad token, ignored) until the batch is done. Sampling draws each
+finished row leaves the batch and the KV cache (`Cache.batch_select_indices`), so later steps compute
+only the rows still generating. Sampling draws each
 row's token with that request's own CPU `torch.Generator`, seeded by its seed, so a sample depends on
 the request alone, not on its batch-mates or the device.
 
@@ -308,24 +309,32 @@ class PeftEngine:
             steps = max(p.max_new_tokens for p in params)
             ids, attn, pos = self._left_pad(seqs)
             past = None
+            active = list(range(n))  # the batch's rows, as indices of the requests; finished rows leave it
             for _ in range(steps):
-                if all(f is not None for f in finish):
+                keep = [j for j, b in enumerate(active) if finish[b] is None]
+                if not keep:
                     break
-                out = self._forward(ids, attn, pos, keys, past, last_only=True)
+                if len(keep) < len(active) and past is not None and hasattr(past, "batch_select_indices"):
+                    # drop finished rows from the batch and the KV cache: later steps compute only live rows
+                    sel = torch.tensor(keep, dtype=torch.long, device=ids.device)
+                    past.batch_select_indices(sel)
+                    ids, attn, pos = ids[sel], attn[sel], pos[sel]
+                    active = [active[j] for j in keep]
+                out = self._forward(ids, attn, pos, [keys[b] for b in active], past, last_only=True)
                 past = _cache_of(out)
                 logits = out.logits[:, -1, :].float()
                 argmax = logits.argmax(-1).tolist()  # every greedy row at once
-                logp = torch.log_softmax(logits, -1) if any(p.logprobs is not None for p in params) else None
-                nxt = [self.pad_id] * n
-                for b in range(n):
-                    if finish[b] is not None:
+                logp = torch.log_softmax(logits, -1) if any(params[b].logprobs is not None for b in active) else None
+                nxt = [self.pad_id] * len(active)
+                for j, b in enumerate(active):
+                    if finish[b] is not None:  # kept when the cache cannot drop rows: fed a pad, ignored
                         continue
                     p = params[b]
-                    tok = int(argmax[b]) if p.greedy else self._pick(logits[b], p, gens[b])
-                    nxt[b] = tok
+                    tok = int(argmax[j]) if p.greedy else self._pick(logits[j], p, gens[b])
+                    nxt[j] = tok
                     new[b].append(tok)
                     if logp is not None and p.logprobs is not None:
-                        lp = logp[b]
+                        lp = logp[j]
                         lps[b].append(float(lp[tok]))
                         if p.logprobs > 0:
                             v, i = lp.topk(min(p.logprobs, lp.numel()))
@@ -346,7 +355,7 @@ class PeftEngine:
                         texts[b] = self._decode(new[b])
                 dev = ids.device
                 ids = torch.tensor(nxt, dtype=torch.long, device=dev)[:, None]
-                attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
+                attn = torch.cat([attn, torch.ones((len(active), 1), dtype=attn.dtype, device=dev)], dim=1)
                 pos = pos[:, -1:] + 1
             results = []
             for b in range(n):
