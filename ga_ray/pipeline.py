@@ -330,6 +330,17 @@ def check_upstream_done(stage: Stage, cfg: RunConfig, run_dir: RunDir, registry:
         )
 
 
+def _check_cluster_storage(cfg: RunConfig, run_dir: RunDir) -> None:
+    """On a cluster, stop at once unless every node sees the run directory (stages read each other's files)."""
+    from ga_ray.raycluster import init_ray
+    from ga_ray.storage import check_shared_storage
+
+    init_ray(cfg.ray)
+    views = check_shared_storage(run_dir.root)
+    if views:
+        log.info("run directory %s is visible from all %d nodes", run_dir.root, len(views))
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: RunDir,
@@ -353,6 +364,8 @@ def run_pipeline(
         if missing:
             raise StageError(f"stage(s) {', '.join(missing)} not available; available: {', '.join(s.name for s in available)}")
     chosen = [s for s in available if s.enabled(cfg) and (stages is None or s.name in stages)]
+    if cfg.ray.address and chosen:
+        _check_cluster_storage(cfg, run_dir)
     forcing = False
     results: dict[str, Any] = {}
     for stage in chosen:
