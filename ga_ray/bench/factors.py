@@ -77,11 +77,11 @@ def _given_world(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _subset(world: dict[str, Any], root: Path, n_docs: int) -> tuple[Path, list[dict]]:
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    files = sorted(str(p) for p in Path(world["data"]).glob("*.parquet"))
-    table = pads.dataset(files, format="parquet").to_table(columns=["doc_id", "input_ids", "loss_mask", "n_tokens"]).sort_by("doc_id")
+    from ga_ray.data import io as data_io
+
+    table = data_io.read_documents(world["data"], columns=["doc_id", "input_ids", "loss_mask", "n_tokens"]).sort_by("doc_id")
     table = table.slice(0, min(n_docs, table.num_rows))
     out = root / "bench_data"
     out.mkdir()

@@ -117,11 +117,11 @@ def _demo_world(run_dir: Path) -> dict[str, Any]:
 
 def _subset_data(world: dict[str, Any], root: Path, n_docs: int | None) -> tuple[Path, list[dict]]:
     """The documents the bench uses (all, or the first n_docs), as a data/ folder and as rows."""
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    files = sorted(str(p) for p in Path(world["data"]).glob("*.parquet"))
-    table = pads.dataset(files, format="parquet").to_table(columns=["doc_id", "input_ids", "loss_mask", "n_tokens"])
+    from ga_ray.data import io as data_io
+
+    table = data_io.read_documents(world["data"], columns=["doc_id", "input_ids", "loss_mask", "n_tokens"])
     if n_docs is not None and n_docs < table.num_rows:
         table = table.slice(0, n_docs)
     out = root / "bench_data"

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ga_ray.context import StageContext
+from ga_ray.data import io as data_io
 from ga_ray.errors import StageError
 
 _COLUMNS = ["doc_id", "input_ids", "loss_mask"]
@@ -31,17 +32,11 @@ _COLUMNS = ["doc_id", "input_ids", "loss_mask"]
 
 # ------------------------------------------------------------------------------------ driver side
 def _parquet_files(data_dir: Path) -> list[str]:
-    files = sorted(str(p) for p in Path(data_dir).rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
-    if not files:
-        raise StageError(f"no prepared documents: {data_dir} has no Parquet files; run `ga-ray prepare` first")
-    return files
+    return data_io.parquet_paths(data_dir)  # the prepare stage's parts (data/ also holds JSON reports)
 
 
 def read_doc_ids(data_dir: Path) -> np.ndarray:
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(_parquet_files(data_dir), format="parquet").to_table(columns=["doc_id"])
-    return table.column("doc_id").to_numpy()
+    return data_io.read_doc_ids(data_dir)
 
 
 class _SubsampleFilter:

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ga_ray.gradients.actor import FAULT_ENV, GradientsActor
 from ga_ray.kernel.batching import naive_batches, padding_stats
 from ga_ray.context import StageContext
+from ga_ray.data import io as data_io
 from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
 from ga_ray.resources import WorkerPlan, plan_workers
@@ -50,15 +49,6 @@ SUMMARY_MAX_IDS = 20
 """Excluded doc ids quoted in the manifest summary (all of them are in _gradients.json)."""
 
 
-def _data_files(data_dir: Path) -> list[Path]:
-    files = sorted(p for p in data_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise StageError(f"no Parquet documents in {data_dir}: run the prepare stage first (`ga-ray prepare`)")
-    return files
-
-
-def _read_columns(files: list[Path], columns: list[str]) -> pa.Table:
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
 
 
 def _check_factors(factors_dir: Path, reduction: str) -> None:
@@ -206,7 +196,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     gc = cfg.gradients
     _check_config(gc)
-    files = _data_files(ctx.data_dir)
+    files = data_io.parquet_paths(ctx.data_dir)  # the prepare stage's parts (data/ also holds JSON reports)
     factors_dir = ctx.stage_dir("factors")
     _check_factors(factors_dir, gc.reduction)
     adapter = Path(ctx.adapter_path())
@@ -214,7 +204,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
         raise StageError(f"adapter folder {adapter} not found: run the finetune stage, or set model.adapter")
     init_ray(cfg.ray)
 
-    index = _read_columns(files, ["doc_id", "n_tokens"])
+    index = data_io.read_documents(ctx.data_dir, columns=["doc_id", "n_tokens"])
     doc_ids = index.column("doc_id").to_numpy().astype(np.int64)
     n_docs = len(doc_ids)
     if n_docs == 0:
@@ -234,7 +224,7 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
         # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
         # and one block feeds one actor task, so without it a pool of several actors sits idle.
         ds = (
-            ray.data.read_parquet([str(f) for f in files])
+            ray.data.read_parquet(files)
             .select_columns(["doc_id", "input_ids", "loss_mask"])
             .repartition(target_num_rows_per_block=gc.window_docs)
         )
