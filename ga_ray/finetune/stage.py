@@ -196,16 +196,15 @@ def _train_loop(conf: dict) -> None:
 
 
 def _check_inputs(ctx: StageContext) -> tuple[Path, int]:
-    import pyarrow.parquet as pq
+    from ga_ray.data import io as data_io
 
     cfg = ctx.cfg
     if not cfg.model.path:
         raise StageError("finetune needs a base model: set model.path to a local transformers model folder")
     data = ctx.data_dir
-    parts = sorted(data.glob("*.parquet")) if data.is_dir() else []
-    if not parts:
+    if not data_io.exists(data):
         raise StageError(f"finetune: no prepared data in {data}; run the prepare stage first (ga-ray prepare CONFIG --run-dir ...)")
-    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    n_rows = data_io.count_documents(data)
     if n_rows == 0:
         raise StageError(f"finetune: {data} holds no documents")
     ft = cfg.finetune
@@ -238,7 +237,9 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     workers = plan_workers("finetune", ft)
     use_gpu = workers.use_gpu
     # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
-    ds = ray.data.read_parquet(str(data_dir), file_extensions=["parquet"]).select_columns(["doc_id", "input_ids", "loss_mask"])
+    from ga_ray.data import io as data_io
+
+    ds = ray.data.read_parquet(data_io.parquet_paths(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
     storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
