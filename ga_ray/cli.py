@@ -109,7 +109,7 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging(run_dir: Path, verbose: bool) -> Path:
     """Everything (all loggers from INFO, warnings) into RUN_DIR/logs/ga-ray.log; on the terminal only our own lines
     and errors, unless `verbose`. Returns the log file."""
-    from ga_ray.raycluster import configure_output
+    from ga_ray.raycluster import DETAIL_LOGGER, configure_output
 
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,9 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
     console = _StderrHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     if not verbose:
-        console.addFilter(lambda r: r.name == "ga_ray" or r.name.startswith("ga_ray.") or r.levelno >= logging.ERROR)
+        console.addFilter(
+            lambda r: r.levelno >= logging.ERROR or ((r.name == "ga_ray" or r.name.startswith("ga_ray.")) and not r.name.startswith(DETAIL_LOGGER))
+        )
     for h in (file_handler, console):
         setattr(h, _HANDLER_TAG, True)
         root.addHandler(h)
@@ -194,6 +196,9 @@ def _print_summary(stage: str, text: str) -> None:
 
 
 def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | None, saved: RunConfig | None = None) -> None:
+    from ga_ray.raycluster import OUTPUT
+
+    output = dict(vars(OUTPUT))
     try:
         rd = RunDir(run_dir)
         setup_logging(rd.root, VERBOSE["on"])
@@ -203,6 +208,8 @@ def _run(cfg: RunConfig, run_dir: Path, stages: list[str] | None, force: str | N
         if msg is None:
             raise
         _fail(msg)
+    finally:
+        vars(OUTPUT).update(output)  # per command (a test runner runs several commands in one process)
     typer.echo(f"run directory: {run_dir} (logs in {Path(run_dir) / 'logs'}; `ga-ray status {run_dir}` for the table)")
 
 

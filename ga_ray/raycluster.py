@@ -26,6 +26,9 @@ log = logging.getLogger("ga_ray")
 class OutputSettings:
     verbose: bool = False
     log_dir: Path | None = None
+    show_details: bool = True
+    """Print a stage's detail tables (e.g. the factors stage's per-block table) on the terminal; the CLI turns this
+    off without --verbose, and they go to the log file instead."""
 
 
 OUTPUT = OutputSettings()
@@ -35,6 +38,19 @@ OUTPUT = OutputSettings()
 def configure_output(verbose: bool, log_dir: Path | None) -> None:
     OUTPUT.verbose = verbose
     OUTPUT.log_dir = Path(log_dir) if log_dir is not None else None
+    OUTPUT.show_details = verbose
+
+
+DETAIL_LOGGER = "ga_ray.detail"
+"""Lines for the log file only (unless --verbose): the CLI's terminal filter drops this logger."""
+
+
+def show_detail(text: str) -> None:
+    """A stage's detail table: printed when details are shown, else into the log file."""
+    if OUTPUT.show_details:
+        print(text)
+    else:
+        logging.getLogger(DETAIL_LOGGER).info(text.strip("\n"))
 
 
 _NOISY_WITHOUT_DASHBOARD = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)

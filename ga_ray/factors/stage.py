@@ -15,6 +15,8 @@ returns the tensors through Ray Train's return value and the driver writes them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import time
 import uuid
@@ -92,7 +94,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     from ga_ray.tables import print_table
     from ga_ray.factors.compute import subsample_threshold
     from ga_ray.factors.factors import Factors
-    from ga_ray.raycluster import init_ray
+    from ga_ray.raycluster import init_ray, show_detail
     from ga_ray.resources import plan_workers
 
     init_ray(ctx.cfg.ray)
@@ -157,7 +159,10 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         factors.save(out_dir)
     factors = Factors.load(out_dir)
     rows = factors.summary_rows()
-    print_table(f"EKFAC factors: {len(rows)} LoRA blocks, D={factors.D} ({factors.eigenvalues}, fisher={factors.meta.get('fisher')})", rows)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_table(f"EKFAC factors: {len(rows)} LoRA blocks, D={factors.D} ({factors.eigenvalues}, fisher={factors.meta.get('fisher')})", rows)
+    show_detail(table.getvalue())  # the per-block table: on the terminal with --verbose, else in RUN_DIR/logs/
     timings = {k: round(float(v), 4) for k, v in (rv.get("timings") or {}).items()}
     timings["fit_wall_s"] = round(wall, 3)
     kept = [r["Lambda kept"] for r in rows]
