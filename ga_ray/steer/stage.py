@@ -393,6 +393,24 @@ def run_steer(ctx) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- later additions
 
 
+_STEERER_CACHE: dict[str, Steerer] = {}
+
+
+def _cached_steerer(run_dir: Path, cfg: RunConfig, adapter_path: Path) -> Steerer:
+    """One Steerer kept between `add_variant` calls (the evaluate stage adds a few dozen controls in a
+    row: decoding every response and reading gradients/ once, not per call). It is reused only while
+    the config sections it reads and the files it steers from are unchanged."""
+    inputs = [fingerprint_path(p) if p.exists() else None for p in (adapter_path, run_dir / "data", run_dir / "gradients", run_dir / "groups")]
+    key = json.dumps([str(run_dir.resolve()), str(adapter_path.resolve()), inputs,
+                      cfg.model.model_dump(mode="json"), cfg.steer.model_dump(mode="json"),
+                      [d.model_dump(mode="json") for d in cfg.detectors]], sort_keys=True)
+    s = _STEERER_CACHE.get(key)
+    if s is None or s._source_fingerprint() != s.source:
+        _STEERER_CACHE.clear()
+        s = _STEERER_CACHE[key] = Steerer(run_dir, cfg, adapter_path)
+    return s
+
+
 def add_variant(
     run_dir: str | Path,
     cfg: RunConfig,
@@ -421,7 +439,7 @@ def add_variant(
         adapter_path = run_dir / "adapter" if cfg.finetune.enabled else cfg.model.adapter
         if adapter_path is None:
             raise ConfigError("no adapter: set model.adapter or enable the finetune stage")
-    s = Steerer(run_dir, cfg, adapter_path)
+    s = _cached_steerer(run_dir, cfg, Path(adapter_path))
     if kind == "atom" or kind == "random":
         if atom is None:
             raise ValueError(f"add_variant(kind={kind!r}) needs atom=")
