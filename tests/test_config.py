@@ -58,3 +58,52 @@ def test_packaged_configs_load_and_round_trip(path):
     cfg = load_config(path)
     again = RunConfig.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("factors.top_k=0", "factors.top_k: Input should be greater than or equal to 1"),
+        ("gradients.num_workers=0", "gradients.num_workers: Input should be greater than or equal to 1"),
+        ("dictionary.cpus_per_worker=0", "dictionary.cpus_per_worker: Input should be greater than 0"),
+        ("coherence.gpus_per_worker=-1", "coherence.gpus_per_worker"),
+        ("finetune.warmup_fraction=1.5", "finetune.warmup_fraction: Input should be less than or equal to 1"),
+        ("finetune.lora.dropout=1.0", "finetune.lora.dropout: Input should be less than 1"),
+        ("finetune.epochs=0", "finetune.epochs: Input should be greater than 0"),
+        ("dictionary.heldout_fraction=1", "dictionary.heldout_fraction: Input should be less than 1"),
+        ("coherence.top_docs=1", "coherence.top_docs: Input should be greater than or equal to 2"),
+        ("ray.num_cpus=0", "ray.num_cpus: Input should be greater than or equal to 1"),
+        ("report.top_atoms=0", "report.top_atoms: Input should be greater than or equal to 1"),
+        ("demo.pretrain_batch_size=0", "demo.pretrain_batch_size: Input should be greater than or equal to 1"),
+    ],
+)
+def test_ranges_are_checked_at_load_time(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_renamed_resource_keys_say_the_new_name():
+    for old, new in [("gradients.num_actors", "num_workers"), ("coherence.cpus_per_actor", "cpus_per_worker"),
+                     ("gradients.num_gpus", "gpus_per_worker"), ("finetune.use_gpu", "gpus_per_worker")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{old}=1"])
+        assert f"unknown key '{old}'. Did you mean '{new}'?" in str(e.value) and "was renamed" in str(e.value)
+
+
+def test_a_run_directorys_saved_config_with_old_keys_is_migrated(tmp_path):
+    from ga_ray.config import section_fingerprint_data
+
+    saved = {"gradients": {"num_actors": 2, "cpus_per_actor": 0.5, "num_gpus": "auto"}, "factors": {"use_gpu": False},
+             "finetune": {"use_gpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="num_actors"):  # a config the user wrote: the did-you-mean error
+        load_config(tmp_path / "config.yaml")
+    (tmp_path / "manifest.json").write_text('{"stages": {}}')  # ... but a run directory's own saved config is migrated
+    cfg = load_config(tmp_path / "config.yaml")
+    assert (cfg.gradients.num_workers, cfg.gradients.cpus_per_worker, cfg.gradients.gpus_per_worker) == (2, 0.5, "auto")
+    assert cfg.factors.gpus_per_worker == 0.0 and cfg.finetune.gpus_per_worker == 1.0
+    # fingerprinted under the old names, so that runs finished before the rename are not redone
+    fp = section_fingerprint_data(cfg, "gradients", "model.path")
+    assert {"num_actors", "cpus_per_actor", "num_gpus"} <= set(fp["gradients"]) and "num_workers" not in fp["gradients"]
+    assert fp["model.path"] is None
