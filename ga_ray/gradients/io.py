@@ -79,3 +79,13 @@ def read_z(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(doc_ids, Z) with Z of shape (N, D), float32."""
     t = read_gradients(path, columns=["doc_id", "z"])
     return t.column("doc_id").to_numpy(), column_to_numpy(t.column("z")).astype(np.float32, copy=False)
+
+
+def read_z_rows(path: str | Path, doc_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_ids int64, Z float32) in file order, only the rows of `doc_ids` when given (a filtered scan)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    flt = None if doc_ids is None else pc.field("doc_id").isin(pa.array(np.asarray(doc_ids, dtype=np.int64)))
+    t = pads.dataset(parquet_files(path), format="parquet").to_table(columns=["doc_id", "z"], filter=flt)
+    return t.column("doc_id").to_numpy().astype(np.int64), column_to_numpy(t.column("z")).astype(np.float32, copy=False)

@@ -48,58 +48,41 @@ def load_atom_table(run_root: Path) -> pa.Table:
 
 
 def read_codes(atoms_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    path = atoms_dir / "codes.parquet"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    t = pq.read_table(str(path), columns=["doc_id", "atom", "coef"])
-    return (t.column("doc_id").to_numpy().astype(np.int64), t.column("atom").to_numpy().astype(np.int64), t.column("coef").to_numpy().astype(np.float64))
+    """(doc_id, atom, coef as float64) of the atoms stage's codes."""
+    from ga_ray.atoms.io import load_codes
+
+    doc, atom, coef = load_codes(atoms_dir)
+    return doc, atom, coef.astype(np.float64)
 
 
 def read_dictionary(atoms_dir: Path) -> np.ndarray:
-    from safetensors.numpy import load_file
+    from ga_ray.atoms.io import load_dictionary_array
 
-    path = atoms_dir / "dictionary.safetensors"
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the atoms stage first (`ga-ray atoms`)")
-    return load_file(str(path))["dictionary"]
+    return load_dictionary_array(atoms_dir)
 
 
 def read_z_rows(gradients_dir: Path, doc_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(doc_id, z) of `gradients/`, only the rows of `doc_ids` when given."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from ga_ray.gradients.io import column_to_numpy, parquet_files
+    from ga_ray.gradients.io import read_z_rows as read_rows
 
     try:
-        files = parquet_files(gradients_dir)
-    except Exception as exc:
+        return read_rows(gradients_dir, doc_ids)
+    except FileNotFoundError as exc:
         raise StageError(f"cannot read {gradients_dir} ({exc}): run the gradients stage, or set groups.weight_gradient=0") from None
-    ds = pads.dataset(files, format="parquet")
-    flt = None if doc_ids is None else pc.field("doc_id").isin(pa.array(np.asarray(doc_ids, dtype=np.int64)))
-    t = ds.to_table(columns=["doc_id", "z"], filter=flt)
-    return t.column("doc_id").to_numpy().astype(np.int64), column_to_numpy(t.column("z")).astype(np.float32, copy=False)
 
 
 def read_token_docs(data_dir: Path, doc_ids: list[int] | None) -> dict[int, tuple[list[int], list[int]]]:
     """doc id -> (input_ids, loss_mask) from data/ (only these columns: never the label)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    from ga_ray.data import io as data_io
 
-    files = sorted(str(p) for p in Path(data_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise StageError(f"no Parquet documents in {data_dir}: run the prepare stage first (`ga-ray prepare`)")
-    ds = pads.dataset(files, format="parquet")
-    flt = None if doc_ids is None else pc.field("doc_id").isin(pa.array(np.asarray(doc_ids, dtype=np.int64)))
-    t = ds.to_table(columns=["doc_id", "input_ids", "loss_mask"], filter=flt)
+    t = data_io.read_documents(data_dir, doc_ids, columns=data_io.TOKEN_COLUMNS)
     return {int(d): (i, m) for d, i, m in zip(t.column("doc_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist())}
 
 
 def all_doc_ids(data_dir: Path) -> np.ndarray:
-    import pyarrow.dataset as pads
+    from ga_ray.data import io as data_io
 
-    files = sorted(str(p) for p in Path(data_dir).glob("*.parquet") if not p.name.startswith((".", "_")))
-    return pads.dataset(files, format="parquet").to_table(columns=["doc_id"]).column("doc_id").to_numpy().astype(np.int64)
+    return data_io.read_doc_ids(data_dir)
 
 
 # ----------------------------------------------------------------------------------- the steps
