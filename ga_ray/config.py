@@ -437,6 +437,9 @@ class EvaluationConfig(Section):
     """New tokens per answer (greedy)."""
     concurrency: int = Field(default=16, ge=1)
     """Requests in flight."""
+    prompts_per_request: int = Field(default=1, ge=1, le=64)
+    """Prompts of one model sent together as one request's prompt list (fewer HTTP round trips; a failed request
+    fails each of its prompts, each counted)."""
     kl_budget: float = Field(default=0.1, ge=0.0)
     """Recommended alpha: the largest |alpha| whose neutral-prompt token KL to alpha = 0 stays within this (nats/token)."""
     kl_top_k: int = Field(default=20, ge=1, le=100)
@@ -674,6 +677,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not text
+            raise ConfigError(f"{p}: cannot be read as a YAML config ({getattr(exc, 'strerror', None) or exc}); point to a YAML file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded

@@ -38,7 +38,8 @@ class _Server:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                model, prompt = body["model"], tuple(body["prompt"])
+                model = body["model"]
+                prompt = tuple(tuple(p) if isinstance(p, list) else p for p in body["prompt"])
                 with outer.lock:
                     outer.requests.append((model, prompt))
                     seen = sum(1 for m, p in outer.requests if m == model and p == prompt)
@@ -47,9 +48,11 @@ class _Server:
                 if model == "gone":
                     return self._send(404, {"error": {"message": f"model {model} not found", "type": "not_found"}})
                 time.sleep(outer.delay)
-                self._send(200, {"id": "x", "object": "text_completion", "created": 0, "model": model,
-                                 "choices": [{"index": 0, "text": f"len={len(prompt)}", "finish_reason": "stop", "logprobs": None}],
-                                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1, "total_tokens": len(prompt) + 1}})
+                many = bool(prompt) and isinstance(prompt[0], tuple)
+                prompts = list(prompt) if many else [prompt]
+                choices = [{"index": i, "text": f"len={len(p)}", "finish_reason": "stop", "logprobs": None} for i, p in enumerate(prompts)]
+                self._send(200, {"id": "x", "object": "text_completion", "created": 0, "model": model, "choices": choices[::-1],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": len(prompts), "total_tokens": 1 + len(prompts)}})
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -106,6 +109,20 @@ def test_failed_requests_count_in_the_stage_rows(tmp_path):
         n_before = len(srv.requests)
         assert run_pending(_jobs("down", 2) + _jobs("ok", 2), store, s, _row) == 2  # the successes are not redone
         assert sorted(m for m, _ in srv.requests[n_before:]) == ["down", "down"]
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_prompts_grouped_per_request_equal_one_per_request():
+    from ga_ray.evaluate.client import group_jobs
+
+    jobs = _jobs("ok", 7) + _jobs("down", 3) + _jobs("ok", 2)
+    assert [len(g) for g in group_jobs(jobs, 3)] == [3, 3, 1, 3, 2]  # never across models
+    with _Server() as srv:
+        one = run_jobs(jobs, ClientSettings(srv.url, concurrency=2, retries=0, timeout_s=10))
+        grouped = run_jobs(jobs, ClientSettings(srv.url, concurrency=2, retries=0, timeout_s=10, prompts_per_request=3))
+    assert [r.key for r in grouped] == [j.key for j in jobs]  # every job accounted for, in order
+    assert [(r.text, bool(r.error)) for r in grouped] == [(r.text, bool(r.error)) for r in one]
+    assert sum(1 for r in grouped if r.error) == 3  # a failed group fails each of its jobs
 
 
 def _row(r):

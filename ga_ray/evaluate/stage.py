@@ -270,7 +270,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
             raise StageError(f"the endpoint {url} does not serve {len(missing)} model id(s) the evaluation needs: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (it serves {len(model_ids)})")
         settings = ClientSettings(base_url=url, api_key=api_key(cfg), concurrency=ev.concurrency, retries=ev.retries,
-                                  backoff_s=ev.backoff_s, timeout_s=ev.timeout_s)
+                                  backoff_s=ev.backoff_s, timeout_s=ev.timeout_s, prompts_per_request=ev.prompts_per_request)
         n_resumed = _pass(inp, settings, asked, reference, timings)
         rows, flagged, table, scores = _compute(inp, meta, reference, asked, registry, ms, coherence)
         if ev.controls_at_recommended and cfg.steer.controls:
