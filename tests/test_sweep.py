@@ -32,8 +32,27 @@ def test_sweep_needs_stored_gradients(tmp_path):
 
     with pytest.raises(StageError, match="gradients"):
         run_sweep(load_config(None, []), RunDir(tmp_path / "run"), [0.1])
+    rec = RunDir(tmp_path / "run").stage_record("sweep")  # recorded like a stage: it ran, and failed
+    assert rec["status"] == "failed" and "gradients" in rec["error"] and rec["fingerprint"] and rec["inputs"]["alphas"] == [0.1]
     with pytest.raises(StageError, match="alphas"):
         run_sweep(load_config(None, []), RunDir(tmp_path / "run"), [])
+
+
+def test_sweep_fingerprint_follows_its_inputs(tmp_path):
+    from ga_ray.coherence.sweep import sweep_fingerprint
+    from ga_ray.config import load_config
+    from ga_ray.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    base = load_config(None, [])
+    fp, _ = sweep_fingerprint(base, rd, [0.1, 1.0])
+    assert fp == sweep_fingerprint(load_config(None, ["report.top_atoms=3", "gradients.batch_size=3"]), rd, [0.1, 1.0])[0]  # not read
+    assert fp != sweep_fingerprint(base, rd, [0.1, 2.0])[0]
+    assert fp != sweep_fingerprint(load_config(None, ["coherence.top_docs=7"]), rd, [0.1, 1.0])[0]
+    assert fp != sweep_fingerprint(load_config(None, ["dictionary.n_atoms=9"]), rd, [0.1, 1.0])[0]
+    t0 = rd.mark_running("gradients", "abc", {})
+    rd.mark_done("gradients", t0, {})
+    assert fp != sweep_fingerprint(base, rd, [0.1, 1.0])[0]  # a new gradients run: a new sweep
 
 
 @pytest.mark.slow
@@ -104,3 +123,6 @@ def test_sweep_on_tiny_data(ray_session, tmp_path):
         table = list(csv.DictReader(f))
     assert [float(t["alpha"]) for t in table] == alphas and table[1]["atoms_coherence_gt_0.1"] == str(rows[1]["atoms_coherence_gt_0.1"])
     assert not (paths["run"] / "atoms").exists()  # the run's own atoms are never touched
+    rec = RunDir(paths["run"]).stage_record("sweep")  # in the manifest like a stage
+    assert rec["status"] == "done" and rec["wall_time_s"] > 0 and rec["fingerprint"]
+    assert [r["alpha"] for r in rec["summary"]["rows"]] == alphas and rec["summary"]["line"].startswith("atoms with coherence")

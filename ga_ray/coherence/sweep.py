@@ -82,13 +82,38 @@ def sweep_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+MANIFEST_NAME = "sweep"
+"""The sweep's record in manifest.json (status, fingerprint, inputs, wall time, summary), as a stage's; it is not
+in the pipeline's stage order, so `ga-ray run` never runs it and no stage reads it."""
+SWEEP_SECTIONS = ("model", "finetune.enabled", "dictionary", "coherence")
+SWEEP_UPSTREAM = ("prepare", "finetune", "gradients")
+
+
+def sweep_fingerprint(cfg: Any, run_dir: RunDir, alphas: Sequence[float]) -> tuple[str, dict[str, Any]]:
+    """(fingerprint, inputs) of a sweep, made as the runner makes a stage's: the config it reads, the α list, the
+    records of the stages whose output it reads (fingerprint @ finish time), and a given adapter folder."""
+    from ga_ray.config import section_fingerprint_data
+    from ga_ray.rundir import fingerprint_obj, fingerprint_path
+
+    stages = run_dir.read_manifest()["stages"]
+    upstream = {u: f"{rec.get('fingerprint')}@{rec.get('finished_at')}" for u in SWEEP_UPSTREAM if (rec := stages.get(u))}
+    adapter = None if cfg.finetune.enabled else cfg.model.adapter
+    files = {p: fingerprint_path(Path(p)) for p in (cfg.model.path, adapter) if p}
+    inputs = {"config": section_fingerprint_data(cfg, *SWEEP_SECTIONS), "alphas": [float(a) for a in alphas], "upstream": upstream, "files": files}
+    return fingerprint_obj(inputs), {"alphas": inputs["alphas"], "upstream": upstream, "files": files}
+
+
+def sweep_line(rows: Sequence[dict[str, Any]]) -> str:
+    """The one-line summary: per α, atoms with coherence > 0.5 / > 0.1 and the median documents per atom."""
+    parts = [f"α={r['alpha']:g}: {r['atoms_coherence_gt_0.5']}/{r['atoms_coherence_gt_0.1']} (median {r['median_docs_per_atom']:g} docs)" for r in rows]
+    return "atoms with coherence > 0.5/> 0.1 per α: " + "; ".join(parts) + " (report/sweep.csv)"
+
+
 def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], fit: FitFn | None = None) -> list[dict[str, Any]]:
     """One row per α: atoms, dead atoms, median/mean active documents per atom, atoms with coherence
-    > 0.5 and > 0.1, mean L0, objective, times. Writes report/sweep.csv and report/sweep.json."""
-    from ga_ray.atoms.io import load_metrics
-    from ga_ray.gradients import io as gradients_io
-    from ga_ray.gradients.io import read_gradients
-    from ga_ray.raycluster import init_ray
+    > 0.5 and > 0.1, mean L0, objective, times. Writes report/sweep.csv and report/sweep.json, and records
+    itself in manifest.json under "sweep" like a stage (running, then done with its summary, or failed)."""
+    import traceback
 
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     alphas = [float(a) for a in alphas]
@@ -96,6 +121,28 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
         raise StageError("sweep: no alphas given (e.g. --alphas 0.01,0.1,1.0)")
     if any(a < 0 for a in alphas):
         raise StageError(f"sweep: alphas must be >= 0, got {alphas}")
+    fp, inputs = sweep_fingerprint(cfg, run_dir, alphas)
+    t0 = run_dir.mark_running(MANIFEST_NAME, fp, inputs)
+    try:
+        rows, stats = _sweep(cfg, run_dir, alphas, fit)
+    except BaseException as exc:
+        run_dir.mark_failed(MANIFEST_NAME, t0, "".join(traceback.format_exception_only(type(exc), exc)).strip())
+        raise
+    summary = {
+        "line": sweep_line(rows),
+        "rows": [{k: r.get(k) for k in COLUMNS} for r in rows],
+        "coherence_stats": stats,
+    }
+    run_dir.mark_done(MANIFEST_NAME, t0, summary)
+    return rows
+
+
+def _sweep(cfg: Any, run_dir: RunDir, alphas: list[float], fit: FitFn | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from ga_ray.atoms.io import load_metrics
+    from ga_ray.gradients import io as gradients_io
+    from ga_ray.gradients.io import read_gradients
+    from ga_ray.raycluster import init_ray
+
     grads = run_dir.stage_dir("gradients")
     if not gradients_io.exists(grads):
         raise StageError(f"no stored gradients in {grads}: run the pipeline up to the gradients stage first (`ga-ray gradients`)")
@@ -159,7 +206,7 @@ def run_sweep(cfg: Any, run_dir: RunDir | str | Path, alphas: Sequence[float], f
         )
     payload = {"alphas": alphas, "n_docs": n_docs, "top_docs": top_n, "coherence_stats": res.stats, "rows": rows}
     save_sweep(run_dir, payload, sweep_csv(rows))
-    return rows
+    return rows, res.stats
 
 
 def _adapter(cfg: Any, run_dir: RunDir) -> Path:
