@@ -111,14 +111,19 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
     and errors, unless `verbose`. Returns the log file."""
     from ga_ray.raycluster import DETAIL_LOGGER, configure_output
 
+    from ga_ray.rundir import cannot_write
+
     log_dir = Path(run_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "ga-ray.log"
+    try:  # an unwritable run directory is one line (StageError), not a traceback
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    except OSError as exc:
+        raise cannot_write(log_file, exc) from None
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:  # a previous command in this process
         root.removeHandler(h)
         h.close()
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = _StderrHandler()

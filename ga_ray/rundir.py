@@ -36,7 +36,8 @@ def cannot_write(path: Path, exc: OSError) -> StageError:
     blocker = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
     if blocker is not None and blocker != path:
         return StageError(f"cannot write {path}: {blocker} is a file, not a folder; move it away or choose another --run-dir")
-    return StageError(f"cannot write {path} ({reason}): make {path.parent} writable (or free disk space), or choose another --run-dir")
+    folder = next((q for q in path.parents if q.exists()), path.parent)  # the folder that refused it
+    return StageError(f"cannot write {path} ({reason}): make {folder} writable (or free disk space), or choose another --run-dir")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -277,7 +277,7 @@ def test_stage_skips_odd_rows_and_counts_special_text(ray_session, tmp_path):
     assert (report["rows_read"], report["documents"], report["rejected"]) == (104, 100, 4)  # 4/104 < 5%
     assert report["rejected_by_reason"] == {"invalid_json": 1, "invalid_text": 1, "too_deep": 2}
     assert report["special_token_text"] == {"handling": "keep", "documents": 1, "occurrences": {"<|end|>": 1}}
-    assert "1 documents spell special tokens in their text (<|end|> x1): kept as control tokens" in summary["line"]
+    assert "1 document spells special tokens in its text (<|end|> x1): kept as control tokens" in summary["line"]
     table = read_prepared(data)
     assert table.column("x").to_pylist()[0] == deep_ok
     rejected = [json.loads(x) for x in (data / "rejected.jsonl").read_text().splitlines()]

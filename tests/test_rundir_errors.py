@@ -109,3 +109,12 @@ def test_cli_run_dir_problems_are_one_red_line(tmp_path):
     out = runner.invoke(app, ["prepare", "-r", str(run), "--set", "data.path=x.jsonl"])
     text = _plain(out.output)
     assert out.exit_code == 2 and f"error: {run / 'manifest.json'} is damaged (not valid JSON" in text and "Traceback" not in text
+    # a run directory nobody can write into (/proc/self: also for root), and a config.yaml that is a folder
+    out = runner.invoke(app, ["prepare", "-r", "/proc/self", "--set", "data.path=x.jsonl"])
+    text = _plain(out.output)
+    assert out.exit_code == 2 and text.startswith("error: cannot write /proc/") and "Traceback" not in text
+    odd = tmp_path / "odd"
+    (odd / "config.yaml").mkdir(parents=True)
+    out = runner.invoke(app, ["prepare", "-r", str(odd)])
+    text = _plain(out.output)
+    assert out.exit_code == 2 and f"error: {odd / 'config.yaml'}: cannot be read as a YAML config" in text

@@ -16,7 +16,6 @@ wiring and the atomic write). Output, built in a temporary sibling folder and sw
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections import Counter
@@ -50,7 +49,6 @@ from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
 _DOCS_PER_BLOCK = 2000
 _MAX_BLOCKS = 256
 _TOKENIZERS: dict[str, Any] = {}
-log = logging.getLogger("ga_ray")
 
 
 def _tokenize_batch(batch: pa.Table, tokenizer_ref: list[Any], max_length: int, special_text: str = "keep") -> pa.Table:
@@ -263,9 +261,11 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
             "escape": "tokenised as plain text",
             "reject": "rejected",
         }[cfg.special_token_text]
-        note = f"{special_text['documents']:,} documents spell special tokens in their text" + (f" ({shown})" if shown else "") + f": {what}"
-        log.warning("prepare: %s", note)
-        line += f"; {note}"
+        n_docs = special_text["documents"]
+        note = f"{n_docs:,} document{'s' if n_docs != 1 else ''} spell{'' if n_docs != 1 else 's'} special tokens in its text"
+        note = note.replace("its text", "their text") if n_docs != 1 else note
+        note += (f" ({shown})" if shown else "") + f": {what}"
+        line += f"; {note}"  # the summary line the CLI prints (and the manifest keeps)
     summary = {k: v for k, v in report.items() if k != "files"}
     summary["line"] = line
     return summary
