@@ -372,7 +372,9 @@ def run_pipeline(
         if force is not None and stage.name == force:
             forcing = True
         fp, inputs = _fingerprint(stage, cfg, run_dir, registry)
-        if not forcing and run_dir.is_done(stage.name, fp):
+        # a done record counts only while its folder is there (a run made before a stage's folder moved, e.g.
+        # coherence/ out of atoms/, or a folder deleted by hand, runs that stage again)
+        if not forcing and run_dir.is_done(stage.name, fp) and run_dir.stage_dir(stage.out_dir).is_dir():
             rec = run_dir.stage_record(stage.name) or {}
             results[stage.name] = rec.get("summary", {})
             if on_summary:

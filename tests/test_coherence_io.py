@@ -84,3 +84,28 @@ def test_missing_or_broken_files_say_what_to_run(tmp_path):
     (out / coherence_io.CHARACTERISATION).write_text("{truncated")
     with pytest.raises(StageError, match="not valid JSON"):
         coherence_io.load_characterisation(tmp_path)
+
+
+def test_a_done_stage_whose_folder_is_gone_runs_again(tmp_path):
+    """A run made before the coherence stage had its own folder has a `done` coherence record but no coherence/:
+    the runner runs the stage again (and so everything that reads it) instead of skipping it."""
+    from ga_ray.config import load_config
+    from ga_ray.pipeline import Stage, run_pipeline
+
+    calls: list[str] = []
+
+    def write(ctx):
+        calls.append(ctx.stage)
+        (ctx.out / "out.txt").write_text(ctx.stage)
+        return {"line": ctx.stage}
+
+    registry = (Stage("first", write, "first", ("report",)), Stage("second", write, "second", ("report",), upstream=("first",)))
+    cfg, rd = load_config(None, []), RunDir(tmp_path / "run")
+    run_pipeline(cfg, rd, registry=registry)
+    run_pipeline(cfg, rd, registry=registry)
+    assert calls == ["first", "second"]  # the second run skipped both
+    import shutil
+
+    shutil.rmtree(rd.stage_dir("first"))
+    run_pipeline(cfg, rd, registry=registry)
+    assert calls == ["first", "second", "first", "second"]  # first ran again, and so did what reads it
