@@ -358,3 +358,21 @@ def test_make_engine_from_a_model_folder_with_chat_prompts(world):
                        GenerationRequest(BASE, ids, SamplingParams(max_new_tokens=5))])
     assert a.prompt_tokens == len(ids) and a.token_ids != b.token_ids
     e.close()
+
+
+def test_a_loaded_peft_model_becomes_an_engine_with_its_adapters(world, reference):
+    """`PeftEngine(PeftModel)`: its `default` adapter is variant `finetuned`, other adapters keep their names."""
+    from peft import PeftModel
+
+    from ga_ray.engine.peft_engine import PeftEngine
+
+    root, tok, adapters = world
+    ref, keys = reference
+    model = PeftModel.from_pretrained(_base(), str(adapters[FINETUNED])).eval()
+    model.load_adapter(str(adapters["group1-away-a2-89abcdef"]), adapter_name="other")
+    e = PeftEngine(model, tok)
+    assert e.variants() == [BASE, FINETUNED, "other"]
+    got = e.generate([GenerationRequest(v, PROMPTS[1], SamplingParams(max_new_tokens=6)) for v in (FINETUNED, "other", BASE)])
+    assert got[0].token_ids == _hf_greedy(ref, keys, tok, FINETUNED, PROMPTS[1], 6)
+    assert got[1].token_ids == _hf_greedy(ref, keys, tok, "group1-away-a2-89abcdef", PROMPTS[1], 6)
+    assert got[2].token_ids == _hf_greedy(ref, keys, tok, BASE, PROMPTS[1], 6)

@@ -113,7 +113,7 @@ class PeftEngine:
         self._tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
         self._check_fits = check_fits
-        self._lock = threading.RLock()  # one forward at a time; serve may call from several threads
+        self._lock = threading.RLock()  # one forward or adapter load at a time; serve calls from several threads
         self._variants: dict[str, _Variant] = {BASE: _Variant(BASE, PEFT_BASE, None, None)}
         self._next_key = 0
         self._peft: Any = None
@@ -172,8 +172,9 @@ class PeftEngine:
         return next(self._base.parameters()).device
 
     def variants(self) -> list[str]:
-        with self._lock:
-            return list(self._variants)
+        # no lock: a variant enters the dict only once fully loaded, and copying a dict's keys is atomic
+        # in CPython, so listing never waits for a batch that is generating
+        return list(self._variants)
 
     def variant_path(self, name: str) -> Path | None:
         return self._variant(name).path
