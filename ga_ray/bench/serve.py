@@ -42,12 +42,8 @@ def build_tiny_serve_run(root: str | Path, n_variants: int = 4, seed: int = 0, h
     "overrides": the `--set` list that points a config at them}. Every adapter's lora_B is non-zero
     (N(0, b_scale^2)), so each variant's greedy answers differ from the base model's.
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from ga_ray.demo.tiny_model import make_config, make_model
     from ga_ray.demo.tokenizer import train_tokenizer
-    from ga_ray.steer import io as variants_io
 
     root = Path(root)
     model_dir, run_dir = root / "model", root / "run"
@@ -57,27 +53,49 @@ def build_tiny_serve_run(root: str | Path, n_variants: int = 4, seed: int = 0, h
     cfg = make_config(len(tok), hidden_size, n_layers, 2, hidden_size * 3, max_positions=max_positions)
     base = make_model(cfg, seed=seed)
     base.save_pretrained(model_dir)
-    lcfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
     names = []
     for k in range(n_variants + 1):
-        peft = get_peft_model(make_model(cfg, seed=seed), lcfg)
-        g = torch.Generator().manual_seed(seed * 1000 + k + 1)
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_B" in name or "lora_A" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * (b_scale if "lora_B" in name else 0.5))
-        folder = root / "adapter" if k == 0 else root / f".adapter{k}"
-        peft.save_pretrained(folder)
-        if k > 0:
-            tensors, acfg = variants_io.load_adapter_tensors(folder)
-            row = variants_io.write_variant(run_dir / variants_io.VARIANTS_DIR, f"random{k}-toward-a1", tensors, acfg, {
-                "kind": "random", "atoms": [k], "weights": [1.0], "sign": "toward", "alpha": 1.0, "units": "absolute",
-                "mode": "paper", "rank": lora_r})
-            names.append(row["name"])
-            shutil.rmtree(folder)
+        peft = random_lora(cfg, seed * 1000 + k + 1, lora_r=lora_r, b_scale=b_scale, base_seed=seed)
+        if k == 0:
+            peft.save_pretrained(root / "adapter")
+        else:
+            names.append(write_lora_variant(peft, run_dir, f"random{k}-toward-a1", k, lora_r))
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "manifest.json").write_text('{"stages": {}}\n')
     overrides = [f"model.path={model_dir}", f"model.adapter={root / 'adapter'}", "finetune.enabled=false", "model.dtype=float32"]
-    return {"run": run_dir, "model": model_dir, "adapter": root / "adapter", "variants": names, "overrides": overrides}
+    return {"run": run_dir, "model": model_dir, "adapter": root / "adapter", "variants": names, "overrides": overrides,
+            "model_config": cfg}
+
+
+def random_lora(model_config: Any, seed: int, lora_r: int = 4, b_scale: float = 0.5, base_seed: int = 0) -> Any:
+    """A PeftModel over the tiny Llama of `model_config` (weights from `base_seed`) with random, non-zero LoRA
+    A and B on q_proj, v_proj and down_proj."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ga_ray.demo.tiny_model import make_model
+
+    lcfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    peft = get_peft_model(make_model(model_config, seed=base_seed), lcfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (b_scale if "lora_B" in name else 0.5))
+    return peft
+
+
+def write_lora_variant(peft: Any, run_dir: str | Path, stem: str, atom: int, lora_r: int = 4) -> str:
+    """Write `peft`'s adapter as a steer variant of `run_dir` (atomic folder through ga_ray.steer.io); its name."""
+    from ga_ray.steer import io as variants_io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peft.save_pretrained(tmp)
+        tensors, acfg = variants_io.load_adapter_tensors(tmp)
+    row = variants_io.write_variant(Path(run_dir) / variants_io.VARIANTS_DIR, stem, tensors, acfg, {
+        "kind": "random", "atoms": [atom], "weights": [1.0], "sign": "toward", "alpha": 1.0, "units": "absolute",
+        "mode": "paper", "rank": lora_r})
+    return row["name"]
 
 
 # ------------------------------------------------------------------------------------------ load
