@@ -258,7 +258,12 @@ class VllmEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+
+        async def start() -> Any:
+            # built on our loop: AsyncLLM starts its output handler on the running loop it is created in
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+
+        self._llm = self._run(start())
         self._max_context = int(self._llm.model_config.max_model_len)
         for lo in self._loras.values():  # preload every adapter once (vLLM keeps max_cpu_loras in memory)
             self._run(self._llm.add_lora(self._lora_request(lo)))
