@@ -376,3 +376,20 @@ def test_a_loaded_peft_model_becomes_an_engine_with_its_adapters(world, referenc
     assert got[0].token_ids == _hf_greedy(ref, keys, tok, FINETUNED, PROMPTS[1], 6)
     assert got[1].token_ids == _hf_greedy(ref, keys, tok, "group1-away-a2-89abcdef", PROMPTS[1], 6)
     assert got[2].token_ids == _hf_greedy(ref, keys, tok, BASE, PROMPTS[1], 6)
+
+
+def test_score_batches_respect_the_token_budget(engine):
+    seqs = [[3] * n for n in (2, 3, 5, 8, 9, 20, 21)]
+    saved = engine.score_token_budget
+    try:
+        engine.score_token_budget = 20
+        batches = engine._score_batches(list(range(len(seqs))), seqs)
+        assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
+        # every batch within the budget (a single row longer than the budget goes alone)
+        assert all(len(b) * max(len(seqs[i]) for i in b) <= 20 or len(b) == 1 for b in batches)
+        small = engine.score(PROMPTS, FINETUNED, top_logprobs=2)
+    finally:
+        engine.score_token_budget = saved
+    big = engine.score(PROMPTS, FINETUNED, top_logprobs=2)
+    for a, b in zip(small, big):
+        assert a.token_ids == b.token_ids and a.logprobs[1:] == pytest.approx(b.logprobs[1:], abs=1e-5)

@@ -91,6 +91,7 @@ class PeftEngine:
     `adapter`: the run's fine-tuned adapter folder (variant `finetuned`), `variants`: name -> folder.
     `max_batch_size`: rows per forward pass (longer request lists are split, length-sorted).
     `torch_threads`: intra-op CPU threads (`torch.set_num_threads`, which is per process).
+    `score_token_budget`: padded tokens per scoring forward (its logits are batch x length x vocabulary).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class PeftEngine:
         max_batch_size: int = 32,
         torch_threads: int | None = None,
         check_fits: bool = True,
+        score_token_budget: int = 16384,
     ) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -112,6 +114,7 @@ class PeftEngine:
             torch.set_num_threads(int(torch_threads))
         self._tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
+        self.score_token_budget = int(score_token_budget)
         self._check_fits = check_fits
         self._lock = threading.RLock()  # one forward or adapter load at a time; serve calls from several threads
         self._variants: dict[str, _Variant] = {BASE: _Variant(BASE, PEFT_BASE, None, None)}
@@ -386,6 +389,20 @@ class PeftEngine:
 
     # ----------------------------------------------------------------------------- score
 
+    def _score_batches(self, order: list[int], seqs: list[list[int]]) -> list[list[int]]:
+        """Length-sorted batches of at most `max_batch_size` rows and `score_token_budget` padded tokens
+        (a scoring forward holds batch x length x vocabulary logits)."""
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        for i in order:  # ascending length: the last row added is the longest
+            if cur and (len(cur) == self.max_batch_size or (len(cur) + 1) * len(seqs[i]) > self.score_token_budget):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
     @torch.no_grad()
     def score(self, inputs: Sequence[str | Sequence[int]], variant: str, top_logprobs: int = 0) -> list[Scored]:
         """Teacher-forced per-token log-probs of each input under `variant` (batched, left-padded)."""
@@ -400,18 +417,17 @@ class PeftEngine:
                 raise EngineError(f"input {i} has {len(s)} tokens, more than the model's context of {self.max_context}")
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[Scored | None] = [None] * len(seqs)
-        for start in range(0, len(order), self.max_batch_size):
-            idx = order[start:start + self.max_batch_size]
+        for idx in self._score_batches(order, seqs):
             batch = [seqs[i] for i in idx]
             with self._lock:
                 ids, attn, pos = self._left_pad(batch)
-                logits = self._forward(ids, attn, pos, [key] * len(idx), False).logits.float()
-            lp = torch.log_softmax(logits, -1)
+                logits = self._forward(ids, attn, pos, [key] * len(idx), False).logits
             T = ids.shape[1]
             for b, i in enumerate(idx):
                 s = batch[b]
                 off = T - len(s)
-                rows = lp[b, off:off + len(s) - 1]  # row t predicts token t + 1
+                # row t predicts token t + 1; log-softmax per document, in float32, never over the whole batch
+                rows = torch.log_softmax(logits[b, off:off + len(s) - 1].float(), -1)
                 tgt = torch.tensor(s[1:], dtype=torch.long, device=rows.device)
                 chosen = rows.gather(-1, tgt[:, None])[:, 0].tolist() if len(s) > 1 else []
                 top: list[list[tuple[int, float]] | None] | None = None
