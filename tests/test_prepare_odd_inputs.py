@@ -342,3 +342,17 @@ def test_cli_skip_bad_rows_is_for_one_run_only(ray_session, tmp_path):
     out = runner.invoke(app, ["prepare", "-r", str(tmp_path / "run3"), *sets, "--set", "data.batch_size=0"])
     assert out.exit_code == 2 and "data.batch_size: Input should be greater than or equal to 1" in _plain(out.output)
     assert isinstance(DataError("x"), GaRayError)
+
+
+def test_tokenize_table_carries_the_special_text_of_kept_and_rejected_rows():
+    from ga_ray.data.tokenize import COL_KIND, COL_SPECIAL, tokenize_table
+
+    tok = make_tokenizer(TEMPLATE_SYSTEM)
+    cfg = DataConfig()
+    rows = [chat("plain", "text"), chat("a <|end|>", "b </s>"), [{"role": "system", "content": "<s>"}] + chat("q", "")]
+    table = pa.table({"doc_id": pa.array([0, 1, 2], pa.int64()), "__ga_messages": pa.array(rows, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))})
+    for mode, kinds in (("keep", [None, None, None]), ("reject", [None, "special_token_text", "special_token_text"])):
+        out = tokenize_table(tok, table, 64, mode)
+        assert out.column(COL_SPECIAL).to_pylist() == [[], ["<|end|>", "</s>"], ["<s>"]]
+        assert out.column(COL_KIND).to_pylist() == kinds
+    assert cfg.special_token_text == "keep"

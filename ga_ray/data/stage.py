@@ -79,16 +79,16 @@ def _block_stats(batch: pa.Table) -> pa.Table:
             "response_tokens": [int(pc.sum(pc.cast(flat_mask, pa.int64())).as_py() or 0)],
             "truncated": [int(pc.sum(pc.cast(kept.column(COL_TRUNCATED), pa.int64())).as_py() or 0)],
             "max_tokens": [int(pc.max(kept.column("n_tokens")).as_py() or 0)],
-            "special_text_documents": [int(pc.sum(pc.greater(pc.list_value_length(kept.column(COL_SPECIAL)), 0)).as_py() or 0)],
+            # good rows with special-token text, and rows rejected for it (data.special_token_text: reject)
+            "special_text_documents": [int(pc.sum(pc.greater(pc.list_value_length(batch.column(COL_SPECIAL)), 0)).as_py() or 0)],
         }
     )
 
 
 def _special_text_only(batch: pa.Table) -> pa.Table:
-    """The special-token texts found in good rows (one list per row that has any)."""
-    good = batch.filter(pc.is_null(batch.column(COL_KIND)))
-    has = pc.greater(pc.list_value_length(good.column(COL_SPECIAL)), 0)
-    return good.filter(has).select([COL_SPECIAL])
+    """The special-token texts found (one list per row that has any: good rows, and rows rejected for them)."""
+    has = pc.greater(pc.list_value_length(batch.column(COL_SPECIAL)), 0)
+    return batch.filter(has).select([COL_SPECIAL])
 
 
 def _bad_rows_only(batch: pa.Table) -> pa.Table:
@@ -221,7 +221,6 @@ def run_prepare(ctx: StageContext) -> dict[str, Any]:
             "documents": stats.pop("special_text_documents"),
             "occurrences": dict(special_counts.most_common()),
         }
-        special_text["documents"] += sum(1 for b in bad if b.kind == "special_token_text")
 
         with atomic_dir(ctx.out) as tmp:
             files = _write_ordered_parts(good_ds, tmp)

@@ -228,7 +228,9 @@ def encode_many(
         try:
             found[i] = find_special_text(msgs, pattern)
             if found[i] and special_text == "reject":
-                raise _special_text_problem(found[i])
+                problem = _special_text_problem(found[i])
+                problem.special_text = found[i]  # type: ignore[attr-defined]  (counted in prepare.json)
+                raise problem
             if found[i] and special_text == "escape":
                 assert pattern is not None
                 placed, literals = _with_placeholders(msgs, pattern)
@@ -286,7 +288,7 @@ def tokenize_table(tokenizer: Any, table: pa.Table, max_length: int, special_tex
             reasons.append(r.reason)
             n_tokens.append(0)
             truncated.append(False)
-            specials.append([])
+            specials.append(list(getattr(r, "special_text", ())))  # only a special_token_text rejection has them
         else:
             ids_values.extend(r.input_ids)
             mask_values.extend(r.loss_mask)
