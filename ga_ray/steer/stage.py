@@ -369,6 +369,9 @@ def run_steer(ctx) -> dict[str, Any]:
             for group in ctrl:
                 rows += group
                 n_controls += len(group)
+    # an atom chosen for two behaviours shares its curve and random control: count each folder once
+    rows = list({r["name"]: r for r in rows}.values())
+    n_controls = sum(1 for r in rows if r["kind"] in ("random", "supervised"))
     n_index = s.write_index()
     n_all = len(vio.list_variants(ctx.out))
     if n_all > n_index:
