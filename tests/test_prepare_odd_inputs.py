@@ -356,3 +356,15 @@ def test_tokenize_table_carries_the_special_text_of_kept_and_rejected_rows():
         assert out.column(COL_SPECIAL).to_pylist() == [[], ["<|end|>", "</s>"], ["<s>"]]
         assert out.column(COL_KIND).to_pylist() == kinds
     assert cfg.special_token_text == "keep"
+
+
+def test_parquet_sidecar_nested_too_deep_is_one_error(tmp_path):
+    deep = json.loads(nested(MAX_DEPTH + 3))
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["q"], "response": ["a"], "x": pa.array([deep])}), f)
+    with pytest.raises(DataError) as err:
+        read_source(DataConfig(path=str(f)))
+    assert str(err.value) == (
+        f"{f}: column 'x' is nested {MAX_DEPTH + 3} levels deep; at most {MAX_DEPTH} are supported. "
+        "Flatten it, store it as a JSON string, or remove it"
+    )
