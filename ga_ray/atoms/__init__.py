@@ -12,7 +12,8 @@ Layers (DESIGN.md): pure torch compute, thin Ray wiring, I/O.
   `learn_dictionary(Z, settings)` runs it in memory (no Ray, no files).
 - `distributed`: `RayPool`, the BlockCoders as Ray actors.
 - `encode`: the final encoding pass (Ray Data `map_batches`) → `codes.parquet` + metrics.
-- `io`: Parquet pieces, safetensors/JSON checkpoints, dictionary file.
+- `io`: Parquet pieces, safetensors/JSON checkpoints, and the one owner of the atoms/ files
+  (`write_dictionary`, `load_dictionary_array`, `load_codes`, `load_kmeans`, `load_metrics`).
 - `sklearn_backend`, `kmeans` (dask-ml on Ray), `stability` (Hungarian matching), `synthetic`.
 - `stage`: `run_atoms(ctx)`, `run_stability(...)`, `seeds_override(n)`.
 """
