@@ -26,12 +26,15 @@ import torch
 
 from ga_ray.config import DictionaryConfig, RayConfig
 from ga_ray.atoms.io import (
+    CODES_FILE,
+    DICTIONARY_FILE,
+    KMEANS_FILE,
+    METRICS_FILE,
     gradient_dim,
     gradient_files,
     list_pieces,
     load_checkpoint,
     read_all,
-    read_dictionary,
     remove_checkpoint,
     save_checkpoint,
     write_dictionary,
@@ -210,7 +213,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
     seeds = [cfg.seed + i for i in range(max(1, cfg.n_seeds))]
     D, training, t = _fit_one(grad_dir, cfg, seeds[0], out, "checkpoint")
     timings.update(t)
-    write_dictionary(out / "dictionary.safetensors", D, metadata={"backend": cfg.backend, "alpha": str(cfg.alpha), "seed": str(seeds[0])})
+    write_dictionary(out / DICTIONARY_FILE, D, metadata={"backend": cfg.backend, "alpha": str(cfg.alpha), "seed": str(seeds[0])})
 
     # final encoding pass (Ray Data map_batches) → codes.parquet + metrics
     t0 = time.perf_counter()
@@ -223,7 +226,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         cfg.alpha,
         tol=cfg.lasso_tol,
         max_iter=cfg.lasso_max_iter,
-        codes_path=out / "codes.parquet",
+        codes_path=out / CODES_FILE,
         num_workers=workers.num_workers,
         use_gpu=workers.use_gpu,
         batch_size=cfg.encode_batch_size,
@@ -239,12 +242,12 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         km = kmeans_clusters(grad_dir, cfg.kmeans_clusters, cfg.seed, cfg.max_piece_rows)
-        write_kmeans(out / "kmeans.parquet", km["doc_ids"], km["labels"])
+        write_kmeans(out / KMEANS_FILE, km["doc_ids"], km["labels"])
         sizes = np.bincount(km["labels"], minlength=km["n_clusters"])
         kmeans_info = {"n_clusters": km["n_clusters"], "inertia": km["inertia"], "n_iter": km["n_iter"], "cluster_sizes": sizes.tolist()}
         timings["kmeans_s"] = time.perf_counter() - t0
-    elif (out / "kmeans.parquet").exists():  # a baseline from an earlier configuration would mislead
-        (out / "kmeans.parquet").unlink()
+    elif (out / KMEANS_FILE).exists():  # a baseline from an earlier configuration would mislead
+        (out / KMEANS_FILE).unlink()
 
     stability: dict[str, Any] | None = None
     if len(seeds) > 1:
@@ -281,7 +284,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         "stability": stability,
         "timings_s": timings,
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / METRICS_FILE, metrics)
     for i in range(len(seeds)):
         remove_checkpoint(out, "checkpoint" if i == 0 else f"checkpoint_seed{i}")
     line = (
@@ -312,8 +315,4 @@ def run_stability(gradients_dir: Path, cfg: DictionaryConfig, ray_cfg: RayConfig
     return stability_report(dicts, ss)
 
 
-def load_dictionary(atoms_dir: Path) -> torch.Tensor:
-    return read_dictionary(Path(atoms_dir) / "dictionary.safetensors")
-
-
-__all__ = ["run_atoms", "run_stability", "seeds_override", "fit_torch", "make_plan", "fit_settings", "load_dictionary"]
+__all__ = ["run_atoms", "run_stability", "seeds_override", "fit_torch", "make_plan", "fit_settings"]
