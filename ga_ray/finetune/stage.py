@@ -33,6 +33,7 @@ from typing import Any
 from ga_ray.config import FinetuneConfig, ModelConfig
 from ga_ray.context import StageContext
 from ga_ray.errors import StageError
+from ga_ray.finetune import io as finetune_io
 from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
 
 BUCKET_BATCHES = 16
@@ -279,12 +280,12 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
             table, gens, base_table, base_gens, eval_s = _format_table(cfg, tmp, tok)
             summary["format_table"] = table
             summary["format_eval_seconds"] = round(eval_s, 2)
-            atomic_write_json(tmp / "format_table.json", table)
-            atomic_write_text(tmp / "format_generations.jsonl", _jsonl(gens))
+            atomic_write_json(tmp / finetune_io.FORMAT_TABLE, table)
+            atomic_write_text(tmp / finetune_io.FORMAT_GENERATIONS, _jsonl(gens))
             if base_table is not None:
                 summary["format_table_base"] = base_table
-                atomic_write_json(tmp / "format_table_base.json", base_table)
-                atomic_write_text(tmp / "format_generations_base.jsonl", _jsonl(base_gens))
+                atomic_write_json(tmp / finetune_io.FORMAT_TABLE_BASE, base_table)
+                atomic_write_text(tmp / finetune_io.FORMAT_GENERATIONS_BASE, _jsonl(base_gens))
     if not ft.storage_path:
         shutil.rmtree(storage / name, ignore_errors=True)
         try:
