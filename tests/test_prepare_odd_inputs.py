@@ -104,7 +104,7 @@ def test_value_problem_matches_the_recursive_depth_reference(seed):
     def build(d: int):
         if d == 0:
             return int(rng.integers(10))
-        kids = [build(d - 1)] + [build(int(rng.integers(d))) for _ in range(int(rng.integers(3)))]
+        kids = [build(d - 1)] + [build(int(rng.integers(min(d, 3)))) for _ in range(int(rng.integers(3)))]  # one deep spine
         return {f"k{i}": k for i, k in enumerate(kids)} if rng.random() < 0.5 else kids
 
     for depth in range(MAX_DEPTH - 3, MAX_DEPTH + 4):
