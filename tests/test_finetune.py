@@ -125,6 +125,13 @@ def tiny(tmp_path_factory):
     return world, root, n
 
 
+def _prepare_done(run):
+    """data/ written by the fixture: recorded as a done prepare stage, or the runner refuses to read it."""
+    if (run.stage_record("prepare") or {}).get("status") != "done":
+        run.mark_done("prepare", run.mark_running("prepare", "fixture", {}), {"line": "written by the test fixture"})
+    return run
+
+
 def _config(world, **ft) -> RunConfig:
     base = dict(epochs=2.0, batch_size=8, learning_rate=5e-3, num_workers=1, cpus_per_worker=0.5, torch_threads=1,
                 lora=LoraConfig(r=8, alpha=16.0), max_new_tokens=6, eval_prompts=4, eval_batch_size=16)
@@ -145,7 +152,7 @@ def test_finetune_stage_writes_a_peft_adapter_and_the_format_table(ray_session, 
 
     world, root, n = tiny
     cfg = _config(world, format_eval_set=str(world.eval_dir))
-    run = RunDir(root / "run")
+    run = _prepare_done(RunDir(root / "run"))
     out = run_pipeline(cfg, run, stages=["finetune"])["finetune"]
 
     # --- the adapter: a standard PEFT folder that loads onto the base model
@@ -217,7 +224,7 @@ def test_finetune_is_reproducible(ray_session, tiny, tmp_path):
     for name in ("a", "b"):
         run = RunDir(tmp_path / name)
         shutil.copytree(root / "run" / "data", run.stage_dir("data"))
-        run_pipeline(_config(world, epochs=1.0), run, stages=["finetune"])
+        run_pipeline(_config(world, epochs=1.0), _prepare_done(run), stages=["finetune"])
         adapters.append(load_file(str(run.stage_dir("adapter") / "adapter_model.safetensors")))
     assert adapters[0].keys() == adapters[1].keys()
     for k in adapters[0]:
@@ -236,7 +243,7 @@ def test_finetune_ddp_two_workers(ray_session, tiny, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(root / "run" / "data", run.stage_dir("data"))
     cfg = _config(world, epochs=1.0, num_workers=2, cpus_per_worker=0.5)
-    out = run_pipeline(cfg, run, stages=["finetune"])["finetune"]
+    out = run_pipeline(cfg, _prepare_done(run), stages=["finetune"])["finetune"]
     assert out["num_workers"] == 2
     assert out["steps"] == batches_per_epoch(n // 2, 4)
     assert "format_table" not in out
