@@ -64,6 +64,16 @@ def _status(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
 
 
+def _retry_after(exc: BaseException, cap_s: float = 30.0) -> float:
+    """Seconds an overloaded server (429/503) asks the client to wait (its Retry-After header), else 0."""
+    if _status(exc) not in (429, 503):
+        return 0.0
+    try:
+        return min(cap_s, float(exc.response.headers.get("retry-after", 0)))  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+
+
 def _parse_choice(job: CompletionJob, choice: Any, completion_tokens: int | None) -> CompletionResult:
     out = CompletionResult(key=job.key, text=choice.text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens)
     lp = getattr(choice, "logprobs", None)
@@ -108,7 +118,7 @@ async def _group(client: Any, jobs: Sequence[CompletionJob], s: ClientSettings, 
                 if _status(exc) in NON_RETRYABLE_STATUS:
                     break
                 if attempt < s.retries:
-                    await asyncio.sleep(s.backoff_s * (2**attempt))
+                    await asyncio.sleep(max(s.backoff_s * (2**attempt), _retry_after(exc)))
         log.warning("request %s%s failed after %d attempt(s): %s", job.key, f" (+{len(jobs) - 1} more)" if len(jobs) > 1 else "",
                     attempts, last)
         dt = time.perf_counter() - t0
