@@ -350,6 +350,8 @@ class GroupsConfig(Section):
     """Score each group's coherence on the RAW gradients of its top documents (a small Ray pass, as the coherence stage)."""
     kmeans_baseline: bool = True
     """With a label column: also score scikit-learn k-means with as many clusters as groups and as families."""
+    min_docs: int = Field(default=2, ge=1)
+    """Atoms with fewer documents of positive oriented coefficient are left ungrouped (tree.json `ungrouped`)."""
     neighbours: int = Field(default=5, ge=0)
     """Nearest atoms (by the combined similarity) kept per atom in tree.json, for the explorer."""
 
@@ -408,8 +410,8 @@ class ServeConfig(Workers):
     """`peft`: transformers + PEFT (CPU or GPU); `vllm`: vLLM multi-LoRA (GPU); `auto`: vllm when CUDA and vLLM are there."""
     api_key_env: str | None = "GA_RAY_API_KEY"
     """Environment variable holding the API key; when set, requests need `Authorization: Bearer <key>`."""
-    max_batch_size: int = Field(default=8, ge=1, le=1024)
-    """Requests (of any variants) batched into one engine call by `@serve.batch`."""
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    """Requests (of any variants) batched into one engine call by `@serve.batch` (16: the evaluation's concurrency)."""
     batch_wait_timeout_s: float = Field(default=0.02, ge=0.0, le=10.0)
     """How long a batch waits to fill before it runs anyway."""
     max_ongoing_requests: int = Field(default=16, ge=1)
@@ -447,6 +449,12 @@ class EvaluationConfig(Section):
     when k covers the distributions' support; vLLM allows up to 20 by default)."""
     behaviours: list[str] = []
     """Behaviour prompt sets to evaluate (empty: every set the prompts provide)."""
+    variants: list[str] = []
+    """Variant names to evaluate, as shell patterns (e.g. `atom*-a2-*`; empty: every variant); the alpha = 0
+    baseline, `finetuned` and `base` are always evaluated."""
+    builtins: list[Literal["finetuned", "base"]] = ["finetuned", "base"]
+    """Built-in model ids evaluated on every prompt set beside the baseline variant (`finetuned` is the same adapter
+    as the baseline: a check that the endpoint serves it identically)."""
     retries: int = Field(default=3, ge=0, le=20)
     """Retries of a failed request (with exponential backoff) before it is counted as a failure."""
     backoff_s: float = Field(default=0.5, ge=0.0)

@@ -304,3 +304,17 @@ def test_nearest_neighbours():
     nb = gp.nearest_neighbours(S, 2)
     assert nb[0] == [[2, 0.9], [1, 0.2]]  # tie between 1 and 3 at 0.2: lower atom first
     assert nb[3] == [[1, 0.5], [0, 0.2]]
+
+
+def test_stage_leaves_atoms_without_documents_ungrouped(tmp_path):
+    w = constructed_world(seed=7)
+    K = w["K"]
+    # one more atom, active on a single document only
+    w = dict(w, K=K + 1, dictionary=np.vstack([w["dictionary"], w["dictionary"][:1]]), fam_of_atom=np.r_[w["fam_of_atom"], 0],
+             doc=np.r_[w["doc"], 0], atom=np.r_[w["atom"], K], coef=np.r_[w["coef"], 0.5])
+    root = make_stage_run(tmp_path / "run", w, with_label=False)
+    s, _ = _run_stage(root)
+    assert s["n_groups"] == 4 and s["n_ungrouped"] == 1 and "1 ungrouped" in s["line"]
+    tree = gio.load_tree(root)
+    assert tree["ungrouped"] == [K] and K not in tree["atoms"] and len(tree["neighbours"]) == K + 1
+    assert K not in {a for r in gio.load_groups(root).to_pylist() for a in r["atoms"]}

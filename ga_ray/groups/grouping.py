@@ -243,7 +243,7 @@ def nearest_neighbours(S: np.ndarray, n: int) -> list[list[list[float]]]:
 
 def tree_json(Z: np.ndarray, atom_ids: Sequence[int], grouping: Grouping, method: str, weights: Mapping[str, float]) -> dict[str, Any]:
     return {
-        "atoms": [int(a) for a in atom_ids],
+        "atoms": [int(a) for a in atom_ids],  # the atom id of each leaf of the linkage
         "linkage": [[int(r[0]), int(r[1]), float(r[2]), int(r[3])] for r in np.asarray(Z)],
         "method": method,
         "metric": "1 - weighted mean cosine similarity",

@@ -169,21 +169,28 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
     t = time.perf_counter()
     sims = similarities(cfg, root, K, doc, atom, oriented, atom_top, sign)
     timings["similarity_s"] = round(time.perf_counter() - t, 3)
+    M, docs = gp.positive_code_matrix(doc, atom, oriented, K)
+    n_active = np.asarray(M.getnnz(axis=0)).ravel()
+    # atoms with (almost) no positive documents carry no co-activation or gradient signal: left ungrouped
+    kept = np.flatnonzero(n_active >= gc.min_docs)
+    if len(kept) < 2:
+        raise StageError(f"only {len(kept)} of {K} atoms have >= {gc.min_docs} documents with a positive oriented coefficient: nothing to group (lower groups.min_docs)")
     t = time.perf_counter()
-    grouping = gp.group_atoms(sims, weights_of(gc), method=gc.method, n_groups=gc.cut, min_groups=gc.min_groups, max_groups=gc.max_groups)
+    grouping = gp.group_atoms(
+        {n: S[np.ix_(kept, kept)] for n, S in sims.items()}, weights_of(gc), method=gc.method, n_groups=gc.cut, min_groups=gc.min_groups, max_groups=gc.max_groups
+    )
     timings["cluster_s"] = round(time.perf_counter() - t, 3)
     G = grouping.n_groups
-
-    M, docs = gp.positive_code_matrix(doc, atom, oriented, K)
-    scores = gp.group_document_scores(M, grouping.labels, G)
+    full = np.full(K, -1, dtype=np.int64)  # group per atom id (-1: ungrouped)
+    full[kept] = grouping.labels
+    scores = gp.group_document_scores(M[:, kept], grouping.labels, G)
     top = gp.top_group_documents(scores, docs, gc.top_docs)
-    n_active = np.asarray(M.getnnz(axis=0)).ravel()
 
     # coherence of each group: the members' coherence weighted by their active documents, and (by
     # default) the paper's coherence measured on the raw gradients of the group's own top documents
     mean_coh = np.full(G, np.nan)
     for g in range(G):
-        m = np.flatnonzero((grouping.labels == g) & np.isfinite(atom_coh))
+        m = np.flatnonzero((full == g) & np.isfinite(atom_coh))
         if len(m):
             w = np.maximum(n_active[m], 1).astype(np.float64)
             mean_coh[g] = float(np.sum(w * atom_coh[m]) / np.sum(w))
@@ -201,8 +208,9 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
     order = sorted(range(G), key=lambda g: (-key[g], g))  # order[new] = old
     new_of_old = np.empty(G, dtype=np.int64)
     new_of_old[order] = np.arange(G)
-    labels = new_of_old[grouping.labels]
+    labels = new_of_old[grouping.labels]  # per leaf (kept atom)
     grouping.labels = labels
+    full[kept] = labels
     scores = scores[:, order]
     top = [top[o] for o in order]
     mean_coh, group_coh = mean_coh[order], group_coh[order]
@@ -214,7 +222,7 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
     parent, coarse_n = gp.coarser_parents(grouping.linkage, labels, G)
     rows = []
     for g in range(G):
-        members = np.flatnonzero(labels == g)
+        members = np.flatnonzero(full == g)
         mc = atom_coh[members]
         members = members[np.lexsort((members, -np.nan_to_num(mc, nan=-np.inf)))]
         mc = atom_coh[members]
@@ -237,11 +245,12 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
                 "leader": int(members[0]),
             }
         )
-    tree = gp.tree_json(grouping.linkage, range(K), grouping, gc.method, weights_of(gc))
+    tree = gp.tree_json(grouping.linkage, kept, grouping, gc.method, weights_of(gc))
+    tree["ungrouped"] = [int(a) for a in np.flatnonzero(full < 0)]
     tree["coarser"] = None if parent is None else {"n_groups": int(coarse_n), "assignment": [int(x) for x in gp.cut_tree(grouping.linkage, coarse_n)]}
     tree["coherence"] = "raw gradients of the group's top documents" if raw_coh is not None else "members' coherence weighted by active documents"
     tree["member_mean_coherence"] = [None if not np.isfinite(x) else float(x) for x in mean_coh]
-    tree["neighbours"] = gp.nearest_neighbours(1.0 - grouping.distance, gc.neighbours)
+    tree["neighbours"] = gp.nearest_neighbours(gp.combine(sims, weights_of(gc)), gc.neighbours)  # every atom, by atom id
     out = ctx.out
     gio.save_groups(out, rows, tree)
     atomic_write_json(out / "characterisation.json", {"groups": {str(g): v for g, v in char.items()}})
@@ -259,13 +268,15 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
         "n_groups": G,
         "criterion": grouping.criterion,
         "silhouette": None if G not in grouping.scores else round(float(grouping.scores[G]), 4),
+        "n_ungrouped": int((full < 0).sum()),
         "group_sizes": {"min": int(min(sizes)), "median": float(np.median(sizes)), "max": int(max(sizes))},
         "signals": sorted(sims),
         "timings": timings,
         "wall_s": round(time.perf_counter() - t0, 3),
         "discovery": None,
     }
-    line = f"{K} atoms -> {G} groups ({grouping.criterion}; atoms per group {min(sizes)}..{max(sizes)}, median {np.median(sizes):g})"
+    line = f"{K} atoms -> {G} groups ({grouping.criterion}; atoms per group {min(sizes)}..{max(sizes)}, median {np.median(sizes):g}"
+    line += f"; {summary['n_ungrouped']} ungrouped)" if summary["n_ungrouped"] else ")"
     if disc is not None:
         a, km = disc["groups_best"], [disc[n]["mean_f1"] for n in ("kmeans_groups", "kmeans_families") if n in disc]
         summary["discovery"] = {"mean_best_f1": round(a["mean_f1"], 4), "n_recovered": a["n_recovered"], "n_families": disc["n_families"], "kmeans_mean_f1": [round(x, 4) for x in km]}
