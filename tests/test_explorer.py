@@ -255,3 +255,12 @@ def test_browser_check_catches_console_errors(tmp_path):
 
     title, errors = drive(bad, tmp_path, scenario)
     assert title == "bad" and any("undefinedFunction" in e for e in errors)
+
+
+def test_explorer_without_groups_lists_atoms_only(tmp_path):
+    w = constructed_world(seed=7)
+    root = make_stage_run(tmp_path / "run", w, with_label=False)  # no groups stage run
+    data = explorer_data(root)
+    assert data["groups"] == [] and len(data["atoms"]) == w["K"]
+    assert all(a["group"] is None and a["neighbours"] == [] for a in data["atoms"])
+    assert "no groups: run `ga-ray groups`" in build_explorer(root).read_text()
