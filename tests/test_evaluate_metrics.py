@@ -89,3 +89,21 @@ def test_table2_row():
     assert atom["goal_met"] and atom["goal_variant"] == "atom7-away-a1" and atom["goal_random_delta_pp"] == 0.0
     rnd = next(r for r in table if r["kind"] == "random")
     assert not rnd["goal_met"]
+
+
+def test_plan_who_answers_what():
+    from ga_ray.evaluate.prompts import PromptRow
+    from ga_ray.evaluate.stage import plan
+
+    sets = {b: [PromptRow(f"{b}-000", b, "invite", "p")] for b in ("bullets", "code")}
+    vs = [{"name": "baseline-1", "kind": "baseline"}, {"name": "atom7-toward-a2-x", "kind": "atom", "behaviour": "bullets"},
+          {"name": "atom7-toward-a10-x", "kind": "atom", "behaviour": "bullets"}, {"name": "group3-toward-a1-x", "kind": "group", "behaviour": None},
+          {"name": "atom9-away-a2-x", "kind": "atom", "behaviour": "numbered"}]
+    meta, ref, asked = plan(vs, sets)
+    assert ref == "baseline-1" and asked["baseline-1"] == ["bullets", "code"] and asked["base"] == asked["finetuned"] == ["bullets", "code"]
+    assert asked["atom7-toward-a2-x"] == ["bullets"] and asked["group3-toward-a1-x"] == ["bullets", "code"]
+    assert "atom9-away-a2-x" not in asked  # no prompt set for its behaviour here
+    _, _, asked = plan(vs, sets, ["*-a2-*"], ["base"])
+    assert set(asked) == {"baseline-1", "atom7-toward-a2-x", "base"}
+    _, ref, asked = plan(vs[1:2], sets, (), ())
+    assert ref == "finetuned" and asked["finetuned"] == ["bullets", "code"]

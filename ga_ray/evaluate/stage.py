@@ -40,8 +40,14 @@ BASE, FINETUNED = "base", "finetuned"
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan(variants: Sequence[Mapping[str, Any]], sets: Mapping[str, Sequence[PromptRow]]) -> tuple[dict[str, dict], str, dict[str, list[str]]]:
-    """(model id -> metadata, the alpha = 0 reference id, model id -> prompt sets to answer)."""
+def plan(variants: Sequence[Mapping[str, Any]], sets: Mapping[str, Sequence[PromptRow]], patterns: Sequence[str] = (),
+         builtins: Sequence[str] = (FINETUNED, BASE)) -> tuple[dict[str, dict], str, dict[str, list[str]]]:
+    """(model id -> metadata, the alpha = 0 reference id, model id -> prompt sets to answer). `patterns`: shell
+    patterns of the variant names to evaluate (empty: all; the baseline always)."""
+    import fnmatch
+
+    variants = [v for v in variants if v.get("kind") == "baseline" or not patterns
+                or any(fnmatch.fnmatchcase(v["name"], pat) for pat in patterns)]
     meta: dict[str, dict] = {}
     asked: dict[str, list[str]] = {}
     everything = list(sets)
@@ -57,11 +63,13 @@ def plan(variants: Sequence[Mapping[str, Any]], sets: Mapping[str, Sequence[Prom
         elif m.get("behaviour") is None:
             asked[m["name"]] = everything
         # a variant steered for a behaviour without a prompt set here is not evaluated
-    for builtin in (FINETUNED, BASE):
+    for builtin in builtins:
         meta[builtin] = {"name": builtin, "kind": builtin, "sign": "none", "alpha": 0.0, "atoms": [], "behaviour": None}
         asked[builtin] = everything
     if reference is None:  # no baseline variant: the fine-tuned adapter itself is alpha = 0
         reference = FINETUNED
+        meta[FINETUNED] = {"name": FINETUNED, "kind": FINETUNED, "sign": "none", "alpha": 0.0, "atoms": [], "behaviour": None}
+        asked[FINETUNED] = everything
     return meta, reference, asked
 
 
@@ -244,7 +252,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
     from ga_ray.steer.io import list_variants
 
     run_root = ctx.run_dir.root
-    meta, reference, asked = plan(list_variants(run_root), sets)
+    meta, reference, asked = plan(list_variants(run_root), sets, ev.variants, ev.builtins)
     tok = load_tokenizer(cfg.model)
     docs: list[Any] = []
     if ev.perplexity_docs:
@@ -280,7 +288,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
                 log.warning("evaluate: control not written: %s", why)
             if added:
                 served = _wait_served(list_ids, added)
-                meta, reference, asked = plan(list_variants(run_root), sets)
+                meta, reference, asked = plan(list_variants(run_root), sets, [*ev.variants, *added] if ev.variants else (), ev.builtins)
                 asked = {m: b for m, b in asked.items() if m in served}
                 n_resumed += _pass(inp, settings, asked, reference, timings)
                 rows, flagged, table, scores = _compute(inp, meta, reference, asked, registry, ms, coherence)
