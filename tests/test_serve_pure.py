@@ -190,3 +190,15 @@ def test_default_bind_is_loopback_and_public_bind_warns():
     assert ServeConfig().host == "127.0.0.1"
     assert public_bind_warning("127.0.0.1") is None
     assert "every network interface" in public_bind_warning("0.0.0.0")
+
+
+def test_serve_command_on_a_missing_run_dir_is_one_red_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ga_ray.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-such-run")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--set", "serve.max_batch_size=0"])
+    assert result.exit_code == 2 and "max_batch_size" in result.output

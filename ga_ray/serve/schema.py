@@ -142,7 +142,9 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
             raise bad_request(f"Missing required field '{param}'", param=param, code="missing_field") from None
         got = first.get("input")
         shown = json.dumps(got)[:80] if _jsonable(got) else repr(got)[:80]
-        raise bad_request(f"Invalid value for '{param}': {first['msg']} (got {shown})", param=param) from None
+        # a union field (e.g. a number: int or float) fails once per branch: say every accepted form
+        msgs = list(dict.fromkeys(e["msg"] for e in errs if _param(tuple(e["loc"])) == param))
+        raise bad_request(f"Invalid value for '{param}': {' or '.join(msgs)} (got {shown})", param=param) from None
 
 
 def _jsonable(x: Any) -> bool:
