@@ -91,7 +91,13 @@ def steering_figure(curve: Mapping[str, Any], metrics: Sequence[Mapping[str, Any
     if base is not None:
         ax.axhline(base["all_rate"], color="grey", linestyle=":", label="base model")
     ax.set_xscale("symlog", linthresh=0.5)
-    ax.set_xlabel("α  (away ← 0 → toward)")
+    ticks = sorted({0.0, *xs})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([("0" if t == 0 else f"{'↑' if t > 0 else '↓'}{abs(t):g}") for t in ticks], fontsize=7)
+    ax.minorticks_off()
+    lim = max([abs(t) for t in ticks] + [1.0])
+    ax.set_xlim(-lim * 1.5, lim * 1.5)
+    ax.set_xlabel("α  (↓ away, ↑ toward; symmetric log scale)")
     ax.set_ylabel(f"{beh} rate")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"{curve['curve']} on {beh} prompts (95% Wilson)")
@@ -166,7 +172,7 @@ def section_steering(art: dict[str, Any] | None, out_dir: Path, figs: dict[str, 
     for i, r in enumerate(atoms[:MAX_FIGURES]):
         fname = "steering_" + re.sub(r"[^A-Za-z0-9]+", "_", f"{r['curve']}_{r['behaviour']}").strip("_") + ".png"
         figs[fname] = steering_figure(r, art["metrics"], ref)
-        body += img(figs[fname], f"{r['curve']} steering curve", f"{r['curve']}: {r['behaviour']} rate against α")
+        body += img(figs[fname], f"{r['curve']} steering curve", f"{r['curve']}: {r['behaviour']} rate against α (red ×: collapsed variant)")
         ex = _examples(r, art["generations"], ref, n_examples, chars)
         if ex:
             body += f"<h4>{esc(r['curve'])}: answers at the recommended α beside α = 0 (same prompts)</h4>" + ex
