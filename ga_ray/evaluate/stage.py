@@ -120,8 +120,21 @@ def run_pending(jobs: Sequence[CompletionJob], store: io.PartStore, settings: Cl
     appending each result to the store as it finishes. Returns how many jobs were skipped as done."""
     done = store.done_keys()
     pending = [j for j in jobs if j.key not in done]
+    t0, count = time.perf_counter(), [0, 0]
+    every = max(50, len(pending) // 20)
+
+    def on_result(r: CompletionResult) -> None:
+        store.add(to_row(r))
+        count[0] += 1
+        count[1] += r.error is not None
+        if count[0] % every == 0 or count[0] == len(pending):
+            dt = time.perf_counter() - t0
+            rate = count[0] / dt if dt > 0 else float("nan")
+            log.info("evaluate: %d/%d requests (%d failed), %.1f/s, about %.0f s left", count[0], len(pending), count[1], rate,
+                     (len(pending) - count[0]) / rate if rate > 0 else float("nan"))
+
     try:
-        run_jobs(pending, settings, on_result=lambda r: store.add(to_row(r)))
+        run_jobs(pending, settings, on_result=on_result)
     finally:
         store.flush()
     return len(jobs) - len(pending)
