@@ -107,3 +107,20 @@ def test_plan_who_answers_what():
     assert set(asked) == {"baseline-1", "atom7-toward-a2-x", "base"}
     _, ref, asked = plan(vs[1:2], sets, (), ())
     assert ref == "finetuned" and asked["finetuned"] == ["bullets", "code"]
+
+
+def test_finished_requests_are_reused_only_for_the_same_requests(tmp_path):
+    from ga_ray.config import RunConfig
+    from ga_ray.evaluate.prompts import PromptRow
+    from ga_ray.evaluate.stage import parts_key
+
+    sets = {"bullets": [PromptRow("b-000", "bullets", "invite", "List fruits.")]}
+    cfg = RunConfig()
+    k = parts_key(cfg, tmp_path, sets, [])
+    assert parts_key(RunConfig(), tmp_path, sets, []) == k
+    assert parts_key(RunConfig.model_validate({"evaluation": {"max_tokens": 50}}), tmp_path, sets, []) != k
+    other = {"bullets": [PromptRow("b-000", "bullets", "invite", "List vegetables.")]}
+    assert parts_key(cfg, tmp_path, other, []) != k
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert parts_key(cfg, tmp_path, sets, []) != k  # a new fine-tune: `finetuned` answers differently

@@ -1,6 +1,7 @@
 """Files of the evaluate stage (`RUN_DIR/eval/`).
 
-- `parts/<store>/part-*.parquet`: finished requests in durable chunks, keyed by (variant, item): each chunk is
+- `parts/<settings key>/<store>/part-*.parquet`: finished requests in durable chunks, keyed by (variant, item), in a
+  folder named by a hash of what the requests depend on (max_tokens, k, model, adapter, prompts); each chunk is
   written to a dot-prefixed temporary file, fsynced and renamed, so a killed evaluation leaves only whole chunks,
   and a resumed one skips every key already there (failures are retried on resume; successes never redone).
 - `generations.parquet`: one row per (variant, prompt): response, detector flags, latency, error.

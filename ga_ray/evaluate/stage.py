@@ -140,6 +140,23 @@ def run_pending(jobs: Sequence[CompletionJob], store: io.PartStore, settings: Cl
     return len(jobs) - len(pending)
 
 
+def parts_key(cfg: RunConfig, run_root: Path, sets: Mapping[str, Sequence[PromptRow]], docs: Sequence[Any]) -> str:
+    """The folder under `eval/parts/` for these settings: finished requests are reused only by a run that would send
+    the same requests to the same models (variant names are content-addressed; `finetuned` is the adapter folder's
+    fingerprint; `base` the model path's)."""
+    from ga_ray.rundir import fingerprint_obj, fingerprint_path
+
+    ev = cfg.evaluation
+    adapter = run_root / "adapter" if cfg.finetune.enabled else (Path(cfg.model.adapter) if cfg.model.adapter else None)
+    return fingerprint_obj({
+        "max_tokens": ev.max_tokens, "kl_top_k": ev.kl_top_k, "endpoint": ev.endpoint, "model": cfg.model.path,
+        "model_fp": fingerprint_path(Path(cfg.model.path)) if cfg.model.path and Path(cfg.model.path).exists() else None,
+        "adapter": fingerprint_path(adapter) if adapter is not None and adapter.exists() else None,
+        "prompts": [(p.prompt_id, p.behaviour, p.kind, p.prompt) for rows in sets.values() for p in rows],
+        "docs": [(d.doc_id, d.prompt, d.response) for d in docs],
+    })
+
+
 def _item(p: PromptRow) -> str:
     return f"{p.behaviour}/{p.prompt_id}"
 
@@ -272,11 +289,12 @@ def run_evaluate(ctx) -> dict[str, Any]:
         docs = load_documents(ev.perplexity_docs)
     elif cfg.finetune.format_eval_set and ev.perplexity_docs_per_family > 0:
         docs = demo_heldout_documents(cfg.demo.seed, ev.perplexity_docs_per_family)
+    key = parts_key(cfg, run_root, sets, docs)
     inp = _Inputs(ev=ev, tok=tok, sets=sets, docs=docs,
                   prompt_ids={_item(p): chat_prompt_ids(tok, [{"role": "user", "content": p.prompt}]) for rows in sets.values() for p in rows},
                   by_item={_item(p): p for rows in sets.values() for p in rows},
-                  gen_store=io.PartStore(ctx.out / "parts" / "generations", chunk_rows=ev.chunk_rows),
-                  score_store=io.PartStore(ctx.out / "parts" / "scores", chunk_rows=ev.chunk_rows))
+                  gen_store=io.PartStore(ctx.out / "parts" / key / "generations", chunk_rows=ev.chunk_rows),
+                  score_store=io.PartStore(ctx.out / "parts" / key / "scores", chunk_rows=ev.chunk_rows))
     ms = metrics.Settings(kl_budget=ev.kl_budget, collapse_degenerate_rise=ev.collapse_degenerate_rise,
                           collapse_format_drop=ev.collapse_format_drop, goal_delta_pp=ev.goal_delta_pp, goal_p=ev.goal_p,
                           split_seed=ev.split_seed)
