@@ -460,7 +460,7 @@ def serve_cmd(
         handle.shutdown()
 
 
-BENCHES = ("factors", "gradients", "dictionary", "serve")
+BENCHES = ("factors", "gradients", "dictionary", "serve", "gpu")
 
 
 @app.command("bench")

@@ -375,10 +375,13 @@ def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
-    """Options: device (auto|cuda|cpu), reps (3), parts ("gradients,dictionary"), budget_s per part.
+    """Options: device (auto|cuda|cpu), reps (3), parts ("gradients,dictionary"), budget_s per part
+    (no further repetition starts after it), threads (torch CPU threads; default unchanged).
 
     `run_dir` (from `ga-ray bench gpu --run-dir`) is ignored: this check builds its own inputs."""
     device = pick_device(opts.get("device"))
+    if opts.get("threads") is not None:
+        torch.set_num_threads(int(opts["threads"]))
     reps = int(opts.get("reps", 2 if quick else 3))
     parts = [p.strip() for p in str(opts.get("parts", "gradients,dictionary")).split(",") if p.strip()]
     budget = float(opts.get("budget_s", 30 if quick else 150))
@@ -428,11 +431,14 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 3; 2 with --quick)")
     ap.add_argument("--parts", default="gradients,dictionary", help="comma-separated: gradients, dictionary")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="accepted for symmetry with `ga-ray bench`: the JSON line is always printed")
     a = ap.parse_args(argv)
     opts: dict[str, Any] = {"device": a.device, "parts": a.parts}
     if a.reps is not None:
         opts["reps"] = a.reps
+    if a.threads is not None:
+        opts["threads"] = a.threads
     res = main(quick=a.quick, **opts)
     print(json.dumps(res, default=float))
     return 0 if not any("error" in res.get(p, {}) for p in ("gradients", "dictionary")) else 1
