@@ -104,6 +104,25 @@ def _link_ray_logs() -> None:
         log.debug("could not link the Ray logs: %s", exc)
 
 
+def route_raylet_messages() -> None:
+    """Send the raylet's messages to the driver (e.g. "N PYTHON worker processes have been started ... on a busy
+    machine) to the log file instead of the terminal. Ray prints them with `print_to_stdstream` from a listener
+    thread whatever `log_to_driver` says; wrapping that function (looked up by name at each call) is the only hook."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker.print_to_stdstream, "_ga_ray_original", ray_worker.print_to_stdstream)
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and not OUTPUT.verbose:
+            for line in data.get("lines", []):
+                logging.getLogger(f"{DETAIL_LOGGER}.raylet").warning("(raylet) %s", line)
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream._ga_ray_original = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join `cfg.address`, or start a local Ray in-process; idempotent."""
     import ray
@@ -114,6 +133,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         ray.init(**init_kwargs(cfg, OUTPUT.verbose))
         log.info(describe_ray(cfg.address, ray.cluster_resources()))
+        if OUTPUT.log_dir is not None:  # a CLI run: there is a log file to send them to
+            route_raylet_messages()
         if not cfg.address:
             _link_ray_logs()
     ctx = ray.data.DataContext.get_current()

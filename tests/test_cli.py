@@ -145,14 +145,20 @@ def test_quiet_output_keeps_library_lines_in_the_log_file(tmp_path, capsys):
         from ga_ray.raycluster import show_detail
 
         show_detail("\nEKFAC factors: per-block table")  # a stage's detail table
+        import ray._private.worker as ray_worker
+
+        from ga_ray.raycluster import route_raylet_messages
+
+        route_raylet_messages()  # what Ray's listener thread calls for the raylet's messages to the driver
+        ray_worker.print_to_stdstream({"lines": ["16 PYTHON worker processes have been started"], "pid": "raylet", "is_err": False}, False)
         captured = capsys.readouterr()
         err = captured.err
-        assert "per-block table" not in captured.out + err
+        assert "per-block table" not in captured.out + err and "PYTHON worker" not in captured.out + err
         assert "[prepare] done" in err and "a real serve error" in err
         for quiet in ("Started Serve", "Starting execution", "dask chatter", "old API"):
             assert quiet not in err, quiet
         text = log_file.read_text()
-        for line in ("[prepare] done", "Started Serve in namespace", "Starting execution of Dataset", "dask chatter", "old API", "per-block table"):
+        for line in ("[prepare] done", "Started Serve in namespace", "Starting execution of Dataset", "dask chatter", "old API", "per-block table", "(raylet) 16 PYTHON worker"):
             assert line in text, line
         assert log_file == tmp_path / "logs" / "ga-ray.log"
     finally:
@@ -161,6 +167,9 @@ def test_quiet_output_keeps_library_lines_in_the_log_file(tmp_path, capsys):
         for k, v in vars(OutputSettings()).items():  # a CLI command's settings must not leak into later tests
             setattr(OUTPUT, k, v)
         serve.removeHandler(late)
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = getattr(ray_worker.print_to_stdstream, "_ga_ray_original", ray_worker.print_to_stdstream)
         root = logging.getLogger()
         for lg in [root, *(logging.getLogger(n) for n in LIBRARY_LOGGERS)]:
             for h in [h for h in lg.handlers if getattr(h, _HANDLER_TAG, False)]:
