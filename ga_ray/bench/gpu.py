@@ -322,8 +322,17 @@ def bench_dictionary(d: DictSizes, device: torch.device, reps: int, budget_s: fl
     data_s = time.perf_counter() - t0
     s, kw, source = dict_settings(d)
     s = replace(s, max_epochs=1.0)  # one epoch per repetition: the stopping rule is not what is timed here
-    # warm-up on a slice, untimed
-    learn_dictionary(X[: min(len(X), 8 * s.batch_size)], s, device=str(device), **kw)
+    # warm-up on a slice (one epoch of 8 batches); its time per step also guards the budget: if a full
+    # epoch would not fit, each repetition runs the fraction that does and s_per_epoch is extrapolated
+    sync(device)
+    t = time.perf_counter()
+    warm = learn_dictionary(X[: min(len(X), 8 * s.batch_size)], s, device=str(device), **kw)
+    sync(device)
+    warm_step_s = (time.perf_counter() - t) / max(warm.steps, 1)
+    steps_per_epoch = math.ceil(len(X) * (1.0 - kw.get("heldout_fraction", 0.05)) / s.batch_size)
+    projected_epoch_s = warm_step_s * steps_per_epoch
+    if projected_epoch_s > budget_s:
+        s = replace(s, max_epochs=max(0.05, budget_s / projected_epoch_s))
     walls, peaks, runs = [], [], []
     start = time.perf_counter()
     for i in range(reps):
@@ -352,6 +361,9 @@ def bench_dictionary(d: DictSizes, device: torch.device, reps: int, budget_s: fl
         "s_per_epoch": epoch_s,
         "steps": r.steps,
         "epochs": r.epochs,
+        "partial_epoch": r.epochs < 0.999,
+        "warmup_s_per_step": warm_step_s,
+        "projected_epoch_s": projected_epoch_s,
         "heldout_objective": r.history[-1]["objective"] if r.history else None,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), T),
         "timings": r.timings,
