@@ -137,6 +137,7 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
         root.addHandler(h)
     root.setLevel(logging.INFO)
     logging.getLogger("ga_ray").setLevel(logging.INFO)
+    logging.captureWarnings(False)  # reset first: once something else restored warnings.showwarning, True alone is a no-op
     logging.captureWarnings(True)  # deprecation and future warnings: into the log file (the console filter drops them)
     if not verbose:
         # transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards"); read at their import,

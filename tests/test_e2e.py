@@ -41,6 +41,12 @@ TINY_STAGES = [
     "dictionary.kmeans_clusters=4",
     "coherence.top_docs=5",
     "report.top_atoms=8",
+    "steer.alphas=[2.0]",
+    "steer.controls=false",
+    "evaluation.behaviours=[bullets]",
+    "evaluation.max_tokens=8",
+    "evaluation.controls_at_recommended=false",
+    "evaluation.perplexity_docs_per_family=1",
     "ray.execution_no_progress_timeout_s=300",
 ]
 
@@ -53,7 +59,7 @@ def test_demo_pipeline_end_to_end_and_rerun_skips(tmp_path, ray_session):
     out = runner.invoke(app, ["demo", "--run-dir", str(run_dir), *sets], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    expected = ["prepare", "finetune", "factors", "gradients", "atoms", "coherence", "report"]
+    expected = ["prepare", "finetune", "factors", "gradients", "atoms", "coherence", "groups", "steer", "evaluate", "report"]
     assert [s for s in expected if manifest.get(s, {}).get("status") == "done"] == expected
     for stage in expected:
         assert re.search(rf"\[{stage}\] done in", out.output), f"no one-line summary for {stage}"
