@@ -221,7 +221,7 @@ class RunDir:
             stage,
             status="done",
             wall_time_s=round(time.perf_counter() - t0, 3),
-            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # downstream fingerprints read it: a re-run within the same second must still differ,
             summary=summary,
             error=None,
         )
