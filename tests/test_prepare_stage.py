@@ -207,3 +207,20 @@ def test_tokenizer_without_chat_template(ray_session, tmp_path):
         f"the tokenizer at {tmp_path / 'tok'} has no chat template; prepare needs one to build prompts and "
         "response masks. Save one with tokenizer.chat_template = ...; tokenizer.save_pretrained(...)"
     )
+
+
+def test_rows_written_out_of_doc_id_order_are_sorted_not_fatal(tmp_path, ray_session):
+    """Ray Data may deliver blocks out of order; the parts are then sorted on the driver, every row kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from ga_ray.data.stage import _write_ordered_parts
+
+    ds = ray.data.from_arrow([pa.table({"doc_id": [3, 1, 5], "x": [30, 10, 50]}), pa.table({"doc_id": [2, 4], "x": [20, 40]})])
+    names = _write_ordered_parts(ds, tmp_path)
+    table = pa.concat_tables([pq.read_table(tmp_path / n) for n in names])
+    assert names[0] == "part-00000.parquet"
+    assert table.column("doc_id").to_pylist() == [1, 2, 3, 4, 5]
+    assert table.column("x").to_pylist() == [10, 20, 30, 40, 50]
+    assert not (tmp_path / "_ray_parts").exists()

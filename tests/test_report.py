@@ -315,7 +315,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     out = _open_in_chromium(Path(res["html"]), tmp_path)
     assert out["errors"] == []
     assert out["title"].startswith("Gradient Atoms report")
-    assert out["sections"] == len(SECTIONS) + 1  # + the groups section (absent from this fixture; tests/test_explorer.py covers it)
+    assert out["sections"] == len(SECTIONS) + 2  # + the groups and steering sections (their "absent" notes in this fixture)
     assert len(out["images"]) == 3
     for alt, w, h, *err in out["images"]:
         assert w > 0 and h > 0, (alt, err)
