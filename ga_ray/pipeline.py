@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
+from ga_ray.context import resolve_adapter  # noqa: F401  (one copy; the runner and LocalStageContext share it)
 from ga_ray.errors import StageError
 from ga_ray.config import RunConfig, dump_config, section_fingerprint_data
 from ga_ray.rundir import RunDir, atomic_write_text, fingerprint_obj, fingerprint_path
@@ -102,13 +103,6 @@ def declared_view(cfg: RunConfig, stage: "Stage") -> RunConfig:
             allowed.setdefault(section, set()).add(fld)  # type: ignore[union-attr]
     frozen = {k: (None if v is None else frozenset(v)) for k, v in allowed.items()}
     return cast(RunConfig, _Declared(cfg, stage.name, "", frozen))
-
-
-def resolve_adapter(cfg: RunConfig, run_dir: RunDir) -> Path | None:
-    """The adapter under analysis: the run's own fine-tune (`adapter/`), or the one `model.adapter` names."""
-    if cfg.finetune.enabled:
-        return run_dir.stage_dir("adapter")
-    return Path(cfg.model.adapter) if cfg.model.adapter else None
 
 
 @dataclass
