@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ga_ray.errors import StageError
 
@@ -148,3 +148,22 @@ def plan_workers(
         torch_threads=max(1, int(math.floor(configured))),
         shrunk_from=shrunk_from,
     )
+
+
+def fit_keeping_sigint(trainer: Any) -> Any:
+    """`trainer.fit()` with the process's SIGINT handler restored afterwards.
+
+    Ray Train V2's `fit()` installs its own SIGINT handler (abort the training controller) and never puts the old one
+    back. Later in the same process, e.g. in the evaluate stage of `ga-ray run`, Ctrl-C then calls that handler on a
+    finished controller, which swallows the interrupt: the run could not be stopped with Ctrl-C any more.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        return trainer.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)

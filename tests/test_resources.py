@@ -52,3 +52,33 @@ def test_every_worker_section_names_its_resources_the_same():
         fields = set(type(getattr(cfg, section)).model_fields)
         assert {"num_workers", "cpus_per_worker", "gpus_per_worker"} <= fields, section
         assert not fields & {"use_gpu", "num_gpus", "num_actors", "cpus_per_actor"}, section
+
+
+def test_fit_keeping_sigint_restores_the_handler_a_trainer_installs():
+    """Ray Train V2's fit() installs its own SIGINT handler and leaves it; ours puts the old one back, also on error."""
+    import signal
+
+    from ga_ray.resources import fit_keeping_sigint
+
+    class InstallsHandler:  # what TorchTrainer.fit does to the process's SIGINT handler
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def fit(self) -> str:
+            signal.signal(signal.SIGINT, lambda *_: None)
+            if self.fail:
+                raise RuntimeError("worker died")
+            return "result"
+
+    def mine(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, mine)
+    try:
+        assert fit_keeping_sigint(InstallsHandler(False)) == "result"
+        assert signal.getsignal(signal.SIGINT) is mine
+        with pytest.raises(RuntimeError):
+            fit_keeping_sigint(InstallsHandler(True))
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, old)

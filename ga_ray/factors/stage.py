@@ -95,7 +95,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     from ga_ray.factors.compute import subsample_threshold
     from ga_ray.factors.factors import Factors
     from ga_ray.raycluster import init_ray, show_detail
-    from ga_ray.resources import plan_workers
+    from ga_ray.resources import fit_keeping_sigint, plan_workers
 
     init_ray(ctx.cfg.ray)
     fcfg = ctx.cfg.factors
@@ -141,7 +141,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit_keeping_sigint(trainer)
     except Exception as exc:  # Ray Train wraps worker exceptions (TrainingFailedError)
         raise StageError(f"factors job failed: {_worker_failure_message(exc)}") from exc
     finally:

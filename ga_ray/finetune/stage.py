@@ -226,7 +226,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
 
     from ga_ray.kernel.loading import load_tokenizer
     from ga_ray.raycluster import init_ray
-    from ga_ray.resources import plan_workers
+    from ga_ray.resources import fit_keeping_sigint, plan_workers
 
     cfg = ctx.cfg
     ft = cfg.finetune
@@ -253,7 +253,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit_keeping_sigint(trainer)
     except Exception as exc:  # Ray wraps worker errors; keep the cause readable
         raise StageError(f"finetune: training failed: {type(exc).__name__}: {exc}") from exc
     train_s = time.perf_counter() - t0
