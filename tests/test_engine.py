@@ -393,3 +393,47 @@ def test_score_batches_respect_the_token_budget(engine):
     big = engine.score(PROMPTS, FINETUNED, top_logprobs=2)
     for a, b in zip(small, big):
         assert a.token_ids == b.token_ids and a.logprobs[1:] == pytest.approx(b.logprobs[1:], abs=1e-5)
+
+
+def test_stacked_lora_equals_peft_mixed_batches_and_per_row_adapters(engine, reference, world):
+    """The gathered-matmul path (ga_ray.engine.stacked_lora) against PEFT's own `adapter_names=` forward and
+    against each row run alone with `set_adapter`: adapters of ranks 2, 4 and 8 on different modules and the base
+    model in one left-padded batch (a wrong rank pad, scaling or transpose would show in the logits)."""
+    from ga_ray.engine.peft_engine import PEFT_BASE
+    from ga_ray.engine.stacked_lora import StackedLora
+
+    ref, keys = reference
+    names = _all_variants(engine) * 2
+    seqs = [engine.encode(p) for p in (PROMPTS * 2)]
+    ids, attn, pos = engine._left_pad(seqs)
+    row_keys = [engine._variant(n).adapter_key for n in names]
+    stacked = StackedLora.build(engine._peft)
+    assert stacked is not None and stacked.knows(row_keys)
+    with torch.no_grad():
+        with stacked.rows(row_keys):
+            ours = engine._peft(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        peft = engine._peft(input_ids=ids, attention_mask=attn, position_ids=pos, adapter_names=row_keys).logits
+        assert not any(m._disable_adapters for m in engine._peft.modules() if hasattr(m, "_disable_adapters"))
+        torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-5)
+        for b, n in enumerate(names):  # each row alone, unpadded, through the reference PeftModel
+            x = torch.tensor([seqs[b]])
+            if n == BASE:
+                with ref.disable_adapter():
+                    alone = ref(input_ids=x).logits[0]
+            else:
+                ref.set_adapter(keys[n])
+                alone = ref(input_ids=x).logits[0]
+            torch.testing.assert_close(ours[b, -len(seqs[b]):], alone, rtol=1e-4, atol=1e-4)
+    assert PEFT_BASE in row_keys
+
+
+def test_stacked_lora_declines_adapters_peft_treats_specially(tmp_path):
+    """DoRA is not plain LoRA: no stacked form, the engine keeps PEFT's path (and still answers)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ga_ray.engine.stacked_lora import StackedLora
+
+    m = get_peft_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)).eval()
+    assert StackedLora.build(m) is None
+    plain = get_peft_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).eval()
+    assert StackedLora.build(plain) is not None

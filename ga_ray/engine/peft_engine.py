@@ -92,6 +92,9 @@ class PeftEngine:
     `max_batch_size`: rows per forward pass (longer request lists are split, length-sorted).
     `torch_threads`: intra-op CPU threads (`torch.set_num_threads`, which is per process).
     `score_token_budget`: padded tokens per scoring forward (its logits are batch x length x vocabulary).
+    `stacked_lora`: mixed batches of plain LoRA adapters by gathered matmuls (`ga_ray.engine.stacked_lora`; the
+    same numbers as PEFT's `adapter_names=` path, without its per-adapter Python loop; a second copy of the adapter
+    matrices); False, or any adapter PEFT treats specially (DoRA, LoRA bias, non-Linear layers): PEFT's path.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class PeftEngine:
         torch_threads: int | None = None,
         check_fits: bool = True,
         score_token_budget: int = 16384,
+        stacked_lora: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -121,6 +125,8 @@ class PeftEngine:
         self._next_key = 0
         self._peft: Any = None
         self._base: Any = model
+        self._use_stacked = bool(stacked_lora)
+        self._stacked: Any = None  # StackedLora, built on first use after every adapter load (False: not possible)
         if hasattr(model, "peft_config") and hasattr(model, "base_model"):  # already a PeftModel
             self._peft = model
             self._base = model.get_base_model()
@@ -211,6 +217,7 @@ class PeftEngine:
                 self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False)
             self._peft.to(self.device)
             self._peft.eval()
+            self._stacked = None  # rebuilt with the new adapter on the next mixed batch
             self._variants[name] = _Variant(name, key, path, digest)
 
     def _variant(self, name: str) -> _Variant:
@@ -254,7 +261,20 @@ class PeftEngine:
         if all(k == PEFT_BASE for k in keys):
             with self._peft.disable_adapter():
                 return self._peft(**kw)
+        stacked = self._stacked_lora()
+        if stacked is not None and stacked.knows(keys):
+            with stacked.rows(keys):
+                return self._peft(**kw)
         return self._peft(**kw, adapter_names=keys)
+
+    def _stacked_lora(self) -> Any:
+        if not self._use_stacked:
+            return None
+        if self._stacked is None:
+            from ga_ray.engine.stacked_lora import StackedLora
+
+            self._stacked = StackedLora.build(self._peft) or False
+        return self._stacked or None
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = max(len(s) for s in seqs)
