@@ -329,7 +329,7 @@ def groups_cmd(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the stage even if its inputs are unchanged.")] = False,
     cut: Annotated[
-        Optional[int], typer.Option("--cut", min=1, help="Cut the atom hierarchy into this many groups (default: the best silhouette).")
+        Optional[int], typer.Option("--cut", min=1, help="Cut the atom hierarchy into this many groups (default: the cut of largest modularity, groups.criterion).")
     ] = None,
     address: AddressOpt = None,
 ) -> None:

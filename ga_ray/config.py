@@ -332,18 +332,26 @@ class GroupsConfig(Section):
     """Run the groups stage (atoms grouped into behaviours, without labels)."""
     weight_coactivation: float = Field(default=1.0, ge=0.0)
     """Weight of co-activation (cosine of the atoms' coefficient columns over documents) in the atom similarity."""
-    weight_gradient: float = Field(default=1.0, ge=0.0)
-    """Weight of the cosine of the atoms' mean unit gradient (z) over their top documents."""
+    weight_gradient: float = Field(default=0.0, ge=0.0)
+    """Weight of the cosine of the atoms' mean unit gradient (z) over their top documents (0: on the demo world
+    this cosine is near zero within a behaviour as across, and averaging it in drowns co-activation)."""
     weight_dictionary: float = Field(default=0.0, ge=0.0)
     """Weight of the cosine of the oriented dictionary rows (the atoms' own directions)."""
     method: Literal["average", "complete", "single", "weighted"] = "average"
     """scipy linkage method on the distance 1 - similarity."""
     cut: int | None = Field(default=None, ge=1)
-    """Number of groups; default: the dendrogram cut with the best silhouette in [min_groups, max_groups]."""
+    """Number of groups; default: the dendrogram cut with the best `criterion` in [min_groups, max_groups]."""
+    criterion: Literal["modularity", "silhouette"] = "modularity"
+    """How the cut is chosen: the largest modularity of the cut's partition in the atom graph (weights max(S, 0),
+    S the combined similarity), or the largest silhouette on the distances 1 - S."""
+    resolution: float = Field(default=1.0, gt=0.0)
+    """Modularity resolution gamma (larger: more, smaller groups)."""
+    graph_neighbours: int | None = Field(default=None, ge=1)
+    """Keep only each atom's N most similar atoms as edges of the modularity graph (None: every positive similarity)."""
     min_groups: int = Field(default=2, ge=2)
-    """Smallest cut the silhouette criterion considers."""
+    """Smallest cut the criterion considers."""
     max_groups: int = Field(default=100, ge=2)
-    """Largest cut the silhouette criterion considers."""
+    """Largest cut the criterion considers."""
     top_docs: int = Field(default=20, ge=2)
     """Top documents per group (by summed oriented coefficient of its members): coherence, words, explorer."""
     raw_coherence: bool = True

@@ -111,16 +111,18 @@ def test_combine_weights():
 # ------------------------------------------------------------------------ the constructed case
 
 
+@pytest.mark.parametrize("criterion", ["modularity", "silhouette"])
 @pytest.mark.parametrize("signals", [("coactivation",), ("gradient",), ("coactivation", "gradient")])
-def test_constructed_atoms_group_by_family(signals):
+def test_constructed_atoms_group_by_family(signals, criterion):
     w = constructed_world()
     K = w["K"]
     sims = {
         "coactivation": gp.coactivation_similarity(w["doc"], w["atom"], w["coef"], K),
         "gradient": gp.cosine_rows(gp.mean_unit_rows(w["Z"], {i: i for i in range(len(w["Z"]))}, _top_docs(w["doc"], w["atom"], w["coef"], K))),
     }
-    g = gp.group_atoms(sims, {s: 1.0 for s in signals}, max_groups=10)
-    assert g.n_groups == 4 and g.criterion.startswith("silhouette")
+    g = gp.group_atoms(sims, {s: 1.0 for s in signals}, max_groups=10, criterion=criterion)
+    assert g.n_groups == 4 and g.criterion.startswith(criterion) and g.score_name == criterion
+    assert g.scores == g.all_scores[criterion] and set(g.all_scores) == {"modularity", "silhouette"}
     assert _same_partition(g.labels, w["fam_of_atom"])
     assert g.linkage.shape == (K - 1, 4)
     # the hierarchy can be cut finer or coarser
@@ -269,6 +271,9 @@ def test_stage_without_label_column(tmp_path):
     assert coh == sorted(coh, reverse=True)
     tree = gio.load_tree(root)
     assert tree["chosen"] == 4 and len(tree["linkage"]) == w["K"] - 1
+    assert tree["score_name"] == "modularity" and tree["criterion"].startswith("modularity")
+    assert set(tree["all_scores"]) == {"modularity", "silhouette"} and tree["scores"] == tree["all_scores"]["modularity"]
+    assert summary["modularity"] == pytest.approx(tree["scores"]["4"], abs=1e-4)
     assert len(tree["neighbours"]) == w["K"] and all(len(n) == 5 for n in tree["neighbours"])
     assert not (root / "groups" / gio.DISCOVERY_FILE).exists()
     # deterministic: a second run writes the same table
@@ -318,3 +323,89 @@ def test_stage_leaves_atoms_without_documents_ungrouped(tmp_path):
     tree = gio.load_tree(root)
     assert tree["ungrouped"] == [K] and K not in tree["atoms"] and len(tree["neighbours"]) == K + 1
     assert K not in {a for r in gio.load_groups(root).to_pylist() for a in r["atoms"]}
+
+
+# ------------------------------------------------------------ graph criteria against slow references
+
+
+def _brute_modularity(W, labels, resolution=1.0):
+    """Newman's Q by the double sum over every pair: (1/2m) Σ_ij [W_ij − γ k_i k_j / 2m] δ(c_i, c_j)."""
+    K = len(labels)
+    two_m = sum(W[i][j] for i in range(K) for j in range(K))
+    k = [sum(W[i][j] for j in range(K)) for i in range(K)]
+    q = 0.0
+    for i in range(K):
+        for j in range(K):
+            if labels[i] == labels[j]:
+                q += W[i][j] - resolution * k[i] * k[j] / two_m
+    return q / two_m
+
+
+@pytest.mark.parametrize("resolution", [1.0, 0.5, 2.0])
+def test_modularity_matches_brute_force(resolution):
+    rng = np.random.default_rng(11)
+    K = 12
+    A = rng.random((K, K))
+    W = np.where(rng.random((K, K)) < 0.5, A + A.T, 0.0)
+    W = np.triu(W, 1) + np.triu(W, 1).T
+    for labels in (rng.integers(0, 4, size=K), np.zeros(K, dtype=int), np.arange(K)):
+        labels = gp.relabel(labels)
+        assert gp.modularity(W, labels, resolution) == pytest.approx(_brute_modularity(W.tolist(), labels.tolist(), resolution), abs=1e-12)
+    assert np.isnan(gp.modularity(np.zeros((3, 3)), np.array([0, 0, 1])))
+
+
+def test_modularity_matches_networkx():
+    nx = pytest.importorskip("networkx")
+    rng = np.random.default_rng(12)
+    K = 10
+    W = np.triu(rng.random((K, K)) * (rng.random((K, K)) < 0.6), 1)
+    W = W + W.T
+    labels = gp.relabel(rng.integers(0, 3, size=K))
+    g = nx.Graph()
+    g.add_nodes_from(range(K))
+    g.add_weighted_edges_from((i, j, W[i, j]) for i in range(K) for j in range(i + 1, K) if W[i, j] > 0)
+    parts = [set(np.flatnonzero(labels == c).tolist()) for c in range(labels.max() + 1)]
+    assert gp.modularity(W, labels) == pytest.approx(nx.community.modularity(g, parts, weight="weight"), abs=1e-12)
+
+
+def test_affinity_knn_graph():
+    S = np.array([[1.0, 0.9, 0.1, -0.5], [0.9, 1.0, 0.3, 0.2], [0.1, 0.3, 1.0, 0.8], [-0.5, 0.2, 0.8, 1.0]])
+    W = gp.affinity(S)
+    assert W[0, 3] == 0.0 and W[0, 0] == 0.0 and W[1, 2] == pytest.approx(0.3)
+    W1 = gp.affinity(S, 1)  # each atom's single nearest: 0-1, 1-0, 2-3, 3-2
+    expect = np.zeros((4, 4))
+    expect[0, 1] = expect[1, 0] = 0.9
+    expect[2, 3] = expect[3, 2] = 0.8
+    np.testing.assert_allclose(W1, expect)
+    assert np.array_equal(W1, W1.T)
+
+
+def test_merge_gaps_by_hand():
+    # leaves 0..3; merges at heights 0.1 (0+1), 0.2 (2+3), 0.9 (the two pairs)
+    Z = np.array([[0, 1, 0.1, 2], [2, 3, 0.2, 2], [4, 5, 0.9, 4]])
+    gaps = gp.merge_gaps(Z, 4)
+    assert gaps == {2: pytest.approx(0.7), 3: pytest.approx(0.1)}
+
+
+def test_modularity_cut_is_the_brute_force_best_cut():
+    from scipy.cluster.hierarchy import cut_tree as scipy_cut
+
+    w = constructed_world(seed=9, n_fam=5, atoms_per_fam=4)
+    K = w["K"]
+    S = gp.coactivation_similarity(w["doc"], w["atom"], w["coef"], K)
+    g = gp.group_atoms({"coactivation": S}, {"coactivation": 1.0}, max_groups=15)
+    W = np.clip(S, 0, None)
+    np.fill_diagonal(W, 0.0)
+    brute = {n: _brute_modularity(W.tolist(), scipy_cut(g.linkage, n_clusters=n).ravel().tolist()) for n in range(2, 16)}
+    best = max(brute.values())
+    assert g.n_groups == min(n for n, q in brute.items() if q > best - 1e-12)
+    assert all(g.scores[n] == pytest.approx(q, abs=1e-12) for n, q in brute.items())
+    assert _same_partition(g.labels, w["fam_of_atom"])
+    with pytest.raises(ValueError, match="unknown grouping criterion"):
+        gp.group_atoms({"coactivation": S}, {"coactivation": 1.0}, criterion="gap")
+
+
+def test_choose_prefers_the_coarser_cut_on_ties():
+    assert gp.choose({3: 0.5, 2: 0.5, 4: 0.1}) == 2
+    assert gp.choose({2: float("nan"), 5: 0.2}) == 5
+    assert gp.choose({2: float("nan")}) is None

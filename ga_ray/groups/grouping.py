@@ -5,13 +5,16 @@ of one behaviour share three things that the run already has, and none of them i
 - `coactivation`: they fire on the same documents: cosine similarity of the atoms' columns of the
   oriented, positive code matrix (documents × atoms, the coefficients as weights);
 - `gradient`: their top documents have similar gradients: cosine similarity of the atoms' mean unit
-  gradient over their top documents (rows of `z`, the projected gradients the dictionary was fitted
-  on; or the raw-gradient Σu that the coherence pass keeps);
+  gradient over their top documents (rows of `z`, the projected gradients the dictionary was fitted on);
 - `dictionary`: the atoms' own directions: cosine similarity of the oriented dictionary rows.
-The similarities are averaged with the configured weights into one atom × atom similarity S, and atoms
-are clustered hierarchically (scipy `linkage`, average linkage on the distance 1 − S). The number of
-groups is the cut of the dendrogram with the largest silhouette score (scikit-learn, precomputed
-distances) among the candidate cuts; the whole linkage is kept so users can cut coarser or finer.
+The similarities are averaged with the configured weights into one atom × atom similarity S (by default
+co-activation alone: on the demo world the gradient and dictionary cosines of two atoms are near zero
+whether or not they share a behaviour, and averaging them in drowns co-activation), and atoms are
+clustered hierarchically (scipy `linkage`, average linkage on the distance 1 − S). The number of groups
+is the cut of the dendrogram whose partition has the largest modularity (Newman's, weights max(S, 0)) in
+the atom graph S, among the candidate cuts; silhouette is the other criterion offered (it keeps rising
+as the cuts get finer on sparse co-activation, so it picks the finest cut allowed). The whole linkage is
+kept so users can cut coarser or finer.
 """
 
 from __future__ import annotations
@@ -126,10 +129,82 @@ def silhouette(D: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(D, labels, metric="precomputed"))
 
 
+def affinity(S: np.ndarray, n_neighbours: int | None = None) -> np.ndarray:
+    """Weights of the atom graph: max(S, 0) off the diagonal, and with `n_neighbours`, only the edges
+    i–j where j is among i's `n_neighbours` most similar atoms or i among j's (ties: lower atom)."""
+    S = np.asarray(S, dtype=np.float64)
+    W = np.clip(0.5 * (S + S.T), 0.0, None)
+    np.fill_diagonal(W, 0.0)
+    K = W.shape[0]
+    if n_neighbours is not None and 0 < int(n_neighbours) < K - 1:
+        keep = np.zeros_like(W, dtype=bool)
+        idx = np.arange(K)
+        for i in range(K):
+            others = np.delete(idx, i)
+            order = others[np.lexsort((others, -W[i, others]))][: int(n_neighbours)]
+            keep[i, order] = True
+        W = np.where(keep | keep.T, W, 0.0)
+    return W
+
+
+def modularity(W: np.ndarray, labels: np.ndarray, resolution: float = 1.0) -> float:
+    """Newman's modularity of a partition of the weighted undirected graph W (symmetric, >= 0):
+
+        Q = Σ_c [ L_c / (2m) − γ (d_c / (2m))² ],
+
+    with 2m = Σ_ij W_ij, L_c = Σ_{i,j ∈ c} W_ij (both orders) and d_c = Σ_{i ∈ c} Σ_j W_ij.
+    NaN for a graph without edges."""
+    W = np.asarray(W, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    two_m = float(W.sum())
+    if two_m <= 0:
+        return float("nan")
+    n = int(labels.max()) + 1 if len(labels) else 0
+    P = np.zeros((W.shape[0], n))
+    P[np.arange(W.shape[0]), labels] = 1.0
+    inside = float(np.einsum("ic,ij,jc->", P, W, P))
+    deg = np.bincount(labels, weights=W.sum(axis=1), minlength=n)
+    return inside / two_m - float(resolution) * float(np.sum((deg / two_m) ** 2))
+
+
+def merge_gaps(Z: np.ndarray, n_leaves: int) -> dict[int, float]:
+    """Per number of groups n (1 < n < leaves), the jump in merge distance that a cut into n groups
+    leaves unmade: the height of the merge that would join two of the n groups minus the height of the
+    last merge made (scipy linkage heights, ascending for a monotone method)."""
+    h = np.asarray(Z, dtype=np.float64)[:, 2]
+    out = {}
+    for n in range(2, int(n_leaves)):
+        # after n_leaves - n merges there are n groups; merge index n_leaves - n is the next one
+        out[n] = float(h[n_leaves - n] - h[n_leaves - n - 1])
+    return out
+
+
 def candidate_cuts(n_atoms: int, min_groups: int, max_groups: int) -> list[int]:
     hi = min(int(max_groups), n_atoms - 1)
     lo = max(2, int(min_groups))
     return list(range(lo, hi + 1)) if hi >= lo else []
+
+
+CRITERIA = ("modularity", "silhouette")
+
+
+def cuts_of(Z: np.ndarray, ns: Sequence[int]) -> dict[int, np.ndarray]:
+    """Leaf -> group for each cut in `ns` (one scipy call for all of them), canonically numbered."""
+    from scipy.cluster.hierarchy import cut_tree as scipy_cut
+
+    ns = [int(n) for n in ns]
+    if not ns:
+        return {}
+    raw = scipy_cut(Z, n_clusters=ns)
+    return {n: relabel(raw[:, i]) for i, n in enumerate(ns)}
+
+
+def choose(scores: Mapping[int, float]) -> int | None:
+    """The cut with the largest finite score; ties go to the coarser cut (fewer groups)."""
+    finite = {n: s for n, s in scores.items() if np.isfinite(s)}
+    if not finite:
+        return None
+    return min(finite, key=lambda n: (-round(finite[n], 12), n))
 
 
 @dataclass
@@ -141,7 +216,9 @@ class Grouping:
     labels: np.ndarray  # group per atom at the chosen cut
     n_groups: int
     criterion: str
-    scores: dict[int, float] = field(default_factory=dict)  # silhouette per candidate cut
+    scores: dict[int, float] = field(default_factory=dict)  # the criterion per candidate cut
+    all_scores: dict[str, dict[int, float]] = field(default_factory=dict)  # every criterion per candidate cut
+    score_name: str = ""  # the criterion `scores` holds
 
     def labels_at(self, n_groups: int) -> np.ndarray:
         return cut_tree(self.linkage, n_groups)
@@ -155,28 +232,42 @@ def group_atoms(
     n_groups: int | None = None,
     min_groups: int = 2,
     max_groups: int = 100,
+    criterion: str = "modularity",
+    resolution: float = 1.0,
+    graph_neighbours: int | None = None,
 ) -> Grouping:
-    """Hierarchical clustering of the atoms; the cut is `n_groups` when given, else the best silhouette."""
+    """Hierarchical clustering of the atoms; the cut is `n_groups` when given, else the cut in
+    [min_groups, max_groups] with the best `criterion`:
+    - `modularity` (default): Newman's modularity (resolution `resolution`) of the cut as a partition of
+      the atom graph `affinity(S, graph_neighbours)` (weights max(S, 0); S the combined similarity);
+    - `silhouette`: scikit-learn's silhouette on the distances 1 − S.
+    Both are computed for every candidate cut (kept in `all_scores`)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown grouping criterion {criterion!r} (one of {', '.join(CRITERIA)})")
     S = combine(similarities, weights)
     K = S.shape[0]
     D = distance_matrix(S)
     if K < 2:
         return Grouping(np.zeros((0, 4)), D, np.zeros(K, dtype=np.int64), K, "single atom")
     Z = linkage_tree(D, method)
-    scores: dict[int, float] = {}
-    for n in candidate_cuts(K, min_groups, max_groups):
-        scores[n] = silhouette(D, cut_tree(Z, n))
+    cuts = cuts_of(Z, candidate_cuts(K, min_groups, max_groups))
+    W = affinity(S, graph_neighbours)
+    all_scores = {
+        "modularity": {n: modularity(W, lab, resolution) for n, lab in cuts.items()},
+        "silhouette": {n: silhouette(D, lab) for n, lab in cuts.items()},
+    }
+    scores = all_scores[criterion]
     if n_groups is not None:
-        chosen, criterion = max(1, min(int(n_groups), K)), "given (--cut)"
+        chosen, name = max(1, min(int(n_groups), K)), "given (--cut)"
     else:
-        finite = {n: s for n, s in scores.items() if np.isfinite(s)}
-        if finite:
-            # largest silhouette; ties go to the coarser cut (fewer groups)
-            chosen = min(finite, key=lambda n: (-round(finite[n], 12), n))
-            criterion = "silhouette (max over cuts)"
+        best = choose(scores)
+        if best is not None:
+            chosen = best
+            name = f"{criterion} (max over cuts" + (f", resolution {resolution:g}" if criterion == "modularity" and resolution != 1.0 else "") + ")"
         else:
-            chosen, criterion = 1, "no candidate cut"
-    return Grouping(Z, D, cut_tree(Z, chosen), int(chosen), criterion, scores)
+            chosen, name = 1, "no candidate cut"
+    labels = cuts[chosen] if chosen in cuts else cut_tree(Z, chosen)
+    return Grouping(Z, D, labels, int(chosen), name, scores, all_scores, criterion)
 
 
 # ------------------------------------------------------------------ group members, documents, ranks
@@ -241,6 +332,10 @@ def nearest_neighbours(S: np.ndarray, n: int) -> list[list[list[float]]]:
     return out
 
 
+def _rounded(scores: Mapping[int, float]) -> dict[str, float | None]:
+    return {str(n): (None if not np.isfinite(x) else round(float(x), 6)) for n, x in scores.items()}
+
+
 def tree_json(Z: np.ndarray, atom_ids: Sequence[int], grouping: Grouping, method: str, weights: Mapping[str, float]) -> dict[str, Any]:
     return {
         "atoms": [int(a) for a in atom_ids],  # the atom id of each leaf of the linkage
@@ -250,6 +345,8 @@ def tree_json(Z: np.ndarray, atom_ids: Sequence[int], grouping: Grouping, method
         "weights": {k: float(v) for k, v in weights.items()},
         "criterion": grouping.criterion,
         "chosen": int(grouping.n_groups),
-        "scores": {str(n): (None if not np.isfinite(s) else round(float(s), 6)) for n, s in grouping.scores.items()},
+        "score_name": grouping.score_name,  # what `scores` holds
+        "scores": _rounded(grouping.scores),
+        "all_scores": {c: _rounded(v) for c, v in grouping.all_scores.items()},
         "assignment": [int(x) for x in grouping.labels],
     }

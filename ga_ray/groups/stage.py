@@ -5,6 +5,14 @@ atom table (orientation, top documents, coherence), `gradients/` (z of the atoms
 `data/` (token ids of the groups' top documents, for their words). Never the label column, except in
 the discovery score at the very end, after `groups.parquet` and `tree.json` are written.
 
+Grouping (`ga_ray.groups.grouping`): the atoms' similarity S is the weighted mean of the configured
+signals (default: co-activation alone, the cosine of the atoms' positive oriented coefficient columns);
+scipy's average linkage on 1 − S builds the tree; the number of groups is the cut in
+[groups.min_groups, groups.max_groups] whose partition has the largest Newman modularity in the atom
+graph with weights max(S, 0) (`groups.criterion: modularity`, resolution `groups.resolution`; the
+alternative is `silhouette`), ties to the coarser cut; `groups.cut` overrides it. tree.json keeps the
+whole linkage and both criteria for every candidate cut.
+
 Writes (see `ga_ray.groups.io`): `groups.parquet`, `tree.json`, `characterisation.json` (examples and
 words per group), and `discovery.json` (only when `data/` has `coherence.label_column`).
 """
@@ -148,6 +156,11 @@ def score_discovery(cfg: Any, run_root: Path, data_dir: Path, docs: np.ndarray, 
     return out
 
 
+def _score_at(grouping: gp.Grouping, name: str, n: int) -> float | None:
+    x = grouping.all_scores.get(name, {}).get(n)
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
 def run_groups(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     gc = cfg.groups
@@ -177,7 +190,15 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
         raise StageError(f"only {len(kept)} of {K} atoms have >= {gc.min_docs} documents with a positive oriented coefficient: nothing to group (lower groups.min_docs)")
     t = time.perf_counter()
     grouping = gp.group_atoms(
-        {n: S[np.ix_(kept, kept)] for n, S in sims.items()}, weights_of(gc), method=gc.method, n_groups=gc.cut, min_groups=gc.min_groups, max_groups=gc.max_groups
+        {n: S[np.ix_(kept, kept)] for n, S in sims.items()},
+        weights_of(gc),
+        method=gc.method,
+        n_groups=gc.cut,
+        min_groups=gc.min_groups,
+        max_groups=gc.max_groups,
+        criterion=gc.criterion,
+        resolution=gc.resolution,
+        graph_neighbours=gc.graph_neighbours,
     )
     timings["cluster_s"] = round(time.perf_counter() - t, 3)
     G = grouping.n_groups
@@ -267,7 +288,8 @@ def run_groups(ctx: StageContext) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "n_groups": G,
         "criterion": grouping.criterion,
-        "silhouette": None if G not in grouping.scores else round(float(grouping.scores[G]), 4),
+        "modularity": _score_at(grouping, "modularity", G),
+        "silhouette": _score_at(grouping, "silhouette", G),
         "n_ungrouped": int((full < 0).sum()),
         "group_sizes": {"min": int(min(sizes)), "median": float(np.median(sizes)), "max": int(max(sizes))},
         "signals": sorted(sims),

@@ -49,7 +49,7 @@ def section_groups(art: dict[str, Any] | None, n_examples: int = 1, chars: int =
         f"({esc(tree.get('method'))} linkage on 1 − similarity; similarity = weighted mean of "
         + esc(", ".join(f"{k} ×{fmt(v)}" for k, v in (tree.get("weights") or {}).items() if v))
         + f"). Number of groups: {esc(crit)}"
-        + (f", silhouette {fmt(sil)}" if sil is not None else "")
+        + (f", {esc(tree.get('score_name') or 'silhouette')} {fmt(sil)}" if sil is not None else "")
         + ". Cut coarser or finer with <code>ga-ray groups --cut N</code>. Coherence: "
         + esc(tree.get("coherence", ""))
         + ".</p>"
