@@ -230,12 +230,20 @@ class DictionaryConfig(Workers):
     """Rows per online step."""
     max_epochs: Positive = 20.0
     """Upper bound on passes over the data."""
-    tol: NonNegative = 1e-3
-    """Stop when the held-out objective improves by less than this (relative) over `patience` checks."""
-    patience: PositiveInt = 3
-    """Held-out checks without improvement before stopping."""
-    heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    """Share of rows kept aside to measure the objective for stopping."""
+    stop_on: Literal["train", "heldout"] = "train"
+    """Objective the stopping rule watches. `train`: the training stream's own objective (each batch
+    costed against the dictionary before it learns from it, over the last min(epoch, 500) steps; free),
+    i.e. the objective of the documents this stage encodes; `heldout`: the objective of held-out rows
+    (needs `heldout_fraction` > 0; they are not trained on and are coded at every check)."""
+    tol: NonNegative = 5e-3
+    """`train`: stop when the objective improves by less than this (relative) per epoch at `patience`
+    consecutive checks (every half window). `heldout`: stop when it improves by less than this
+    (relative to the best) for `patience` checks."""
+    patience: PositiveInt = 1
+    """Checks below `tol` before stopping."""
+    heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Share of rows kept aside (not trained on) to measure a held-out objective (recorded; the
+    stopping objective with `stop_on=heldout`)."""
     lasso_tol: Positive = 1e-6
     """Tolerance of the sparse coder (max KKT violation)."""
     lasso_max_iter: PositiveInt = 500
@@ -253,7 +261,8 @@ class DictionaryConfig(Workers):
     kmeans_clusters: PositiveInt | None = 14
     """k-means baseline clusters (dask-ml); None skips the baseline."""
     eval_every: PositiveInt | None = None
-    """Online steps between held-out objective checks (None: once per epoch, at most every 200 steps)."""
+    """Online steps between stopping checks (None: `train`, half of min(epoch, 500 steps); `heldout`,
+    once per epoch, at most every 200 steps)."""
     heldout_max_rows: PositiveInt = 10_000
     """Cap on held-out rows (they are kept in the workers' memory and coded at every check)."""
     shuffle_buffer_mb: Positive = 512.0

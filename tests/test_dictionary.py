@@ -90,6 +90,17 @@ def _sklearn_model():
     return MiniBatchDictionaryLearning(n_components=6, alpha=0.1)
 
 
+def test_gram_equals_pairwise_dot_products_and_is_symmetric():
+    rng = np.random.default_rng(11)
+    for K, P in [(5, 9), (130, 70), (300, 40)]:
+        D = torch.tensor(rng.standard_normal((K, P)), dtype=torch.float32)
+        G = gram(D)
+        D64 = D.double()
+        ref = torch.tensor([[float(D64[i] @ D64[j]) for j in range(K)] for i in range(K)], dtype=torch.float64)
+        assert torch.equal(G, G.T)
+        torch.testing.assert_close(G.double(), ref, atol=1e-4 * P**0.5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "sizes,density", [([8] * 11, 0.4), ([8, 8, 8, 5], 0.4), ([16, 3, 16, 7, 16], 0.4), ([8, 8, 3], 0.08)]
 )
@@ -277,11 +288,12 @@ def test_planted_atoms_are_recovered():
     assert r.history[-1]["objective"] < r.history[0]["objective"]
 
 
-def test_resume_after_kill_equals_unbroken_run(tmp_path):
+@pytest.mark.parametrize("stop_on", ["train", "heldout"])
+def test_resume_after_kill_equals_unbroken_run(tmp_path, stop_on):
     from ga_ray.atoms.io import load_checkpoint, save_checkpoint
 
     X, _, _ = planted_atoms(400, 32, 12, seed=2)
-    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=3, seed=1, tol=1e-3, patience=2, eval_every=5, checkpoint_every=4)
+    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=3, seed=1, tol=1e-3, patience=2, eval_every=5, checkpoint_every=4, stop_on=stop_on)
     pieces = even_pieces(400, 64)
 
     def pool_and_plan():
@@ -320,6 +332,44 @@ def test_resume_after_kill_equals_unbroken_run(tmp_path):
     assert torch.equal(resumed.state.D, unbroken.state.D)
     strip = lambda h: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(unbroken.history)
+
+
+def test_train_stopping_rule_equals_a_slow_reference():
+    """`stop_on=train`: every check's objective is the row-weighted mean batch cost of the last
+    W = min(epoch, stop_window) steps (each batch costed before its update), the per-epoch rate is
+    (o_then − o_now)/o_then · spe/lag against the latest check ≥ W steps back, and the run stops at the
+    first `patience` consecutive checks whose rate is below `tol`."""
+    X, _, _ = planted_atoms(600, 40, 12, seed=4)
+    steps: list[tuple[float, int]] = []
+    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=12, seed=2, tol=0.02, patience=2, stop_on="train", stop_window=12)
+    r = learn_dictionary(X, s, heldout_fraction=0.0, on_step=lambda st, res: steps.append((res.batch_cost, res.n_rows)))
+    spe = -(-600 // 32)
+    W = min(spe, 12)
+    every = -(-W // 2)
+    assert [h["step"] for h in r.history] == [k for k in range(1, r.steps + 1) if k % every == 0 or k == r.steps]
+    bad, stop_at = 0, None
+    for i, h in enumerate(r.history):
+        last = steps[max(0, h["step"] - W) : h["step"]]
+        want = sum(c * n for c, n in last) / sum(n for _, n in last)
+        assert h["objective"] == pytest.approx(want, rel=1e-12)
+        assert h["objective_kind"] == "train_stream"
+        then = [g for g in r.history[:i] if g["step"] <= h["step"] - W]
+        if then and stop_at is None:
+            rate = (then[-1]["objective"] - h["objective"]) / then[-1]["objective"] * spe / (h["step"] - then[-1]["step"])
+            bad = bad + 1 if rate < s.tol else 0
+            if bad >= s.patience:
+                stop_at = h["step"]
+    assert r.stop_reason == "converged" and stop_at == r.steps
+    assert r.history[-1]["objective"] < r.history[0]["objective"]
+
+
+def test_train_stopping_rule_records_the_heldout_objective_when_rows_are_held_out():
+    X, _, _ = planted_atoms(400, 32, 10, seed=5)
+    s = FitSettings(n_atoms=10, alpha=0.1, batch_size=32, max_epochs=2, seed=1, tol=0.0, stop_on="train")
+    r = learn_dictionary(X, s, heldout_fraction=0.1)
+    assert all(h["objective_kind"] == "train_stream" and 0 < h["heldout_objective"] < 0.5 for h in r.history)
+    with pytest.raises(ValueError, match="stop_on"):
+        learn_dictionary(X, FitSettings(n_atoms=10, alpha=0.1, stop_on="other"))
 
 
 # ---- stability -------------------------------------------------------------------------------------

@@ -84,13 +84,14 @@ def fit_settings(cfg: DictionaryConfig, seed: int) -> FitSettings:
         seed=seed,
         dup_threshold=cfg.dup_threshold,
         checkpoint_every=cfg.checkpoint_every,
+        stop_on=cfg.stop_on,
     )
 
 
 def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int) -> str:
     keys = (
         "n_atoms alpha batch_size max_epochs tol patience heldout_fraction lasso_tol lasso_max_iter init "
-        "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold"
+        "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold stop_on"
     ).split()
     data = {k: getattr(cfg, k) for k in keys}
     files = sorted({p.path for p in pieces})
@@ -159,6 +160,16 @@ def fit_torch(
     return result, plan
 
 
+def _last_heldout(history: list[dict[str, Any]]) -> float | None:
+    """The last held-out objective recorded (None when no rows were held out)."""
+    for h in reversed(history):
+        if "heldout_objective" in h:
+            return h["heldout_objective"]
+        if h.get("objective_kind") == "heldout":
+            return h["objective"]
+    return None
+
+
 def _training_summary(r: FitResult, plan: StreamPlan) -> dict[str, Any]:
     return {
         "steps": r.steps,
@@ -170,7 +181,9 @@ def _training_summary(r: FitResult, plan: StreamPlan) -> dict[str, Any]:
         "dead_atoms_resampled": r.state.n_dead_resampled,
         "duplicate_atoms_resampled": r.state.n_dup_resampled,
         "unconverged_coder_rows": r.n_unconverged_rows,
-        "heldout_objective": r.history[-1]["objective"] if r.history else None,
+        "objective": r.history[-1]["objective"] if r.history else None,
+        "objective_kind": r.history[-1].get("objective_kind") if r.history else None,
+        "heldout_objective": _last_heldout(r.history),
         "history": r.history,
     }
 

@@ -5,9 +5,17 @@ Pure torch (no Ray, no files). The workers are behind a small `Pool` interface: 
 runs them as Ray actors. The loop is the same for both, so one worker and W workers follow the same
 trajectory: parts are merged in stream order before anything is summed.
 
-Stopping: every `eval_every` steps the objective `(1/N) Σ ½‖x − cD‖² + α‖c‖₁` is measured on the
-held-out rows with the exact coder; the run stops when it has not improved by more than `tol`
-(relative) for `patience` checks, or after `max_epochs`.
+Stopping (`stop_on`), checked every `eval_every` steps (default: half the stopping window):
+
+- `train` (default): the objective `(1/N) Σ ½‖x − cD‖² + α‖c‖₁` of the training stream itself, each
+  batch costed by the exact coder against the dictionary *before* the update on that batch (free: the
+  step computes it anyway), averaged over the last W = min(one epoch, `stop_window`) steps. The run
+  stops when that objective improved by less than `tol` (relative, per epoch: the improvement over the
+  last W steps × steps-per-epoch / W) at `patience` consecutive checks, or after `max_epochs`. This is
+  the objective of the documents the stage encodes (scikit-learn's, on the same rows); held-out rows,
+  when kept (`heldout_fraction` > 0), are still coded at each check and recorded.
+- `heldout`: the objective of the held-out rows (exact coder) at each check; stops when it has not
+  improved by more than `tol` (relative to the best so far) for `patience` checks.
 """
 
 from __future__ import annotations
@@ -94,6 +102,10 @@ class FitSettings:
     dup_threshold: float | None = 0.99
     checkpoint_every: int = 0
     svd_rows: int = 20_000
+    stop_on: str = "train"
+    """`train` (the stage's default) or `heldout`: which objective the stopping rule watches."""
+    stop_window: int = 500
+    """`train` rule: the objective is averaged over the last min(epoch, stop_window) steps."""
 
 
 @dataclass
@@ -119,6 +131,8 @@ class TrainerState:
     cost_rows: int = 0
     n_unconverged_rows: int = 0
     stopped: str | None = None
+    recent: list[list[float]] = field(default_factory=list)
+    """`train` rule: [Σ batch cost × rows, rows] of the last steps (at most the stopping window)."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -170,7 +184,13 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
     timings["init_s"] += time.perf_counter() - t0
     spe = plan.steps_per_epoch
     max_steps = max(1, math.ceil(s.max_epochs * spe))
-    eval_every = s.eval_every or min(spe, 200)
+    if s.stop_on not in ("train", "heldout"):
+        raise ValueError(f"stop_on must be 'train' or 'heldout' (got {s.stop_on!r})")
+    window = max(1, min(spe, s.stop_window))
+    if s.stop_on == "train":
+        eval_every = s.eval_every or max(1, math.ceil(window / 2))
+    else:
+        eval_every = s.eval_every or min(spe, 200)
     has_heldout = len(plan.heldout) > 0
     if progress is not None:
         progress.reset(total=max_steps)
@@ -187,6 +207,8 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold)
         ts.cost_sum += result.batch_cost * result.n_rows
         ts.cost_rows += result.n_rows
+        ts.recent.append([result.batch_cost * result.n_rows, float(result.n_rows)])
+        del ts.recent[:-window]
         timings["update_s"] += time.perf_counter() - t
         if on_step is not None:
             on_step(state, result)
@@ -196,22 +218,34 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         if state.step % eval_every == 0 or last:
             t = time.perf_counter()
             train_cost = ts.cost_sum / max(ts.cost_rows, 1)
+            heldout_obj = None
             if has_heldout:
                 rec_s, l1_s, n_h = pool.heldout(pool.broadcast(state.D, G))
-                obj = (rec_s + l1_s) / max(n_h, 1)
+                heldout_obj = (rec_s + l1_s) / max(n_h, 1)
+            entry = {"step": state.step, "epoch": round(state.step / spe, 4)}
+            if s.stop_on == "train":
+                obj = stream_objective(ts.recent)
+                entry.update(objective=obj, objective_kind="train_stream")
+                if heldout_obj is not None:
+                    entry["heldout_objective"] = heldout_obj
             else:
-                obj = train_cost
-            ts.history.append(
-                {
-                    "step": state.step,
-                    "epoch": round(state.step / spe, 4),
-                    "objective": obj,
-                    "train_batch_cost": train_cost,
-                    "elapsed_s": round(time.perf_counter() - t0, 3),
-                }
-            )
+                obj = heldout_obj if heldout_obj is not None else train_cost
+                entry.update(objective=obj, objective_kind="heldout" if heldout_obj is not None else "train_batches")
+            entry.update(train_batch_cost=train_cost, elapsed_s=round(time.perf_counter() - t0, 3))
+            ts.history.append(entry)
             ts.cost_sum, ts.cost_rows = 0.0, 0
-            if ts.best is None or obj < ts.best - s.tol * abs(ts.best):
+            if s.stop_on == "train":
+                rate = improvement_per_epoch(ts.history, window, spe)
+                if rate is not None:
+                    if rate < s.tol:
+                        ts.bad_checks += 1
+                        if ts.bad_checks >= s.patience:
+                            ts.stopped = "converged"
+                    else:
+                        ts.bad_checks = 0
+                if ts.best is None or obj < ts.best:
+                    ts.best = obj
+            elif ts.best is None or obj < ts.best - s.tol * abs(ts.best):
                 ts.best, ts.bad_checks = obj, 0
             else:
                 ts.bad_checks += 1
@@ -238,6 +272,25 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         epochs=state.step / spe,
         n_unconverged_rows=ts.n_unconverged_rows,
     )
+
+
+def stream_objective(recent: list[list[float]]) -> float:
+    """Mean cost per row of the recorded steps ([Σ cost × rows, rows] each)."""
+    rows = sum(r[1] for r in recent)
+    return sum(r[0] for r in recent) / max(rows, 1.0)
+
+
+def improvement_per_epoch(history: list[dict[str, Any]], window: int, steps_per_epoch: int) -> float | None:
+    """`train` rule: relative improvement of the stream objective over the last `window` steps, per
+    epoch: (o_then − o_now) / |o_then| × steps_per_epoch / lag, where o_then is the latest check at
+    least `window` steps back (lag = the steps between the two checks). None before such a check exists.
+    """
+    now = history[-1]
+    then = next((h for h in reversed(history[:-1]) if h["step"] <= now["step"] - window), None)
+    if then is None or then["objective"] == 0:
+        return None
+    lag = now["step"] - then["step"]
+    return (then["objective"] - now["objective"]) / abs(then["objective"]) * steps_per_epoch / lag
 
 
 def _merge_parts(parts: list[CodedPart], device: torch.device, dtype: torch.dtype):
