@@ -409,3 +409,8 @@ def test_choose_prefers_the_coarser_cut_on_ties():
     assert gp.choose({3: 0.5, 2: 0.5, 4: 0.1}) == 2
     assert gp.choose({2: float("nan"), 5: 0.2}) == 5
     assert gp.choose({2: float("nan")}) is None
+
+
+def test_atoms_that_are_never_similar_stay_apart():
+    g = gp.group_atoms({"coactivation": np.eye(5)}, {"coactivation": 1.0})
+    assert g.n_groups == 5 and sorted(g.labels.tolist()) == [0, 1, 2, 3, 4] and g.criterion.startswith("no similar atoms")

@@ -261,7 +261,10 @@ def group_atoms(
         chosen, name = max(1, min(int(n_groups), K)), "given (--cut)"
     else:
         best = choose(scores)
-        if best is not None:
+        if criterion == "modularity" and not float(W.sum()) > 0:
+            # no two atoms are similar at all: every atom is its own behaviour
+            chosen, name = K, "no similar atoms (one group per atom)"
+        elif best is not None:
             chosen = best
             name = f"{criterion} (max over cuts" + (f", resolution {resolution:g}" if criterion == "modularity" and resolution != 1.0 else "") + ")"
         else:
