@@ -146,15 +146,17 @@ def _naive_peer(cfg: Any, adapter: Path, variants: dict[str, Path], jobs: list[t
 
     tok = load_tokenizer(cfg.model)
     model = PeftModel.from_pretrained(load_base_model(cfg.model), str(adapter), adapter_name="finetuned")
+    # PEFT adapter names are module-dict keys and cannot hold dots (variant names such as `...-a0.25-...` do)
+    keys = {"finetuned": "finetuned"} | {name: f"variant{i}" for i, name in enumerate(variants)}
     for name, path in variants.items():
-        model.load_adapter(str(path), adapter_name=name)
+        model.load_adapter(str(path), adapter_name=keys[name])
     model.eval()
     lat, tokens = [], 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for name, prompt in jobs:
             s = time.perf_counter()
-            model.set_adapter(name)
+            model.set_adapter(keys[name])
             ids = torch.tensor([tok(prompt)["input_ids"]])
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
