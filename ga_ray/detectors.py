@@ -16,7 +16,6 @@ A failed request is a failure: callers pass `""` (or None) for it and every dete
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -99,17 +98,17 @@ class Rate:
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (default 95%)."""
+    """Wilson score interval for a binomial proportion (default 95%; statsmodels' `proportion_confint`)."""
+    from scipy.stats import norm
+    from statsmodels.stats.proportion import proportion_confint
+
     if n <= 0:
         return (0.0, 1.0)
     if not 0 <= k <= n:
         raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # the interval always contains p̂ (clamped against rounding at k = 0 or k = n)
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+    lo, hi = proportion_confint(k, n, alpha=2 * float(norm.sf(z)), method="wilson")
+    p = k / n  # the interval always contains p-hat (clamped against rounding at k = 0 or k = n)
+    return (max(0.0, min(p, float(lo))), min(1.0, max(p, float(hi))))
 
 
 def rate(flags: Iterable[bool | None], z: float = 1.959963984540054) -> Rate:

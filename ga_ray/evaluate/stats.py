@@ -23,19 +23,9 @@ from scipy.stats import fisher_exact
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
+from ga_ray.detectors import Rate as Proportion  # k of n with a Wilson interval: one type for both
+
 # ------------------------------------------------------------------------------------------------ rates
-
-
-@dataclass(frozen=True)
-class Proportion:
-    k: int
-    n: int
-    low: float
-    high: float
-
-    @property
-    def rate(self) -> float:
-        return self.k / self.n if self.n else float("nan")
 
 
 def wilson(k: int, n: int, alpha: float = 0.05) -> Proportion:
