@@ -10,13 +10,17 @@ place that answers two questions that otherwise hang a run silently:
   read the documents and the pipeline waits forever (seen with 2 actors × 1 CPU on a 2-core machine). The
   reservation per worker is then shrunk (fractional CPUs) so that `reserve_cpus` stay free; the torch thread
   count is NOT shrunk (it comes from the configured value), so the numbers do not depend on the machine.
+  On a cluster the free CPUs must be on ONE node (a read task is not split across nodes; seen on two 2-CPU
+  nodes with 2 workers × 1.5 CPU: 1 CPU free in all, 0.5 on each, and the reads never started). So each node's
+  reserve is counted: the workers leave at least the sum of the per-node reserves free, and then, wherever
+  Ray places them, some node keeps its reserve (if every node had less free, the sum would be smaller).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -106,12 +110,15 @@ def plan_workers(
     *,
     num_workers: int | None = None,
     cluster: Mapping[str, float] | None = None,
+    node_cpus: Sequence[float] | None = None,
     reserve_cpus: float | None = None,
 ) -> WorkerPlan:
     """Decide CPUs/GPUs per worker for the stage whose config section is `section`.
 
     `num_workers` overrides the configured count (e.g. a pool capped at the number of work items);
-    `cluster` is Ray's `cluster_resources()` (read from the running Ray when None).
+    `cluster` is Ray's `cluster_resources()` and `node_cpus` the CPUs of each alive node (both read from the
+    running Ray when `cluster` is None; a given `cluster` without `node_cpus` is one node); `reserve_cpus`
+    is what each node keeps free (default: `default_reserve_cpus` of the node's CPUs).
     """
     n = int(num_workers if num_workers is not None else settings.num_workers)
     if n < 1:
@@ -120,6 +127,7 @@ def plan_workers(
         import ray
 
         cluster = ray.cluster_resources()
+        node_cpus = [float(nd.get("Resources", {}).get("CPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")]
     total_cpu, total_gpu = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     gpus = resolve_gpus(settings.gpus_per_worker)
     if gpus > 0 and total_gpu < gpus:
@@ -131,14 +139,16 @@ def plan_workers(
         log.warning("%s: %d workers × %g GPU > %g GPUs in the cluster now; the extra workers wait for GPUs", section, n, gpus, total_gpu)
     configured = float(settings.cpus_per_worker)
     cpus, shrunk_from = configured, None
-    reserve = default_reserve_cpus(total_cpu) if reserve_cpus is None else reserve_cpus
+    nodes = [float(c) for c in node_cpus] if node_cpus else [total_cpu]
+    reserve = sum(default_reserve_cpus(c) if reserve_cpus is None else min(reserve_cpus, c) for c in nodes)
     spare = total_cpu - reserve
     if total_cpu > 0 and n * cpus > spare:
         cpus = max(MIN_CPUS_PER_WORKER, spare / n)
         shrunk_from = configured
+        where = f"of the {total_cpu:g} CPUs" if len(nodes) == 1 else f"of the {total_cpu:g} CPUs ({len(nodes)} nodes, a reserve on each)"
         log.info(
-            "%s: %d workers × %g CPU would leave fewer than %g of the %g CPUs for reading the data; reserving %.2f CPU per worker",
-            section, n, configured, reserve, total_cpu, cpus,
+            "%s: %d workers × %g CPU would leave fewer than %g %s for reading the data; reserving %.2f CPU per worker",
+            section, n, configured, reserve, where, cpus,
         )
     return WorkerPlan(
         section=section,

@@ -32,6 +32,45 @@ def test_workers_that_take_every_cpu_are_shrunk_but_keep_their_threads():
     assert plan.num_workers == 3 and plan.cpus_per_worker == pytest.approx(1.0)
 
 
+def _placements(n: int, cpus: float, nodes: list[float]):
+    """Every way to put n workers of `cpus` CPUs on nodes of those capacities (the reference: brute force)."""
+    if n == 0:
+        yield [0] * len(nodes)
+        return
+    for counts in _placements(n - 1, cpus, nodes):
+        for j in range(len(nodes)):
+            if (counts[j] + 1) * cpus <= nodes[j] + 1e-9:
+                yield [c + (i == j) for i, c in enumerate(counts)]
+
+
+def _some_node_keeps_its_reserve(n: int, cpus: float, nodes: list[float]) -> bool:
+    from ga_ray.resources import default_reserve_cpus
+
+    return all(any(cap - k * cpus >= default_reserve_cpus(cap) - 1e-9 for cap, k in zip(nodes, counts))
+               for counts in _placements(n, cpus, nodes))
+
+
+def test_on_a_cluster_the_free_cpus_are_on_one_node_wherever_the_workers_land():
+    # seen on two 2-CPU nodes: 2 workers x 1.5 CPU left 1 CPU free in all but 0.5 per node, and the reads never ran
+    cfg = load_config(None, ["gradients.num_workers=2", "gradients.cpus_per_worker=1.5", "gradients.gpus_per_worker=0"])
+    assert not _some_node_keeps_its_reserve(2, 1.5, [2.0, 2.0])
+    plan = plan_workers("gradients", cfg.gradients, cluster={"CPU": 4.0}, node_cpus=[2.0, 2.0])
+    assert plan.cpus_per_worker == pytest.approx(1.0) and plan.shrunk_from == 1.5
+    assert plan_workers("gradients", cfg.gradients, cluster={"CPU": 4.0}).cpus_per_worker == 1.5, "one node of 4: fits"
+    # against the brute-force reference on a few shapes (a CPU-less head node among them)
+    for nodes in ([2.0, 2.0], [3.0, 3.0], [8.0] * 4, [0.0, 4.0, 4.0], [1.0, 2.0, 6.0]):
+        for n in (1, 2, 3, 5, 8):
+            for configured in (0.5, 1.0, 1.5, 1.6, 2.0, 4.0):
+                cfg = load_config(None, [f"gradients.num_workers={n}", f"gradients.cpus_per_worker={configured}", "gradients.gpus_per_worker=0"])
+                plan = plan_workers("gradients", cfg.gradients, cluster={"CPU": sum(nodes)}, node_cpus=nodes)
+                assert _some_node_keeps_its_reserve(n, plan.cpus_per_worker, nodes), (nodes, n, configured, plan)
+                if plan.shrunk_from is None:
+                    assert plan.cpus_per_worker == configured
+    # 3-CPU nodes, 2 workers x 1.6 CPU: kept (one per node, 1.4 free on each)
+    cfg = load_config(None, ["gradients.num_workers=2", "gradients.cpus_per_worker=1.6", "gradients.gpus_per_worker=0"])
+    assert plan_workers("gradients", cfg.gradients, cluster={"CPU": 6.0}, node_cpus=[3.0, 3.0]).shrunk_from is None
+
+
 def test_gpus_the_cluster_lacks_are_an_error_and_auto_follows_cuda(monkeypatch):
     cfg = load_config(None, ["gradients.gpus_per_worker=1"])
     with pytest.raises(StageError, match=r"gradients.gpus_per_worker=1, but the Ray cluster has 0 GPU"):
