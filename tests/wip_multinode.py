@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,7 @@ MULTINODE_STAGES = ["gradients.num_workers=2", "gradients.cpus_per_worker=1.6", 
                     "ray.execution_no_progress_timeout_s=150"]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from test_raycluster import _free_ports  # noqa: E402  (one copy of the free-port helper)
 
 
 def _node_ports() -> list[str]:
