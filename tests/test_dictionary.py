@@ -431,3 +431,16 @@ def test_bench_quick_reports_both_methods_on_the_same_judge():
     assert p["ours_until_sklearn_objective"]["reached"]
     assert p["ratio_default"] > 0 and r["large"]["steps"] > 0
     assert len(r["step_cost"]["rows"]) == 4
+    f = p["floor"]
+    assert f["gemm_gflops"] > 0 and f["floor_s"] > 0 and f["over_floor"] == pytest.approx(f["s_per_epoch"] / f["floor_s"])
+
+
+def test_epoch_floor_counts_every_gemm_of_an_epoch():
+    from ga_ray.bench.dictionary import epoch_floor_s
+
+    # N=1000 rows in batches of 256: 4 steps. Correlations X·Dᵀ and statistics Σ xᵀc: 2·N·K·D flop each;
+    # per step the Gram D·Dᵀ and the atom update: 2·K²·D flop each. At 1 flop/s the floor is the flop count.
+    N, D, K = 1000, 30, 7
+    by_hand = 2 * (2 * N * K * D) + 4 * 2 * (2 * K * K * D)
+    assert epoch_floor_s(N, D, K, 256, 1.0) == by_hand
+    assert epoch_floor_s(N, D, K, 256, 2.0) == by_hand / 2

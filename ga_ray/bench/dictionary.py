@@ -11,6 +11,10 @@ Both final dictionaries are scored by the same exact lasso evaluation on all row
 checks not timed). Then (iii) our time for K = 1,000 and N = 50,000, and (iv) the measured cost of one
 online step on a grid of K and D, with fitted exponents (how time grows with N, K, D).
 
+The floor of an epoch: its GEMM work at the float32 GEMM rate measured in the same run, the correlations
+and the statistics (2·N·K·D each: X·Dᵀ for the coder, Σ xᵀc for B) plus, per step, the Gram D·Dᵀ and the
+block-coordinate atom update (2·K²·D each); `over_floor` is our measured seconds per epoch over it.
+
 Options: quick, threads (2), run_dir, n_atoms, reps (1), large_n (50000), large_k (1000),
 large_epochs (3), skip_large, skip_sklearn.
 """
@@ -124,6 +128,18 @@ def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> d
     }
 
 
+def epoch_floor_s(n_rows: int, dim: int, n_atoms: int, batch: int, rate: float) -> float:
+    """Seconds of one epoch's GEMM work at `rate` flop/s (see the module docstring for the terms)."""
+    steps = math.ceil(n_rows / batch)
+    return (2 * 2.0 * n_rows * n_atoms * dim + steps * 2 * 2.0 * n_atoms * n_atoms * dim) / rate
+
+
+def _gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
+    from ga_ray.bench.gpu import gemm_rate
+
+    return gemm_rate(min(n_rows, 4096), dim, n_atoms, torch.device("cpu"))
+
+
 def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float, threads: int, reps: int, label: str, skip_sklearn: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"data": label, "n": int(X.shape[0]), "dim": int(X.shape[1]), "n_atoms": n_atoms, "alpha": alpha}
     s = _settings(n_atoms, alpha)
@@ -147,6 +163,10 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         **ours,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
     }
+    rate = _gemm_rate(*X.shape, n_atoms)
+    s_per_epoch = statistics.median(t / max(x.epochs, 1e-9) for t, x in zip(times, runs))
+    floor = epoch_floor_s(X.shape[0], X.shape[1], n_atoms, s.batch_size, rate)
+    out["floor"] = {"gemm_gflops": rate / 1e9, "s_per_epoch": s_per_epoch, "floor_s": floor, "over_floor": s_per_epoch / floor}
     if not skip_sklearn:
         t_sk, c_sk, D_sk, steps_sk = _run_sklearn(X, n_atoms, alpha, threads)
         sk = exact_scores(X, D_sk, alpha)
@@ -261,6 +281,9 @@ def _print(res: dict[str, Any]) -> None:
             u = c["ours_until_sklearn_objective"]
             rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "cpu_s": u["cpu_s"], "cpu_ratio": c.get("cpu_ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
         print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']} (ratio = sklearn time / ours)", rows)
+        f = c["floor"]
+        print(f"  epoch floor: {f['s_per_epoch']:.2f} s per epoch against {f['floor_s']:.2f} s of GEMM work at {f['gemm_gflops']:.1f} GFLOP/s "
+              f"measured now: {f['over_floor']:.1f}x the floor (goal <= 3x)")
     if "large" in res:
         L = res["large"]
         print_table("ours at scale", [{k: L[k] for k in ("n", "dim", "n_atoms", "wall_s", "cpu_s", "steps", "epochs", "s_per_epoch", "objective", "recovery_0.9")}])
