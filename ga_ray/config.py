@@ -45,7 +45,7 @@ class Workers(Section):
     """CPUs Ray reserves per worker (fractions are fine; shrunk when the workers would leave no CPU for reading the
     data). The worker's torch threads are this, rounded down (at least 1)."""
     gpus_per_worker: GpuCount = "auto"
-    """GPUs per worker: `auto` is 1 when CUDA is available here, else 0."""
+    """GPUs per worker: `auto` is 1 when the Ray cluster has GPUs (its resources, not the driver's CUDA), else 0."""
 
 
 RENAMED_KEYS: dict[str, dict[str, str]] = {

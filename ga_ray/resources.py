@@ -4,8 +4,9 @@ Every section that starts workers has the same three fields (`ga_ray.config.Work
 `cpus_per_worker`, `gpus_per_worker`. `plan_workers` turns them into what Ray is asked for, the one
 place that answers two questions that otherwise hang a run silently:
 
-- GPUs: `auto` is 1 per worker when CUDA is visible here, else 0; asking for more GPUs per worker than the
-  cluster has is an error (Ray would wait forever for them).
+- GPUs: `auto` is 1 per worker when the Ray cluster has GPUs, else 0 (the cluster's resources, not the driver's:
+  a job's driver often runs on a CPU-only head node while the workers have GPUs); asking for more GPUs per worker
+  than the cluster has is an error (Ray would wait forever for them).
 - "The workers would take every CPU": a fixed pool that reserves every CPU starves the Ray Data tasks that
   read the documents and the pipeline waits forever (seen with 2 actors × 1 CPU on a 2-core machine). The
   reservation per worker is then shrunk (fractional CPUs) so that `reserve_cpus` stay free; the torch thread
@@ -49,11 +50,26 @@ def cuda_available() -> bool:
         return False
 
 
-def resolve_gpus(value: str | float | bool) -> float:
-    """`auto` → 1 when CUDA is visible here, else 0; a number is taken as it is."""
+def resolve_gpus(value: str | float | bool, cluster_gpus: float | None = None) -> float:
+    """`auto` → 1 when the Ray cluster has GPUs (`cluster_gpus`, its `cluster_resources()["GPU"]`), else 0;
+    without a cluster to ask (`None`), when CUDA is visible in this process. A number is taken as it is."""
     if value == "auto":
-        return 1.0 if cuda_available() else 0.0
+        if cluster_gpus is None:
+            return 1.0 if cuda_available() else 0.0
+        return 1.0 if cluster_gpus > 0 else 0.0
     return float(value)
+
+
+def ray_cluster_gpus() -> float | None:
+    """GPUs of the Ray cluster this process is connected to, or None when Ray is not initialised."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    except Exception:  # Ray missing or the cluster unreachable: no answer, the caller falls back
+        return None
 
 
 def default_reserve_cpus(total_cpus: float) -> float:
@@ -129,7 +145,7 @@ def plan_workers(
         cluster = ray.cluster_resources()
         node_cpus = [float(nd.get("Resources", {}).get("CPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")]
     total_cpu, total_gpu = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
-    gpus = resolve_gpus(settings.gpus_per_worker)
+    gpus = resolve_gpus(settings.gpus_per_worker, total_gpu)
     if gpus > 0 and total_gpu < gpus:
         raise StageError(
             f"{section}.gpus_per_worker={gpus:g}, but the Ray cluster has {total_gpu:g} GPU(s): "

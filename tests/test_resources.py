@@ -71,7 +71,7 @@ def test_on_a_cluster_the_free_cpus_are_on_one_node_wherever_the_workers_land():
     assert plan_workers("gradients", cfg.gradients, cluster={"CPU": 6.0}, node_cpus=[3.0, 3.0]).shrunk_from is None
 
 
-def test_gpus_the_cluster_lacks_are_an_error_and_auto_follows_cuda(monkeypatch):
+def test_gpus_the_cluster_lacks_are_an_error_and_auto_follows_the_clusters_gpus(monkeypatch):
     cfg = load_config(None, ["gradients.gpus_per_worker=1"])
     with pytest.raises(StageError, match=r"gradients.gpus_per_worker=1, but the Ray cluster has 0 GPU"):
         plan_workers("gradients", cfg.gradients, cluster={"CPU": 4.0})
@@ -79,10 +79,19 @@ def test_gpus_the_cluster_lacks_are_an_error_and_auto_follows_cuda(monkeypatch):
     assert plan.use_gpu and plan.device == "cuda" and plan.train_resources() == {"CPU": 1.0, "GPU": 1.0}
     import ga_ray.resources as res
 
+    # `auto` asks the cluster, not the driver: a CPU-only head node (no CUDA here) with GPU workers gets GPU workers,
+    # and a driver that sees CUDA on a cluster without GPU resources gets CPU workers (Ray would wait forever)
+    auto = load_config(None).dictionary
     monkeypatch.setattr(res, "cuda_available", lambda: False)
-    assert plan_workers("dictionary", load_config(None).dictionary, cluster={"CPU": 4.0}).gpus_per_worker == 0.0
+    assert plan_workers("dictionary", auto, cluster={"CPU": 4.0}).gpus_per_worker == 0.0
+    assert plan_workers("dictionary", auto, cluster={"CPU": 4.0, "GPU": 8.0}).gpus_per_worker == 1.0
     monkeypatch.setattr(res, "cuda_available", lambda: True)
-    assert plan_workers("dictionary", load_config(None).dictionary, cluster={"CPU": 4.0, "GPU": 1.0}).gpus_per_worker == 1.0
+    assert plan_workers("dictionary", auto, cluster={"CPU": 4.0, "GPU": 1.0}).gpus_per_worker == 1.0
+    assert plan_workers("dictionary", auto, cluster={"CPU": 4.0}).gpus_per_worker == 0.0
+    # without a cluster to ask, CUDA in this process decides
+    assert res.resolve_gpus("auto") == 1.0 and res.resolve_gpus("auto", 0.0) == 0.0 and res.resolve_gpus(2) == 2.0
+    monkeypatch.setattr(res, "cuda_available", lambda: False)
+    assert res.resolve_gpus("auto") == 0.0 and res.resolve_gpus("auto", 4.0) == 1.0
 
 
 def test_every_worker_section_names_its_resources_the_same():

@@ -45,7 +45,7 @@ from ga_ray.atoms.trainer import FitResult, FitSettings, TrainerState, fit
 from ga_ray.context import StageContext
 from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
-from ga_ray.resources import plan_workers
+from ga_ray.resources import cuda_available, plan_workers
 from ga_ray.rundir import atomic_write_json
 
 log = logging.getLogger("ga_ray")
@@ -121,7 +121,9 @@ def fit_torch(
     plan = make_plan(cfg, [p.n_rows for p in pieces], dim, seed)
     settings = fit_settings(cfg, seed)
     workers = plan_workers("dictionary", cfg)
-    device = workers.device
+    # the driver sums the workers' statistics and updates the atoms on ITS device: a GPU cluster's head node
+    # often has none (the actors get theirs from the plan)
+    device = workers.device if cuda_available() else "cpu"
     fp = _fingerprint(cfg, seed, pieces, dim)
     resume = None
     on_ckpt: Callable[[OnlineState, TrainerState], None] | None = None

@@ -433,13 +433,13 @@ class OpenAIIngress:
 
 def application(run_dir: str | Path, cfg: RunConfig, api_key: str | None = None) -> Any:
     """The bound Serve application for `run_dir` with `cfg` (deployment options from `cfg.serve`)."""
-    from ga_ray.resources import resolve_gpus
+    from ga_ray.resources import ray_cluster_gpus, resolve_gpus
 
     s = cfg.serve
     run_dir = str(Path(run_dir).resolve())
     data = cfg.model_dump(mode="json")
     ongoing = max(s.max_ongoing_requests, s.max_batch_size)
-    gpus = resolve_gpus(s.gpus_per_worker)
+    gpus = resolve_gpus(s.gpus_per_worker, ray_cluster_gpus())  # `serve deploy` builds the app inside the cluster
     engine = EngineReplica.options(
         num_replicas=s.num_workers,
         max_ongoing_requests=ongoing,
