@@ -10,10 +10,16 @@ For block b with selected pairs (i_k, j_k), k = 1..k_b, and λ_sel = Λ[i,j] (`e
   multiplying (a curvature-aware step; experimental).
 `unproject(project(G))` is the orthogonal projection of G onto span{q_S,i q_A,jᵀ : (i, j) selected}
 (these rank-one matrices are orthonormal in the Frobenius inner product).
+
+Per-token projection: since `G = Σ_t δ_t a_tᵀ`, `z[b, k] = Σ_t (q_S,i_kᵀ δ_t)(q_A,j_kᵀ a_t) / sqrt(λ_sel,k + ε)`
+can be formed from the per-token quantities without materialising G (`project_tokens`, with
+`‖G‖²_F = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t')` for the norm). `token_reducers` picks, per block and
+batch shape, whichever of the two costs fewer multiply-adds; `project` stays the exact reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +45,31 @@ class _BlockProj:
         lam = fb.selected_eigenvalues(mode)
         self.sqrt_lam = torch.sqrt(lam + epsilon).to(device=device, dtype=torch.float32)  # [k]
         self.k = int(fb.selected.numel())
+        self.n_ui = int(ui.numel())
+        self.n_uj = int(uj.numel())
+
+    def dense_flops(self, n_docs: int, seq_len: int) -> int:
+        """Multiply-adds of `G_n` for a `[n_docs, seq_len]` batch, then `project` (and the norm)."""
+        o, i = self.shape
+        return n_docs * (seq_len * o * i + self.n_ui * o * i + self.n_ui * i * self.n_uj + o * i)
+
+    def token_flops(self, n_docs: int, seq_len: int) -> int:
+        """Multiply-adds of `project_tokens` for a `[n_docs, seq_len]` batch (the Gram norm included)."""
+        o, i = self.shape
+        return n_docs * (seq_len * (o * self.n_ui + i * self.n_uj + self.k) + seq_len * seq_len * (o + i + 1))
+
+    def project_tokens(self, delta: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`δ [B, T, o]` (zero at pads), `a [B, T, i]` → (`z [B, k]` = `project(Σ_t δ_t a_tᵀ)`, `‖G‖²_F [B]` float64)."""
+        if delta.shape[-1] != self.shape[0] or a.shape[-1] != self.shape[1]:
+            raise ValueError(f"block {self.name}: per-token shapes {tuple(delta.shape)}, {tuple(a.shape)} do not fit {tuple(self.shape)}")
+        d32 = delta.to(device=self.QS_u.device, dtype=torch.float32)
+        a32 = a.to(device=self.QS_u.device, dtype=torch.float32)
+        P = d32 @ self.QS_u  # [B, T, |ui|]: q_S,iᵀ δ_t
+        Q = a32 @ self.QA_u  # [B, T, |uj|]: q_A,jᵀ a_t
+        z = torch.einsum("btk,btk->bk", P[..., self.inv_i], Q[..., self.inv_j]) / self.sqrt_lam  # selected pairs only
+        d64, a64 = delta.double(), a.double()  # the Gram sum cancels: float64
+        sq = (torch.bmm(d64, d64.transpose(1, 2)) * torch.bmm(a64, a64.transpose(1, 2))).sum(dim=(1, 2))
+        return z, sq
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         """`G [B, o, i]` → `[B, k]`."""
@@ -71,12 +102,31 @@ class Projector:
         self.block_slices: dict[str, slice] = factors.block_slices
         self.D = factors.D
 
-    def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`{block: [B, o, i]}` → `[B, D]` float32 (blocks in the recorded order)."""
-        missing = [n for n in self.block_names if n not in grads]
+    def project(self, grads: dict[str, torch.Tensor], projected: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`{block: [B, o, i]}` → `[B, D]` float32 (blocks in the recorded order).
+
+        `projected`: blocks already projected (`[B, k]`, e.g. by `token_reducers`), taken as they are."""
+        projected = projected or {}
+        missing = [n for n in self.block_names if n not in grads and n not in projected]
         if missing:
             raise KeyError(f"gradients lack {len(missing)} block(s) of the factors, e.g. {missing[0]}: are factors and model from the same adapter?")
-        return torch.cat([bp.project(grads[bp.name]) for bp in self._blocks], dim=1)
+        parts = [projected[bp.name].to(torch.float32) if bp.name in projected else bp.project(grads[bp.name]) for bp in self._blocks]
+        return torch.cat(parts, dim=1)
+
+    def token_reducers(self, n_docs: int, seq_len: int, mode: str = "auto") -> dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+        """Blocks to project from per-token quantities in a `[n_docs, seq_len]` batch (for `per_document_gradients`).
+
+        `mode`: "auto" (where `token_flops < dense_flops`), "never" (the exact `G_n` path everywhere),
+        "always" (every block; for tests and benchmarks)."""
+        if mode not in ("auto", "never", "always"):
+            raise ValueError(f"token projection mode must be 'auto', 'never' or 'always', got {mode!r}")
+        if mode == "never":
+            return {}
+        return {
+            bp.name: bp.project_tokens
+            for bp in self._blocks
+            if mode == "always" or bp.token_flops(n_docs, seq_len) < bp.dense_flops(n_docs, seq_len)
+        }
 
     def unproject(self, z: torch.Tensor, natural: bool = False) -> dict[str, torch.Tensor]:
         """`z [D]` (or `[N, D]`) → `{parameter name: [o, i]}` (or `[N, o, i]`), float32."""

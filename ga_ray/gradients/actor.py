@@ -92,7 +92,13 @@ class GradientComputer:
         store_raw: bool = False,
         autocast_dtype: Any = None,
         pad_id: int | None = None,
+        token_projection: str = "auto",
+        fast: bool = True,
     ):
+        """`token_projection`: "auto" projects a block from per-token quantities where that costs fewer
+        multiply-adds than materialising `G_n` (`Projector.token_reducers`), "never" / "always" force
+        one path; the raw gradients (`store_raw`) need `G_n`, so they imply "never". `fast=False` runs
+        the reference pass of `per_document_gradients` (same numbers; the benchmark's "before")."""
         import torch
 
         self.model = model
@@ -107,6 +113,8 @@ class GradientComputer:
         if pad_id is None:
             pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_id = int(pad_id) if pad_id is not None else 0
+        self.token_projection = "never" if store_raw else token_projection
+        self.fast = bool(fast)
         self.D = int(projector.D)
         self.P = int(sum(b.numel for b in blocks))
         self._torch = torch
@@ -143,16 +151,20 @@ class GradientComputer:
         for idx in batches:
             rows = [{"doc_id": int(doc_ids[i]), "input_ids": input_ids[i], "loss_mask": loss_mask[i]} for i in idx]
             batch = collate(rows, pad_id=self.pad_id).to(self.device)
+            reducers = self.projector.token_reducers(*batch.input_ids.shape, mode=self.token_projection)
             with self._autocast():
-                res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction=self.reduction)
+                res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction=self.reduction, token_reducers=reducers, fast=self.fast)
             grads = {name: g.float() for name, g in res.grads.items()}  # projections accumulate in float32
-            z = self.projector.project(grads)
+            z = self.projector.project(grads, projected=res.projected)
             sq = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
             ok = torch.ones(len(idx), dtype=torch.bool, device=self.device)
             for g in grads.values():
                 flat = g.flatten(1)
                 ok &= torch.isfinite(flat).all(dim=1)
                 sq += torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+            for s2 in res.sq_norms.values():  # blocks projected per token: no G_n, its norm from the Gram sum
+                ok &= torch.isfinite(s2)
+                sq += s2.to(torch.float64)
             loss = res.loss.detach().float()
             ok &= torch.isfinite(z).all(dim=1) & torch.isfinite(loss)
             out.z[idx] = z.cpu().numpy()

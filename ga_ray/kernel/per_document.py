@@ -10,9 +10,11 @@ How. PEFT computes a LoRA layer as `h = W0 x + lora_B(lora_A(dropout(x))) * s`. 
 so the gradient of a weight is `Σ_t δ_t a_tᵀ`. A forward hook stores each submodule's input and
 registers a tensor hook on its output; in the backward pass the tensor hook receives `δ` for the
 whole batch and forms `G_n = Σ_{t ∈ doc n, non-pad} δ_t a_tᵀ` for every document with one batched
-matmul, then drops the stored input. The backward pass is `torch.autograd.grad(Σ_n L_n, lora
-weights)`: documents of a batch do not interact (attention is per sequence, padding masked), so
-`∂(Σ_m L_m)/∂h_t = ∂L_n/∂h_t` at every position t of document n. Nothing is written to `param.grad`.
+matmul, then drops the stored input. The backward pass is `torch.autograd.grad(Σ_n L_n, lora_A
+outputs)`: documents of a batch do not interact (attention is per sequence, padding masked or, with
+right padding, never attended to), so `∂(Σ_m L_m)/∂h_t = ∂L_n/∂h_t` at every position t of document n.
+Differentiating w.r.t. the hooked outputs rather than the weights makes autograd skip the LoRA
+weight-gradient GEMMs (nobody reads them); nothing is written to `param.grad`.
 
 Memory: the stored inputs are the tensors autograd keeps for the weight gradients anyway; the
 output is `B × Σ_blocks d_out·d_in` floats, bounded by the batch.
@@ -21,7 +23,7 @@ output is `B × Σ_blocks d_out·d_in` floats, bounded by the batch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +56,11 @@ class PerDocResult:
     """With `covariances=True`: block → `Σ δ δᵀ` over the batch's non-pad tokens, `[d_out, d_out]`."""
     n_tok: int | None = None
     """With `covariances=True`: non-pad tokens in the batch (the covariances' denominator)."""
+    projected: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With `token_reducers`: block → `[B, k]` projections computed from the per-token quantities
+    (those blocks are absent from `grads`)."""
+    sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With `token_reducers`: block → `[B]` squared Frobenius norm of `G_n` (float64)."""
     extras: dict = field(default_factory=dict)
 
 
@@ -88,10 +95,69 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, chunk_rows: int | 
     return out
 
 
+TokenReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`(δ [B, T, d_out] with pad positions zeroed, a [B, T, d_in]) → (z [B, k], ‖G_n‖² [B])`: a block's
+projection computed from per-token quantities instead of `G_n = Σ_t δ_t a_tᵀ`
+(`ga_ray.factors.projection.Projector.token_reducers` makes them)."""
+
+# Architectures whose causal-LM logits are exactly `lm_head(decoder(...).last_hidden_state)` (no
+# soft-capping or logit scaling): for them the head runs on the target positions only.
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, lm_head) when the logits are a plain `nn.Linear` of the decoder's last hidden state, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD:
+        return None
+    if not (hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:  # e.g. LoRA on lm_head: its hooks expect [B, T, d] inputs
+        return None
+    return base.get_decoder(), head
+
+
+def _is_right_padded(attn: torch.Tensor) -> bool:
+    """Every row is ones then zeros (what `collate` builds)."""
+    return bool((attn[:, 1:] <= attn[:, :-1]).all())
+
+
+def _target_logits(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """`[R, V]` logits at the predicting positions `(b_idx, p_idx)` only.
+
+    Two savings over `model(ids, attention_mask).logits[b_idx, p_idx]`, neither changing a target's
+    logit: (1) with right padding no real token can attend to a pad (pads come later, attention is
+    causal), so the padding mask is dropped and SDPA runs its causal kernel instead of an explicit
+    mask; pad positions then hold other values, but no loss reads them and their gradient is exactly
+    zero. (2) for plain-head architectures the vocabulary projection (and its backward) runs on the
+    target rows only, not on every prompt and pad position. `fast=False`: neither (the reference).
+    """
+    mask = None if fast and _is_right_padded(attn) else attn
+    split = _split_head(model) if fast else None
+    if split is None:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[b_idx, p_idx]
+    decoder, head = split
+    out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return head(hidden[b_idx, p_idx])
+
+
 class _Capture:
     """Forward hooks on the LoRA `nn.Linear` submodules; tensor hooks on their outputs."""
 
-    def __init__(self, blocks: Sequence[LoraBlock], modules: Sequence[nn.Module], token_mask: torch.Tensor, per_doc: bool, covariances: bool, cov_dtype: torch.dtype):
+    def __init__(
+        self,
+        blocks: Sequence[LoraBlock],
+        modules: Sequence[nn.Module],
+        token_mask: torch.Tensor,
+        per_doc: bool,
+        covariances: bool,
+        cov_dtype: torch.dtype,
+        token_reducers: Mapping[str, TokenReducer] | None = None,
+    ):
         self.blocks = list(blocks)
         self.modules = list(modules)
         self.mask_f = token_mask.to(torch.float32)  # [B, T]
@@ -101,6 +167,9 @@ class _Capture:
         self.cov_dtype = cov_dtype
         self.inputs: dict[int, torch.Tensor] = {}
         self.grads: dict[int, torch.Tensor] = {}
+        self.reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reducers = {i: token_reducers[b.name] for i, b in enumerate(self.blocks) if token_reducers and b.name in token_reducers}
+        self.wrt: list[torch.Tensor] = []  # what the backward differentiates with respect to (the lora_A outputs)
         self.aat: dict[int, torch.Tensor] = {}
         self.ddt: dict[int, torch.Tensor] = {}
         self.fired: set[int] = set()
@@ -136,6 +205,11 @@ class _Capture:
             if self.per_doc or self.covariances:
                 self.inputs[i] = a
                 output.register_hook(self._grad_hook(i))
+                # Differentiating w.r.t. the lora_A outputs (not the weights) reaches every hooked output
+                # (a lora_B output lies on the path to its lora_A output) while autograd skips the
+                # weight-gradient GEMMs that nobody reads; only these small [B, T, r] gradients come back.
+                if self.blocks[i].kind == "A" and output.requires_grad:
+                    self.wrt.append(output)
             return None
 
         return hook
@@ -146,7 +220,11 @@ class _Capture:
             if self.per_doc:
                 dt = torch.promote_types(a.dtype, torch.float32)  # float32 (float64 for a float64 model)
                 gm = g.to(dt) * self.mask_f.to(dt).unsqueeze(-1)  # [B, T, d_out], pad positions zeroed
-                self.grads[i] = torch.bmm(gm.transpose(1, 2), a.to(dt))  # [B, d_out, d_in]
+                reducer = self.reducers.get(i)
+                if reducer is not None:  # projected straight from the per-token quantities, no G_n
+                    self.reduced[i] = reducer(gm, a.to(dt))
+                else:
+                    self.grads[i] = torch.bmm(gm.transpose(1, 2), a.to(dt))  # [B, d_out, d_in]
             if self.covariances:
                 gf = g[self.mask_b].to(self.cov_dtype)
                 self.ddt[i] = gf.T @ gf
@@ -166,6 +244,8 @@ def per_document_gradients(
     covariances: bool = False,
     per_doc: bool = True,
     cov_dtype: torch.dtype = torch.float32,
+    token_reducers: Mapping[str, TokenReducer] | None = None,
+    fast: bool = True,
 ) -> PerDocResult:
     """Every document's gradient of every LoRA block, from one forward and one backward pass.
 
@@ -176,7 +256,12 @@ def per_document_gradients(
     `(seed, doc_id, t)`. Returns float32 `G_n` per block `[B, d_out, d_in]`; with
     `covariances=True` also the batch's token sums `Σ a aᵀ`, `Σ δ δᵀ` over non-pad tokens (in
     `cov_dtype`) for EKFAC. `per_doc=False` skips the per-document gradients (covariance pass).
-    The model must be in eval mode (dropout off); `param.grad` is never touched.
+    `token_reducers` (block name → `TokenReducer`): those blocks are reduced from the per-token
+    quantities (`projected`, `sq_norms`) instead of materialising `G_n`.
+    The model must be in eval mode (dropout off); `param.grad` is never touched, and no LoRA weight
+    gradient is computed (the backward differentiates w.r.t. the hooked lora_A outputs).
+    `fast=False` is the plain reference pass (full logits under the padding mask, backward w.r.t.
+    the LoRA weights): the same numbers, kept for the tests and the benchmark's before/after.
     """
     if labels not in ("empirical", "true"):
         raise ValueError(f"labels must be 'empirical' or 'true', got {labels!r}")
@@ -203,10 +288,8 @@ def per_document_gradients(
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad(), _Capture(blocks, modules, attn, per_doc, covariances, cov_dtype) as cap:
-            out = model(input_ids=ids, attention_mask=attn, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            rows = logits[b_idx, p_idx]  # [R, V], the predicting positions only
+        with torch.enable_grad(), _Capture(blocks, modules, attn, per_doc, covariances, cov_dtype, token_reducers) as cap:
+            rows = _target_logits(model, ids, attn, b_idx, p_idx, fast)  # [R, V], the predicting positions only
             if labels == "empirical":
                 y = ids[b_idx, p_idx + 1]
             else:
@@ -218,11 +301,20 @@ def per_document_gradients(
             if reduction == "mean":
                 loss = loss / n_targets.clamp(min=1).to(loss.dtype)
             total = loss.sum()
-            if params and total.requires_grad:
-                torch.autograd.grad(total, params, allow_unused=True)
+            if total.requires_grad and (cap.wrt if fast else params):
+                torch.autograd.grad(total, cap.wrt if fast else params, allow_unused=True)
             grads: dict[str, torch.Tensor] = {}
+            projected: dict[str, torch.Tensor] = {}
+            sq_norms: dict[str, torch.Tensor] = {}
             if per_doc:
                 for i, blk in enumerate(blocks):
+                    if i in cap.reducers:
+                        if i in cap.reduced:
+                            projected[blk.name], sq_norms[blk.name] = cap.reduced[i]
+                        else:  # the block never ran: zero gradient, zero projection
+                            G0 = torch.zeros((B, *blk.shape), dtype=torch.promote_types(params[i].dtype, torch.float32), device=device)
+                            projected[blk.name], sq_norms[blk.name] = cap.reducers[i](G0.new_zeros((B, 1, blk.d_out)), G0.new_zeros((B, 1, blk.d_in)))
+                        continue
                     G = cap.grads.get(i)
                     grads[blk.name] = G if G is not None else torch.zeros((B, *blk.shape), dtype=torch.promote_types(params[i].dtype, torch.float32), device=device)
             aat = ddt = None
@@ -248,6 +340,8 @@ def per_document_gradients(
         aat=aat,
         ddt=ddt,
         n_tok=n_tok,
+        projected=projected,
+        sq_norms=sq_norms,
     )
 
 
