@@ -64,6 +64,20 @@ def test_fast_pass_equals_reference_pass(dtype, tol, labels):
                 assert _relerr(fast.grads[b.name][n], one[b.name]) < tol
 
 
+def test_any_subset_of_blocks():
+    """Only some blocks hooked (e.g. the B blocks alone, or one layer's A): the same gradients as with all."""
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), seed=4)
+    blocks = find_lora_blocks(model)
+    batch = collate(_docs(model.config.vocab_size, seed=2))
+    full = per_document_gradients(model, blocks, batch)
+    for subset in ([b for b in blocks if b.kind == "B"], [blocks[0]], blocks[1::3]):
+        part = per_document_gradients(model, subset, batch)
+        assert set(part.grads) == {b.name for b in subset}
+        for b in subset:
+            assert part.grads[b.name].abs().max() > 0
+            assert _relerr(part.grads[b.name], full.grads[b.name]) < 1e-6, b.name
+
+
 def test_head_fallback_for_other_architectures(monkeypatch):
     """A model type without a known plain head takes the full-logits path: same gradients."""
     model = make_tiny_lora_model(target_modules=("q_proj", "v_proj", "down_proj"), seed=1)

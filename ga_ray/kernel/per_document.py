@@ -169,7 +169,7 @@ class _Capture:
         self.grads: dict[int, torch.Tensor] = {}
         self.reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reducers = {i: token_reducers[b.name] for i, b in enumerate(self.blocks) if token_reducers and b.name in token_reducers}
-        self.wrt: list[torch.Tensor] = []  # what the backward differentiates with respect to (the lora_A outputs)
+        self.outputs: dict[int, torch.Tensor] = {}  # the hooked outputs that require grad, until the backward
         self.aat: dict[int, torch.Tensor] = {}
         self.ddt: dict[int, torch.Tensor] = {}
         self.fired: set[int] = set()
@@ -185,6 +185,7 @@ class _Capture:
             h.remove()
         self.handles.clear()
         self.inputs.clear()
+        self.outputs.clear()
 
     def _forward_hook(self, i: int):
         def hook(module, args, output):
@@ -205,14 +206,19 @@ class _Capture:
             if self.per_doc or self.covariances:
                 self.inputs[i] = a
                 output.register_hook(self._grad_hook(i))
-                # Differentiating w.r.t. the lora_A outputs (not the weights) reaches every hooked output
-                # (a lora_B output lies on the path to its lora_A output) while autograd skips the
-                # weight-gradient GEMMs that nobody reads; only these small [B, T, r] gradients come back.
-                if self.blocks[i].kind == "A" and output.requires_grad:
-                    self.wrt.append(output)
+                if output.requires_grad:
+                    self.outputs[i] = output
             return None
 
         return hook
+
+    def wrt(self) -> list[torch.Tensor]:
+        """What the backward differentiates with respect to: the lora_A outputs, and a lora_B output
+        only where its layer's lora_A is not hooked. A lora_B output lies on the path to its lora_A
+        output, so every hooked output's tensor hook fires, while autograd skips the weight-gradient
+        GEMMs that nobody reads; only small `[B, T, r]` gradients come back."""
+        hooked_a = {self.blocks[i].layer_name for i in self.outputs if self.blocks[i].kind == "A"}
+        return [t for i, t in self.outputs.items() if self.blocks[i].kind == "A" or self.blocks[i].layer_name not in hooked_a]
 
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor):
@@ -301,8 +307,11 @@ def per_document_gradients(
             if reduction == "mean":
                 loss = loss / n_targets.clamp(min=1).to(loss.dtype)
             total = loss.sum()
-            if total.requires_grad and (cap.wrt if fast else params):
-                torch.autograd.grad(total, cap.wrt if fast else params, allow_unused=True)
+            wrt = cap.wrt() if fast else params
+            cap.outputs.clear()
+            if total.requires_grad and wrt:
+                torch.autograd.grad(total, wrt, allow_unused=True)
+            del wrt
             grads: dict[str, torch.Tensor] = {}
             projected: dict[str, torch.Tensor] = {}
             sq_norms: dict[str, torch.Tensor] = {}
