@@ -22,8 +22,25 @@ def test_bench_quick_returns_figures(ray_session):
     (a,) = result["a_stage"]
     assert a["actors"] == 1 and a["docs_per_s"] > 0 and a["steady_docs_per_s"] >= a["docs_per_s"]
     r = {row["a"]: row for row in result["ratios"]}
-    a_b = r["1 actor(s), steady"]["a/b (goal>=10)"]
+    a_b = r["1 actor(s), steady"]["ours/loop (goal>=1.5)"]
     assert np.isclose(a_b, a["steady_docs_per_s"] / result["b_paper"]["docs_per_s"])
+    assert np.isclose(a["startup_s"], a["wall_s"] - a["compute_s"]) and a["compute_s"] > 0
+
+
+def test_bench_in_process_part_without_ray():
+    """With no actors the bench runs only its in-process methods (no Ray): ours, the reference pass,
+    the loop and the training step, their ratios, and the profile tables."""
+    from ga_ray.bench.gradients import main
+
+    result = main(quick=True, actors=[], reps=1, memory=False, profile=True)
+    assert result["a_stage"] == [] and result["world"]["n_docs"] == 64
+    r = {row["a"]: row for row in result["ratios"]}
+    c = result["c_train"]["docs_per_s"]
+    assert np.isclose(r["in-process, no Ray"]["ours/step (goal>=0.9)"], result["a_inproc"]["docs_per_s"] / c)
+    assert np.isclose(r["in-process, reference pass"]["ours/loop (goal>=1.5)"], result["a_reference"]["docs_per_s"] / result["b_paper"]["docs_per_s"])
+    assert set(result["profiles"]) == {"ours", "reference pass", "training step"}
+    for top in result["profiles"].values():
+        assert top and all(0 < row["share"] <= 1 for row in top)
 
 
 def test_memory_table_measures_both_modes_in_fresh_processes():
