@@ -21,6 +21,9 @@ from ga_ray.resources import cuda_available, resolve_gpus  # noqa: F401  (the on
 
 log = logging.getLogger("ga_ray")
 
+ACTOR_START_TIMEOUT_S = 600
+"""How long a Ray Data actor pool waits for all its actors to start before it fails (Ray: "Timed out while starting actors")."""
+
 
 @dataclass
 class OutputSettings:
@@ -141,6 +144,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ctx.execution_options.verbose_progress = False
     if not OUTPUT.verbose:
         ctx.enable_progress_bars = False
+    # a fixed actor pool starts work only once all its actors are up: otherwise the first actor ready takes every
+    # window of a short stage while the others still load the model (seen on two nodes: one actor, one node, did all)
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     try:  # name of the option in Ray 2.60's DataContext
         ctx.execution_no_progress_timeout_s = cfg.execution_no_progress_timeout_s  # type: ignore[attr-defined]
     except Exception:  # older Ray without the option: nothing to set
