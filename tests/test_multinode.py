@@ -264,6 +264,7 @@ def _serve_config(path: Path, run_dir: Path, port: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three jobs on a 2-core machine: 8.4 min when measured
 def test_two_node_cluster_job_submit_stop_resume_skip_and_serve(tmp_path):
     t_start = time.time()
     run_dir = tmp_path / "run"
