@@ -115,28 +115,32 @@ def generation_row(r: CompletionResult, p: PromptRow) -> dict[str, Any]:
 
 
 def run_pending(jobs: Sequence[CompletionJob], store: io.PartStore, settings: ClientSettings,
-                to_row: Callable[[CompletionResult], dict[str, Any]]) -> int:
+                to_row: Callable[[CompletionResult], dict[str, Any]], desc: str = "evaluate") -> int:
     """Run the jobs whose key the store has not finished (successes are never redone; failures are retried),
-    appending each result to the store as it finishes. Returns how many jobs were skipped as done."""
+    appending each result to the store as it finishes. Returns how many jobs were skipped as done.
+    One progress bar on the terminal (redrawn in place) and one summary line per call."""
+    from tqdm.auto import tqdm
+
     done = store.done_keys()
     pending = [j for j in jobs if j.key not in done]
-    t0, count = time.perf_counter(), [0, 0]
-    every = max(50, len(pending) // 20)
+    t0, failed = time.perf_counter(), [0]
+    bar = tqdm(total=len(pending), desc=desc, unit="req", disable=not pending)
 
     def on_result(r: CompletionResult) -> None:
         store.add(to_row(r))
-        count[0] += 1
-        count[1] += r.error is not None
-        if count[0] % every == 0 or count[0] == len(pending):
-            dt = time.perf_counter() - t0
-            rate = count[0] / dt if dt > 0 else float("nan")
-            log.info("evaluate: %d/%d requests (%d failed), %.1f/s, about %.0f s left", count[0], len(pending), count[1], rate,
-                     (len(pending) - count[0]) / rate if rate > 0 else float("nan"))
+        failed[0] += r.error is not None
+        bar.update(1)
+        if r.error is not None:
+            bar.set_postfix(failed=failed[0], refresh=False)
 
     try:
         run_jobs(pending, settings, on_result=on_result)
     finally:
+        bar.close()
         store.flush()
+    if pending:
+        log.info("%s: %d requests (%d failed) in %.0f s; %d already done", desc, len(pending), failed[0],
+                 time.perf_counter() - t0, len(jobs) - len(pending))
     return len(jobs) - len(pending)
 
 
@@ -191,7 +195,7 @@ def _pass(inp: _Inputs, settings: ClientSettings, asked: Mapping[str, list[str]]
             for m in order for b in asked[m] for p in sets[b]]
     log.info("evaluate: %d generations over %d model ids", len(jobs), len(asked))
     t0 = time.perf_counter()
-    n_resumed = run_pending(jobs, inp.gen_store, settings, lambda r: generation_row(r, inp.by_item[r.key[1]]))
+    n_resumed = run_pending(jobs, inp.gen_store, settings, lambda r: generation_row(r, inp.by_item[r.key[1]]), desc="evaluate: generate")
     timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t0
     # scoring: held-out documents (perplexity), and the reference's answers to the neutral prompts (KL)
     ref_answers = {g["item"]: g for g in inp.gen_store.rows() if g["variant"] == reference and not g.get("error")}
@@ -214,7 +218,7 @@ def _pass(inp: _Inputs, settings: ClientSettings, asked: Mapping[str, list[str]]
             pids, rids = inp.score_items[item]
             sjobs.append(score_job(m, item, pids, rids, ev.kl_top_k if item.startswith("kl:") else 0))
     t0 = time.perf_counter()
-    run_pending(sjobs, inp.score_store, settings, lambda r: score_row(r, len(inp.score_items[r.key[1]][0])))
+    run_pending(sjobs, inp.score_store, settings, lambda r: score_row(r, len(inp.score_items[r.key[1]][0])), desc="evaluate: score")
     timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t0
     return n_resumed
 
