@@ -162,7 +162,7 @@ PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{padding:12px 20px;background:#20324a;color:#fff}header h1{font-size:18px;margin:0}header p{margin:4px 0 0;font-size:13px;opacity:.85}
 main{display:flex;gap:16px;padding:16px 20px;align-items:flex-start}
-#left{flex:1 1 55%;min-width:0}#detail{flex:1 1 45%;min-width:0;background:#fff;border:1px solid #d9dde3;border-radius:8px;padding:14px 16px}
+.gridjs-th-content{white-space:normal!important;overflow:visible!important;text-overflow:clip!important}.gridjs-th-sort .gridjs-th-content{width:auto!important;padding-right:18px}#left{flex:1 1 55%;min-width:0}#detail{flex:1 1 45%;min-width:0;background:#fff;border:1px solid #d9dde3;border-radius:8px;padding:14px 16px}
 .tabs button{border:1px solid #c4cad3;background:#fff;padding:6px 14px;border-radius:6px;margin-right:6px;cursor:pointer;font-size:14px}
 .tabs button.on{background:#20324a;color:#fff;border-color:#20324a}
 .gridjs-tr{cursor:pointer}.gridjs-td{font-size:13px;padding:5px 10px;line-height:1.3}.gridjs-th{font-size:13px;padding:8px 10px}
