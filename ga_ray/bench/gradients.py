@@ -301,7 +301,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
 
     from ga_ray.config import RayConfig
     from ga_ray.factors.projection import Projector
-    from ga_ray.gradients.actor import load_computer
+    from ga_ray.gradients.actor import GradientComputer, load_computer
     from ga_ray.kernel.batching import naive_batches, padding_stats, plan_windowed
     from ga_ray.raycluster import init_ray
 
@@ -353,8 +353,9 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         # in-process methods on the same model files, `threads` torch threads, interleaved repetitions
         mcfg = _model_cfg(world)
         comp = load_computer(mcfg, world["adapter"], world["factors"], device="cpu", max_docs=g["batch_size"], max_tokens=g["max_tokens_per_batch"])
-        comp_ref = load_computer(mcfg, world["adapter"], world["factors"], device="cpu", max_docs=g["batch_size"], max_tokens=g["max_tokens_per_batch"])
-        comp_ref.fast, comp_ref.token_projection = False, "never"  # the reference pass: the "before"
+        # the reference pass (the "before"): the same loaded model, blocks and projector, the slow path
+        comp_ref = GradientComputer(comp.model, comp.blocks, comp.projector, max_docs=g["batch_size"], max_tokens=g["max_tokens_per_batch"],
+                                    pad_id=comp.pad_id, token_projection="never", fast=False)
         cols = {k: [r[k] for r in rows] for k in ("doc_id", "input_ids", "loss_mask")}
         W = g["window_docs"]
         model_b, blocks = _trainable_lora_model(mcfg, world["adapter"])
