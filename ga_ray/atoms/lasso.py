@@ -192,16 +192,18 @@ def _lasso_gram(G, Bx, alpha, *, tol, max_iter, G64, init, max_add):
             v = v[:, :K]
             done = (v.amax(dim=1) <= tol) | (n_stalls[chk] >= _MAX_STALLS)
             p = w.p_add[chk]
-            kmax = min(int(p.max()), K)
-            vals, top = v.topk(kmax, dim=1)
-            sel = (vals > tol) & (torch.arange(kmax, device=dev)[None, :] < p[:, None]) & ~done[:, None]
-            top = torch.where(sel, top, torch.full_like(top, K))
-            sg = torch.where(sel, torch.sign(g.gather(1, top.clamp(max=K - 1))).to(f64), torch.zeros((), dtype=f64, device=dev))
+            pos = chk_mask.nonzero().squeeze(1)
+            go = (~done).nonzero().squeeze(1)  # rows with violators to add: only they need the top-k
+            kmax = min(int(p[go].max()), K) if go.numel() else 1
             cidx = torch.full((na, kmax), K, dtype=torch.long, device=dev)
             csign = torch.zeros((na, kmax), dtype=f64, device=dev)
-            pos = chk_mask.nonzero().squeeze(1)
-            cidx[pos] = top
-            csign[pos] = sg
+            if go.numel():
+                vals, top = v[go].topk(kmax, dim=1)
+                sel = (vals > tol) & (torch.arange(kmax, device=dev)[None, :] < p[go][:, None])
+                top = torch.where(sel, top, torch.full_like(top, K))
+                sg = torch.where(sel, torch.sign(g[go].gather(1, top.clamp(max=K - 1))).to(f64), torch.zeros((), dtype=f64, device=dev))
+                cidx[pos[go]] = top
+                csign[pos[go]] = sg
             keep = torch.ones(na, dtype=torch.bool, device=dev)
             keep[pos[done]] = False
             if not bool(keep.all()):
@@ -318,17 +320,14 @@ class _Work:
         cnt = (idx != self.K).sum(1)
         m = max(int(cnt.max()), 1)
         idx, val = idx[:, :m], val[:, :m]
-        r = rows.numel()
-        if m * 64 > self.K:  # a dense GEMM beats gathering G rows unless supports are tiny
-            C = torch.zeros(r, self.K + 1, dtype=val.dtype, device=val.device).scatter_add_(1, idx, val)[:, : self.K]
+        if m * 4 > self.K:  # wide supports: one dense GEMM
+            C = torch.zeros(rows.numel(), self.K + 1, dtype=val.dtype, device=val.device).scatter_add_(1, idx, val)[:, : self.K]
             return self.Bx[rows] - C @ self.G
-        out = torch.empty(r, self.K, dtype=self.Bx.dtype, device=self.Bx.device)
-        step = max(1, 16_000_000 // (m * self.K))
-        for s in range(0, r, step):
-            sl = slice(s, s + step)
-            Gr = self.Ge[idx[sl]]  # (rows, m, K)
-            out[sl] = self.Bx[rows[sl]] - torch.bmm(val[sl].unsqueeze(1), Gr).squeeze(1)
-        return out
+        # c·G = Σ_j c_j G[j, :], a weighted sum of m rows of G per row: embedding_bag sums them without
+        # the dense (rows × K) code matrix or a (rows × m × K) gather (measured 10× the dense GEMM at
+        # 256 rows, K = 500, m = 8); the padding index K addresses the zero row of Ge
+        cg = torch.nn.functional.embedding_bag(idx, self.Ge, per_sample_weights=val, mode="sum")
+        return self.Bx[rows] - cg
 
     # -- one feature-sign step ---------------------------------------------------------------------
     def fss_step(self, rows: torch.Tensor, cidx: torch.Tensor, csign: torch.Tensor) -> None:
