@@ -72,6 +72,22 @@ def test_coder_float32_kkt_and_warm_start():
     torch.testing.assert_close(C2, C, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("per_row,K", [(3, 200), (60, 200), (0, 50)])
+def test_sparse_times_equals_the_dense_product(per_row, K):
+    """The CSR path (sparse codes) and the dense fallback both equal C @ M; M is not symmetric, so a
+    transposed operand would fail."""
+    from ga_ray.atoms.lasso import sparse_times
+
+    rng = np.random.default_rng(4)
+    C = np.zeros((64, K))
+    for i in range(64):
+        C[i, rng.choice(K, per_row, replace=False)] = rng.standard_normal(per_row)
+    M = rng.standard_normal((K, 30))
+    for dtype in (torch.float64, torch.float32):
+        out = sparse_times(torch.tensor(C, dtype=dtype), torch.tensor(M, dtype=dtype))
+        np.testing.assert_allclose(out.numpy(), C @ M, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def test_row_objective_equals_residual_form():
     rng = np.random.default_rng(2)
     D = torch.tensor(_unit_rows(rng, 20, 32))
@@ -102,13 +118,15 @@ def test_gram_equals_pairwise_dot_products_and_is_symmetric():
 
 
 @pytest.mark.parametrize(
-    "sizes,density", [([8] * 11, 0.4), ([8, 8, 8, 5], 0.4), ([16, 3, 16, 7, 16], 0.4), ([8, 8, 3], 0.08)]
+    "sizes,density,K",
+    [([8] * 11, 0.4, 6), ([8, 8, 8, 5], 0.4, 6), ([16, 3, 16, 7, 16], 0.4, 6), ([8, 8, 3], 0.08, 6),
+     ([40, 40, 17], 0.02, 120)],  # the last: codes sparse enough for the CSR path
 )
-def test_forgetting_weights_equal_sklearn_internals(sizes, density):
-    """Our A, B after a sequence of batches (equal sizes, a last smaller one, mixed sizes) equal the
-    ones scikit-learn's own `_update_inner_stats` computes."""
+def test_forgetting_weights_equal_sklearn_internals(sizes, density, K):
+    """Our A, B after a sequence of batches (equal sizes, a last smaller one, mixed sizes; dense and
+    CSR products) equal the ones scikit-learn's own `_update_inner_stats` computes."""
     rng = np.random.default_rng(3)
-    K, P = 6, 10
+    P = 10
     est = _sklearn_model()
     est._A = np.zeros((K, K))
     est._B = np.zeros((P, K))

@@ -28,6 +28,7 @@ gradient g is computed in float32; tolerances below ~1e-6 then only mean "as exa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +80,21 @@ def kkt_violation(C: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, alpha: flo
     return torch.where(nz, v_nz, v_z).amax(dim=1)
 
 
+def sparse_times(C: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """C @ M for codes C that are mostly zeros: as CSR × dense on CPU (nnz·K multiply-adds instead of
+    rows·K·K; 0.8 -> 0.1 ms at 256 rows, K = 500, 7 nonzeros per row), a dense GEMM otherwise."""
+    if C.device.type == "cpu" and C.layout == torch.strided and int((C != 0).sum()) * 16 < C.numel():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return C.to_sparse_csr() @ M
+    return C @ M
+
+
 def row_objective(
     C: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, sq_norms: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (½‖x − cD‖², α‖c‖₁) from the Gram form (no P-sized work)."""
-    cg = C @ G
+    cg = sparse_times(C, G)
     rec = 0.5 * sq_norms - (Bx * C).sum(1) + 0.5 * (cg * C).sum(1)
     return rec.clamp_min(0), alpha * C.abs().sum(1)
 
