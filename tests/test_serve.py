@@ -304,8 +304,9 @@ def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(ser
         time.sleep(2)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
         assert len(replicas) == 1, replicas
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        # counted before the kill: a request that fails with the replica can answer before ray.kill returns
         killed_at = len(statuses)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
         time.sleep(3)
         stop.set()
         for f in futures:
