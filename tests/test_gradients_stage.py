@@ -197,6 +197,9 @@ def test_stage_z_equals_reference_and_plain_pyarrow_reads_it(world, ray_session)
     assert (info["N"], info["D"], info["n_documents"], info["n_excluded_nonfinite"]) == (N_DOCS, D, N_DOCS, 0)
     assert info["real_tokens"] == sum(len(r["input_ids"]) for r in world["rows"])
     assert 0 <= info["padding_fraction"] < info["padding_fraction_naive"]
+    # the start-up breakdown: every actor's imports + model load, its process start, its writes, all measured
+    assert info["actor_init_s"] > 0 and info["actor_boot_s"] > 0 and info["actor_write_s"] > 0
+    assert info["actor_init_s"] + info["actor_compute_s"] < info["wall_time_s"] * info["num_actors"]
     assert summary["N"] == N_DOCS and "line" in summary
     manifest = json.loads((rd.root / "manifest.json").read_text())
     assert manifest["stages"]["gradients"]["status"] == "done"

@@ -341,6 +341,11 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
                     "wall_s": wall,
                     "compute_s": compute,
                     "startup_s": wall - compute,  # Ray, actor start, model load, scheduling, writing
+                    # of which (per actor, medians): process start until our code ran, imports + model
+                    # load, writing the windows; the rest is Ray Data's start, reading and scheduling
+                    "boot_s": statistics.median(i["actor_boot_s"] for i in infos[n_act]) / n_act,
+                    "init_s": statistics.median(i["actor_init_s"] for i in infos[n_act]) / n_act,
+                    "write_s": statistics.median(i["actor_write_s"] for i in infos[n_act]) / n_act,
                     "docs_per_s": N / wall,
                     "tokens_per_s": tokens / wall,
                     "steady_docs_per_s": N / compute,
@@ -431,7 +436,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         )
         print_table("ratios (docs/s on the same documents; ours/step = a/c, ours/loop = a/b)", ratios)
         if a_rows:
-            print_table("stage start-up (wall time less the actors' compute)", [{k: r[k] for k in ("actors", "wall_s", "compute_s", "startup_s")} for r in a_rows])
+            print_table("stage start-up (wall time less the actors' compute)", [{k: r[k] for k in ("actors", "wall_s", "compute_s", "startup_s", "boot_s", "init_s", "write_s")} for r in a_rows])
         for name, top in profiles.items():
             print_table(f"profile, {name}: self CPU time by op (first {min(N, W)} documents)", top)
         if memory:

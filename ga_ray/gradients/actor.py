@@ -258,6 +258,16 @@ def _maybe_fault(flag: str | None) -> None:
     os._exit(17)
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (psutil, a Ray dependency); None where it cannot tell."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # psutil missing or /proc unreadable: the figure is only reported
+        return None
+
+
 def _whereabouts() -> tuple[str, str]:
     """(Ray node id, Ray actor id) of this process; empty strings outside Ray."""
     try:
@@ -287,6 +297,8 @@ class GradientsActor:
         torch_threads: int | None = None,
         fault: str | None = None,
     ):
+        t_init = time.perf_counter()
+        self.boot_s = _process_age_s()  # worker process start, Ray, unpickling this actor: before our code
         import torch
 
         if torch_threads and device == "cpu":
@@ -297,12 +309,20 @@ class GradientsActor:
         self.out_dir = out_dir
         self.fault = fault
         self.node_id, self.actor_id = _whereabouts()
+        self.init_s = time.perf_counter() - t_init  # imports (torch, transformers, peft) and model load
+        self._start_reported = False
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         result = self.computer.run(batch)
+        t_write = time.perf_counter()
         name = write_window(result, self.out_dir)
+        write_s = time.perf_counter() - t_write
         _maybe_fault(self.fault)
         n = len(result.doc_id)
+        # this incarnation's start-up, spread over the rows of its first batch (so that sums over rows
+        # are sums over actors, restarts included)
+        first = not self._start_reported and n > 0
+        self._start_reported = self._start_reported or first
         return {
             "doc_id": result.doc_id,
             "n_tokens": result.n_tokens,
@@ -313,6 +333,9 @@ class GradientsActor:
             "file": np.array([name if f else "" for f in result.finite], dtype=object),
             "compute_s": np.full(n, result.compute_s / max(n, 1), dtype=np.float64),
             "peak_mem_mb": np.full(n, _peak_mem_mb(self.computer.device), dtype=np.float32),
+            "write_s": np.full(n, write_s / max(n, 1), dtype=np.float64),
+            "actor_init_s": np.full(n, self.init_s / n if first else 0.0, dtype=np.float64),
+            "actor_boot_s": np.full(n, (self.boot_s or 0.0) / n if first else 0.0, dtype=np.float64),
             # where each document was computed: the stage records the actors' nodes in its metadata
             "node_id": np.array([self.node_id] * n, dtype=object),
             "actor_id": np.array([self.actor_id] * n, dtype=object),

@@ -268,6 +268,11 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "docs_per_s": round(n_docs / wall, 3) if wall > 0 else None,
             "tokens_per_s": round(real_tokens / wall, 3) if wall > 0 else None,
             "actor_compute_s": round(float(meta["compute_s"].sum()), 3),
+            # where the rest of the wall time went (summed over actors): process start to our code,
+            # imports and model load, writing the windows
+            "actor_boot_s": round(float(meta["actor_boot_s"].sum()), 3),
+            "actor_init_s": round(float(meta["actor_init_s"].sum()), 3),
+            "actor_write_s": round(float(meta["write_s"].sum()), 3),
             "peak_mem_mb_per_actor": round(float(meta["peak_mem_mb"].max()), 1),
             "files": part_files,
             "orphan_files_removed": orphans,
