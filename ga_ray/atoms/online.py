@@ -142,17 +142,16 @@ def update_dictionary(
                 DD, DR, RR = DJ @ DJ.T, DJ @ R.T, R @ R.T
                 M = torch.cat([torch.cat([DD, DR], 1), torch.cat([DR.T, RR], 1)], 0).double().cpu().numpy()
                 Ablk = A64[j0:j1, j0:j1]
-                coef = np.zeros((b, 2 * b))
-                coef[np.arange(b), np.arange(b)] = 1.0  # atom i is basis vector i until updated
                 delta = np.zeros((b, 2 * b))
-                for i in live:
+                for i in live:  # atom i is basis vector i (e_i) until its turn; few numpy calls per atom
                     r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
                     r[b + i] += 1.0
-                    u = coef[i] + r / diag[j0 + i]
-                    nrm = float(np.sqrt(max(u @ M @ u, 0.0)))
-                    u = u / max(nrm, 1.0)
-                    delta[i] = u - coef[i]
-                    coef[i] = u
+                    u = r / diag[j0 + i]
+                    u[i] += 1.0  # u = e_i + (B_i − A_i D)/A_ii in the basis
+                    nrm2 = float(u @ (M @ u))
+                    u *= 1.0 / max(np.sqrt(max(nrm2, 0.0)), 1.0)
+                    u[i] -= 1.0
+                    delta[i] = u
                 dt = torch.from_numpy(delta).to(D.dtype).to(D.device)
                 dSJ = dS[j0 - s0 : j1 - s0]
                 torch.mm(dt[:, :b], DJ, out=dSJ)  # the new atoms' changes: delta · V, V = [D_J; R_J]
