@@ -80,14 +80,21 @@ def kkt_violation(C: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, alpha: flo
     return torch.where(nz, v_nz, v_z).amax(dim=1)
 
 
+def sparse_csr(C: torch.Tensor) -> torch.Tensor | None:
+    """C as CSR when it is mostly zeros (under 1/16 nonzero) on CPU, where CSR × dense products beat the
+    dense GEMM; None otherwise (the callers then multiply densely)."""
+    if C.device.type != "cpu" or C.layout != torch.strided or int((C != 0).sum()) * 16 >= C.numel():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return C.to_sparse_csr()
+
+
 def sparse_times(C: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """C @ M for codes C that are mostly zeros: as CSR × dense on CPU (nnz·K multiply-adds instead of
     rows·K·K; 0.8 -> 0.1 ms at 256 rows, K = 500, 7 nonzeros per row), a dense GEMM otherwise."""
-    if C.device.type == "cpu" and C.layout == torch.strided and int((C != 0).sum()) * 16 < C.numel():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return C.to_sparse_csr() @ M
-    return C @ M
+    Cs = sparse_csr(C)
+    return (Cs if Cs is not None else C) @ M
 
 
 def row_objective(

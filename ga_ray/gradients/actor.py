@@ -321,8 +321,9 @@ class GradientsActor:
         n = len(result.doc_id)
         # this incarnation's start-up, spread over the rows of its first batch (so that sums over rows
         # are sums over actors, restarts included)
-        first = not self._start_reported and n > 0
-        self._start_reported = self._start_reported or first
+        first = n > 0 and not self._start_reported
+        if first:
+            self._start_reported = True
         return {
             "doc_id": result.doc_id,
             "n_tokens": result.n_tokens,
