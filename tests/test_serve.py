@@ -278,45 +278,65 @@ def test_overload_gets_503_and_every_accepted_request_its_own_answer(served):
         assert int(headers.get("Retry-After")) >= 0 and body["error"]["code"] == "overloaded"
 
 
+def _wait_until_answered(handle, name, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while True:  # Serve starts a new replica: new requests succeed
+        code, _, body = _post(handle, "/v1/completions", {"model": name, "prompt": "after", "max_tokens": 4, "echo": True})
+        if code == 200:
+            assert body["choices"][0]["text"].startswith("after")
+            return
+        assert code == 503 and time.monotonic() < deadline, body
+        time.sleep(1)
+
+
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(served):
     import ray
 
     world, handle = served
     name = world["variants"][1]
-    statuses: list[int] = []
-    stop = threading.Event()
 
-    def load(w):
-        i = 0
-        while not stop.is_set():
-            i += 1
-            prompt = f"w{w}n{i} cat"
-            code, _, body = _post(handle, "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 32, "echo": True})
-            statuses.append(code)
-            assert code in (200, 503), body
-            if code == 200:
-                assert body["choices"][0]["text"].startswith(prompt)
-            else:
-                assert body["error"]["type"] == "service_unavailable"
+    def kill_under_load() -> list[int]:
+        """Statuses of the requests answered after the replica was killed under load from 4 clients."""
+        statuses: list[int] = []
+        stop = threading.Event()
 
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(load, w) for w in range(4)]
-        time.sleep(2)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
-        assert len(replicas) == 1, replicas
-        # counted before the kill: a request that fails with the replica can answer before ray.kill returns
-        killed_at = len(statuses)
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-        time.sleep(3)
-        stop.set()
-        for f in futures:
-            f.result(timeout=600)
-    assert 503 in statuses[killed_at:], "no request in flight failed when the replica died"
-    deadline = time.monotonic() + 300
-    while True:  # Serve starts a new replica: new requests succeed
-        code, _, body = _post(handle, "/v1/completions", {"model": name, "prompt": "after", "max_tokens": 4, "echo": True})
-        if code == 200:
-            assert body["choices"][0]["text"].startswith("after")
+        def load(w):
+            i = 0
+            while not stop.is_set():
+                i += 1
+                prompt = f"w{w}n{i} cat"
+                # long answers, so that most of a request's life is inside the engine replica
+                code, _, body = _post(handle, "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 100, "echo": True})
+                statuses.append(code)
+                assert code in (200, 503), body  # never a 500, never a hang
+                if code == 200:
+                    assert body["choices"][0]["text"].startswith(prompt)
+                else:
+                    assert body["error"]["type"] == "service_unavailable"
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(load, w) for w in range(4)]
+            deadline = time.monotonic() + 120
+            while len(statuses) < 4 and time.monotonic() < deadline:  # answered a few times: warm, under load
+                time.sleep(0.1)
+            time.sleep(0.5)
+            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
+            assert len(replicas) == 1, replicas
+            killed_at = len(statuses)  # before the kill: a request that fails with it can answer before ray.kill returns
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            time.sleep(3)
+            stop.set()
+            for f in futures:
+                f.result(timeout=600)
+        return statuses[killed_at:]
+
+    # The kill is asynchronous: now and then every request in flight finishes before the process dies and the
+    # next ones wait for the new replica (all 200, seen in CI). So kill again, up to 3 times, until one is caught.
+    seen = []
+    for _ in range(3):
+        after = kill_under_load()
+        seen.append(after)
+        _wait_until_answered(handle, name)
+        if 503 in after:
             break
-        assert code == 503 and time.monotonic() < deadline, body
-        time.sleep(1)
+    assert 503 in seen[-1], f"no request in flight failed in 3 kills; statuses after each kill: {seen}"
