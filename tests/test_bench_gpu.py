@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray (and pydantic-free paths aside) made unimportable before anything else runs: the GPU machines have no Ray.
-NO_RAY = "import sys; sys.modules['ray'] = None; from ga_ray.bench.gpu import cli; sys.exit(cli(sys.argv[1:]))"
+# Ray and numba made unimportable before anything else runs: the GPU machines have neither.
+NO_RAY = "import sys; sys.modules['ray'] = None; sys.modules['numba'] = None; from ga_ray.bench.gpu import cli; sys.exit(cli(sys.argv[1:]))"
 
 
 def _finite_positive(x) -> bool:

@@ -37,15 +37,19 @@ def _unit_rows(rng, n, p):
 
 
 # ---- the coder -------------------------------------------------------------------------------------
+CODERS = ["rows", "batched"]  # the compiled row-by-row coder (CPU default) and the lock-step torch one (CUDA)
+
+
+@pytest.mark.parametrize("backend", CODERS)
 @pytest.mark.parametrize("n,p,k,alpha", [(40, 64, 40, 0.1), (30, 128, 100, 0.05), (25, 96, 30, 0.3)])
-def test_coder_kkt_and_matches_sklearn_lasso_cd(n, p, k, alpha):
+def test_coder_kkt_and_matches_sklearn_lasso_cd(n, p, k, alpha, backend):
     from sklearn.decomposition import sparse_encode as sk_sparse_encode
 
     rng = np.random.default_rng(0)
     D = _unit_rows(rng, k, p)
     X = _unit_rows(rng, n, p)
     Xt, Dt = torch.tensor(X), torch.tensor(D)
-    C, info = sparse_encode(Xt, Dt, alpha, tol=1e-10, return_info=True)
+    C, info = sparse_encode(Xt, Dt, alpha, tol=1e-10, return_info=True, backend=backend)
     assert info.n_unconverged == 0
     G = gram(Dt)
     assert float(kkt_violation(C, G, Xt @ Dt.T, alpha).max()) <= 1e-9
@@ -58,18 +62,55 @@ def test_coder_kkt_and_matches_sklearn_lasso_cd(n, p, k, alpha):
     assert lasso_objective(Xt, Dt, C, alpha) < lasso_objective(Xt, Dt, torch.zeros_like(C), alpha)
 
 
-def test_coder_float32_kkt_and_warm_start():
+@pytest.mark.parametrize("backend", CODERS)
+def test_coder_on_singular_supports_still_solves_the_lasso(backend):
+    """Duplicated atoms and K > P (rank-deficient Gram): supports whose G_SS is singular take the
+    regularised step; the codes still satisfy KKT and reach scikit-learn's objective (codes not unique)."""
+    from sklearn.decomposition import sparse_encode as sk_sparse_encode
+
+    rng = np.random.default_rng(3)
+    D = _unit_rows(rng, 24, 6)
+    D[5], D[11] = D[4], -D[10]  # exact duplicates (one sign-flipped)
+    X = _unit_rows(rng, 30, 6)
+    Xt, Dt = torch.tensor(X), torch.tensor(D)
+    C, info = sparse_encode(Xt, Dt, 0.01, tol=1e-9, return_info=True, backend=backend)
+    assert info.n_unconverged == 0
+    assert float(kkt_violation(C, gram(Dt), Xt @ Dt.T, 0.01).max()) <= 1e-8
+    Cs = sk_sparse_encode(X, D, algorithm="lasso_cd", alpha=0.01, max_iter=100000)
+    assert lasso_objective(Xt, Dt, C, 0.01) <= lasso_objective(Xt, Dt, torch.tensor(Cs), 0.01) + 1e-9
+
+
+@pytest.mark.parametrize("backend", CODERS)
+def test_coder_float32_kkt_and_warm_start(backend):
     rng = np.random.default_rng(1)
     D = torch.tensor(_unit_rows(rng, 60, 128), dtype=torch.float32)
     X = torch.tensor(_unit_rows(rng, 50, 128), dtype=torch.float32)
-    C, info = sparse_encode(X, D, 0.1, tol=1e-6, return_info=True)
+    C, info = sparse_encode(X, D, 0.1, tol=1e-6, return_info=True, backend=backend)
     assert info.n_unconverged == 0
+    assert C.dtype == torch.float32
     kkt = kkt_violation(C.double(), gram(D.double()), (X @ D.T).double(), 0.1).max()
     assert float(kkt) <= 2e-6
     G = gram(D)
-    C2, info2 = lasso_gram(G, X @ D.T, 0.1, tol=1e-6, init=C)  # warm start at the solution: no work
+    C2, info2 = lasso_gram(G, X @ D.T, 0.1, tol=1e-6, init=C, backend=backend)  # warm start at the solution: no work
     assert info2.n_iter <= 2
     torch.testing.assert_close(C2, C, atol=1e-6, rtol=0)
+
+
+def test_row_coder_equals_batched_coder_and_reports_unconverged_rows():
+    """The two coders solve the same strictly convex problems (P > K): the same codes; a cap of one
+    iteration leaves rows unconverged, and both say so."""
+    rng = np.random.default_rng(4)
+    D = torch.tensor(_unit_rows(rng, 50, 120))
+    X = torch.tensor(_unit_rows(rng, 64, 120))
+    Cr, ir = sparse_encode(X, D, 0.05, tol=1e-10, return_info=True, backend="rows")
+    Cb, ib = sparse_encode(X, D, 0.05, tol=1e-10, return_info=True, backend="batched")
+    assert ir.n_unconverged == ib.n_unconverged == 0
+    assert ir.max_support == ib.max_support == int((Cr != 0).sum(1).max()) > 1
+    torch.testing.assert_close(Cr, Cb, atol=1e-8, rtol=0)
+    _, capped = sparse_encode(X, D, 0.05, tol=1e-10, max_iter=1, return_info=True, backend="rows")
+    assert capped.n_unconverged == X.shape[0]
+    with pytest.raises(ValueError, match="backend"):
+        sparse_encode(X, D, 0.05, backend="lars")
 
 
 @pytest.mark.parametrize("per_row,K", [(3, 200), (60, 200), (0, 50)])
@@ -175,6 +216,34 @@ def test_blocked_bcd_equals_atom_by_atom_loop_and_sklearn():
     torch.testing.assert_close(blocked, ref, atol=1e-12, rtol=0)
     np.testing.assert_allclose(ref.numpy(), sk, atol=1e-12)
     assert float(torch.linalg.vector_norm(blocked, dim=1).max()) <= 1 + 1e-12
+
+
+def test_row_coder_at_tol_zero_stops_and_says_so():
+    """tol = 0 cannot be met in floating point: steps stop making progress, the proximal-gradient rescue
+    runs, and the coder gives up after its stall limit, reporting the rows, with codes still optimal."""
+    rng = np.random.default_rng(6)
+    D = torch.tensor(_unit_rows(rng, 40, 64))
+    X = torch.tensor(_unit_rows(rng, 20, 64))
+    C0 = sparse_encode(X, D, 0.1, tol=1e-10, backend="rows")
+    C, info = sparse_encode(X, D, 0.1, tol=0.0, max_iter=10_000, return_info=True, backend="rows")
+    assert 0 < info.n_unconverged <= X.shape[0] and info.n_iter < 10_000
+    assert lasso_objective(X, D, C, 0.1) <= lasso_objective(X, D, C0, 0.1) + 1e-9
+
+
+def test_block_recurrence_compiled_equals_numpy_path():
+    from ga_ray.atoms import online
+
+    rng = np.random.default_rng(5)
+    b = 7
+    F = rng.standard_normal((b, 3 * b))
+    A = F @ F.T / b
+    V = rng.standard_normal((2 * b, 40))
+    live = np.array([True, True, False, True, True, True, False])
+    diag = A.diagonal().copy()
+    got = online._block_recurrence(A, diag, live, V @ V.T)
+    want = online._block_recurrence_numpy(A, diag, live, V @ V.T)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert not got[2].any() and not got[6].any()  # dead atoms do not move
 
 
 def test_one_online_step_equals_dense_reference():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import gram, sparse_csr
 from ga_ray.atoms.threads import gemm
 
@@ -132,22 +133,12 @@ def update_dictionary(
             if j0 > s0:  # atoms of S already updated in this sweep (fused into one in-place GEMM)
                 R.addmm_(A[j0:j1, s0:j0], dS[: j0 - s0], alpha=-1.0)
             DJ = D[j0:j1]
-            live = [i for i in range(b) if live_all[j0 + i]]
-            if live:
+            if live_all[j0:j1].any():
                 # Gram matrix of the basis V = [D_J; R_J] from its three distinct blocks (no copy of V)
                 DD, DR, RR = DJ @ DJ.T, DJ @ R.T, R @ R.T
                 M = torch.cat([torch.cat([DD, DR], 1), torch.cat([DR.T, RR], 1)], 0).double().cpu().numpy()
-                Ablk = A64[j0:j1, j0:j1]
-                delta = np.zeros((b, 2 * b))
-                for i in live:  # atom i is basis vector i (e_i) until its turn; few numpy calls per atom
-                    r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
-                    r[b + i] += 1.0
-                    u = r / diag[j0 + i]
-                    u[i] += 1.0  # u = e_i + (B_i − A_i D)/A_ii in the basis
-                    nrm2 = float(u @ (M @ u))
-                    u *= 1.0 / max(np.sqrt(max(nrm2, 0.0)), 1.0)
-                    u[i] -= 1.0
-                    delta[i] = u
+                recurrence = _block_recurrence if HAVE_NUMBA else _block_recurrence_numpy
+                delta = recurrence(np.ascontiguousarray(A64[j0:j1, j0:j1]), diag[j0:j1], live_all[j0:j1], M)
                 dt = torch.from_numpy(delta).to(D.dtype).to(D.device)
                 dSJ = dS[j0 - s0 : j1 - s0]
                 torch.mm(dt[:, :b], DJ, out=dSJ)  # the new atoms' changes: delta · V, V = [D_J; R_J]
@@ -155,6 +146,56 @@ def update_dictionary(
                 DJ += dSJ
             else:
                 dS[j0 - s0 : j1 - s0] = 0
+
+
+@njit(cache=True, nogil=True)
+def _block_recurrence(Ablk: np.ndarray, diag: np.ndarray, live: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """The atom-by-atom recurrence of one block in the basis V = [D_J; R_J] (2b coefficients per atom):
+    delta[i] = (new atom i) − (old atom i), with norms from M = V Vᵀ. Atom i is e_i until its turn."""
+    b = Ablk.shape[0]
+    w = 2 * b
+    delta = np.zeros((b, w))
+    u = np.empty(w)
+    for i in range(b):
+        if not live[i]:
+            continue
+        for q in range(w):  # r = e_{b+i} − Σ_{k<i} A_ik delta_k
+            acc = 0.0
+            for k in range(i):
+                acc -= Ablk[i, k] * delta[k, q]
+            u[q] = acc
+        u[b + i] += 1.0
+        inv = 1.0 / diag[i]
+        for q in range(w):
+            u[q] *= inv
+        u[i] += 1.0  # u = e_i + (B_i − A_i D)/A_ii in the basis
+        nrm2 = 0.0
+        for p in range(w):
+            acc = 0.0
+            for q in range(w):
+                acc += M[p, q] * u[q]
+            nrm2 += u[p] * acc
+        s = 1.0 / max(np.sqrt(max(nrm2, 0.0)), 1.0)
+        for q in range(w):
+            delta[i, q] = u[q] * s
+        delta[i, i] -= 1.0
+    return delta
+
+
+def _block_recurrence_numpy(Ablk: np.ndarray, diag: np.ndarray, live: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """`_block_recurrence` with numpy vector operations (the path without numba)."""
+    b = Ablk.shape[0]
+    delta = np.zeros((b, 2 * b))
+    for i in np.flatnonzero(live):
+        r = -(Ablk[i, :i] @ delta[:i]) if i else np.zeros(2 * b)
+        r[b + i] += 1.0
+        u = r / diag[i]
+        u[i] += 1.0
+        nrm2 = float(u @ (M @ u))
+        u *= 1.0 / max(np.sqrt(max(nrm2, 0.0)), 1.0)
+        u[i] -= 1.0
+        delta[i] = u
+    return delta
 
 
 def update_dictionary_reference(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> None:

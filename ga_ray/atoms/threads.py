@@ -52,3 +52,8 @@ def gemm(macs: float | None = None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def cpu_threads() -> int:
+    """The threads this process gave torch (also inside `small_ops()`, where torch itself runs on one)."""
+    return _gemm_threads or torch.get_num_threads()
