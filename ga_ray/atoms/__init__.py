@@ -2,8 +2,10 @@
 
 Layers (DESIGN.md): pure torch compute, thin Ray wiring, I/O.
 
-- `lasso`: batched exact lasso coder on the Gram matrix (feature-sign search with working sets);
-  `sparse_encode(X, D, alpha)`, `lasso_gram(G, XDᵀ, alpha)`, `kkt_violation`, `gram`.
+- `lasso`: exact lasso coder on the Gram matrix (feature-sign search): `sparse_encode(X, D, alpha)`,
+  `lasso_gram(G, XDᵀ, alpha)`, `kkt_violation`, `gram`; on CPU it runs `lasso_rows` (the same search
+  row by row, compiled with numba), elsewhere its batched lock-step torch version.
+- `compiled`: numba's `njit` when installed, plain Python otherwise (the GPU machines have no numba).
 - `online`: scikit-learn's online statistics and forgetting weights (`forgetting_beta`,
   `update_stats`), the blocked BCD sweep (`update_dictionary`), dead/duplicate resampling,
   initialisation, `online_step`, `mutual_coherence`.
