@@ -100,6 +100,13 @@ def _refresh_gradient(G, b, c, g):
 
 
 @njit(cache=True, nogil=True)
+def _buffers(cap):
+    """Work arrays for supports of up to `cap` atoms: Cholesky factor, QP solution, current codes on the
+    support, signs, best line-search point, trial point."""
+    return (np.empty((cap, cap)), np.empty(cap), np.empty(cap), np.empty(cap), np.empty(cap), np.empty(cap))
+
+
+@njit(cache=True, nogil=True)
 def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
     """Feature-sign search for one row; c (K, float64) holds the warm start and receives the codes.
     Returns the iterations used, negated when the row did not converge."""
@@ -112,13 +119,8 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
         if c[j] != 0.0:
             S[m] = j
             m += 1
-    cap = 32
-    L = np.empty((cap, cap))
-    x = np.empty(cap)
-    cs = np.empty(cap)
-    theta = np.empty(cap)
-    y = np.empty(cap)
-    z = np.empty(cap)
+    cap = min(K, 32)
+    L, x, cs, theta, y, z = _buffers(cap)
     stalls = 0
     it = 0
     while it < max_iter:
@@ -144,12 +146,7 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
             m += 1
         if m > cap:
             cap = min(K, 2 * m)
-            L = np.empty((cap, cap))
-            x = np.empty(cap)
-            cs = np.empty(cap)
-            theta = np.empty(cap)
-            y = np.empty(cap)
-            z = np.empty(cap)
+            L, x, cs, theta, y, z = _buffers(cap)
         for t in range(m):
             cs[t] = c[S[t]]
             theta[t] = _sign(cs[t]) if cs[t] != 0.0 else _sign(g[S[t]])
