@@ -1,4 +1,5 @@
-"""Batched exact lasso coder on the Gram matrix (pure torch: no Ray, no files; CPU or CUDA).
+"""Exact lasso coder on the Gram matrix (no Ray, no files): the batched torch solver below (CPU or CUDA), and
+on CPU by default the same search row by row, compiled (`lasso_rows`; see `lasso_gram(backend=...)`).
 
 Every row x of X is coded against the dictionary D (K × P) by solving scikit-learn's per-row problem
 
