@@ -325,7 +325,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
                 served = _wait_served(list_ids, added)
                 meta, reference, asked = plan(list_variants(run_root), sets, [*ev.variants, *added] if ev.variants else (), ev.builtins)
                 asked = {m: b for m, b in asked.items() if m in served}
-                n_resumed += _pass(inp, settings, asked, reference, timings)
+                _pass(inp, settings, asked, reference, timings)  # its skips are this run's first pass, not a resume
                 rows, flagged, table, scores = _compute(inp, meta, reference, asked, registry, ms, coherence)
             timings["controls_s"] = time.perf_counter() - t0
     gen_out = [{k: g[k] for k in ("variant", "prompt_id", "behaviour", "kind", "source", "prompt", "response", "finish_reason",
