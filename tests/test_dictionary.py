@@ -107,6 +107,11 @@ def test_row_coder_equals_batched_coder_and_reports_unconverged_rows():
     assert ir.n_unconverged == ib.n_unconverged == 0
     assert ir.max_support == ib.max_support == int((Cr != 0).sum(1).max()) > 1
     torch.testing.assert_close(Cr, Cb, atol=1e-8, rtol=0)
+    # the quadratic term it hands to row_objective is cᵀGc
+    torch.testing.assert_close(ir.quad, ((Cr @ gram(D)) * Cr).sum(1), atol=1e-12, rtol=1e-10)
+    sq = (X * X).sum(1)
+    for got, want in zip(row_objective(Cr, gram(D), X @ D.T, sq, 0.05, quad=ir.quad), row_objective(Cr, gram(D), X @ D.T, sq, 0.05)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     _, capped = sparse_encode(X, D, 0.05, tol=1e-10, max_iter=1, return_info=True, backend="rows")
     assert capped.n_unconverged == X.shape[0]
     with pytest.raises(ValueError, match="backend"):

@@ -44,7 +44,7 @@ def encode_arrays(X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.
     Bx = X @ D.T
     C, info = lasso_gram(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64)
     sq = (X.double() ** 2).sum(1)
-    rec, l1 = row_objective(C, G, Bx, (X * X).sum(1), alpha)
+    rec, l1 = row_objective(C, G, Bx, (X * X).sum(1), alpha, quad=info.quad)
     return C, rec.double(), l1.double(), sq, info.n_unconverged
 
 

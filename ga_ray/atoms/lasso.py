@@ -55,6 +55,8 @@ class CoderInfo:
     """Rows that hit `max_iter` before satisfying the KKT conditions to `tol`."""
     max_support: int
     """Largest number of nonzero coefficients in a row."""
+    quad: torch.Tensor | None = None
+    """Per-row cᵀGc (float64) from the coder's own gradient (the row-by-row coder), for `row_objective`."""
 
 
 def gram(D: torch.Tensor) -> torch.Tensor:
@@ -99,11 +101,13 @@ def sparse_times(C: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def row_objective(
-    C: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, sq_norms: torch.Tensor, alpha: float
+    C: torch.Tensor, G: torch.Tensor, Bx: torch.Tensor, sq_norms: torch.Tensor, alpha: float, quad: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (½‖x − cD‖², α‖c‖₁) from the Gram form (no P-sized work)."""
-    cg = sparse_times(C, G)
-    rec = 0.5 * sq_norms - (Bx * C).sum(1) + 0.5 * (cg * C).sum(1)
+    """Per-row (½‖x − cD‖², α‖c‖₁) from the Gram form (no P-sized work). `quad`: the rows' cᵀGc when the
+    coder already has it (`CoderInfo.quad`), which saves the c·G product."""
+    if quad is None:
+        quad = (sparse_times(C, G) * C).sum(1)
+    rec = 0.5 * sq_norms - (Bx * C).sum(1) + 0.5 * quad.to(Bx.dtype)
     return rec.clamp_min(0), alpha * C.abs().sum(1)
 
 
@@ -202,9 +206,10 @@ def _lasso_rows(G, Bx, alpha, *, tol, max_iter, G64, init):
     # a step size for the rare proximal-gradient rescue: Gershgorin's bound on G's largest eigenvalue
     lipschitz = float(np.abs(G64n).sum(1).max()) if K else 1.0
     iters = np.zeros(n, dtype=np.int64)
-    lasso_rows.code_rows(G64n, B, float(alpha), float(tol), int(max_iter), max(lipschitz, 1e-12), C, iters, threads=cpu_threads())
+    quad = np.zeros(n)
+    lasso_rows.code_rows(G64n, B, float(alpha), float(tol), int(max_iter), max(lipschitz, 1e-12), C, iters, quad, threads=cpu_threads())
     info = CoderInfo(n_iter=int(np.abs(iters).max()) if n else 0, n_unconverged=int((iters < 0).sum()),
-                     max_support=int((C != 0).sum(1).max()) if n else 0)
+                     max_support=int((C != 0).sum(1).max()) if n else 0, quad=torch.from_numpy(quad))
     return torch.from_numpy(C).to(Bx.dtype), info
 
 

@@ -100,6 +100,16 @@ def _refresh_gradient(G, b, c, g):
 
 
 @njit(cache=True, nogil=True)
+def _quad(b, c, g):
+    """cᵀGc = c·(b − g) with g = b − cG: the row objective's quadratic term without another K × K pass."""
+    q = 0.0
+    for k in range(b.shape[0]):
+        if c[k] != 0.0:
+            q += c[k] * (b[k] - g[k])
+    return q
+
+
+@njit(cache=True, nogil=True)
 def _buffers(cap):
     """Work arrays for supports of up to `cap` atoms: Cholesky factor, QP solution, current codes on the
     support, signs, best line-search point, trial point."""
@@ -109,7 +119,7 @@ def _buffers(cap):
 @njit(cache=True, nogil=True)
 def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
     """Feature-sign search for one row; c (K, float64) holds the warm start and receives the codes.
-    Returns the iterations used, negated when the row did not converge."""
+    Returns (iterations used, negated when the row did not converge; cᵀGc from the search's own gradient)."""
     K = b.shape[0]
     g = np.empty(K)
     _refresh_gradient(G, b, c, g)
@@ -141,7 +151,7 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
                         bv = v
                         best = k
             if best < 0:
-                return it
+                return it, _quad(b, c, g)
             S[m] = best
             m += 1
         if m > cap:
@@ -187,7 +197,7 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
             # no descent (float limits, a singular support): proximal-gradient steps on the whole row
             stalls += 1
             if stalls >= _MAX_STALLS:
-                return -it
+                return -it, _quad(b, c, g)
             for _ in range(20):
                 for k in range(K):
                     v = c[k] + g[k] / lipschitz
@@ -198,21 +208,21 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
                 if c[j] != 0.0:
                     S[m] = j
                     m += 1
-    return -it
+    return -it, _quad(b, c, g)
 
 
 @njit(cache=True, nogil=True)
-def _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters):
+def _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters, quad):
     for r in range(B.shape[0]):
-        iters[r] = _code_row(G, B[r], alpha, tol, max_iter, lipschitz, C[r])
+        iters[r], quad[r] = _code_row(G, B[r], alpha, tol, max_iter, lipschitz, C[r])
 
 
 _pool: ThreadPoolExecutor | None = None
 
 
-def code_rows(G, B, alpha: float, tol: float, max_iter: int, lipschitz: float, C, iters, threads: int = 1) -> None:
+def code_rows(G, B, alpha: float, tol: float, max_iter: int, lipschitz: float, C, iters, quad, threads: int = 1) -> None:
     """Code every row of B (n × K, b = x Dᵀ) against the Gram matrix G (K × K, float64) into C (n × K,
-    float64, warm start in, codes out); iters[r] = iterations of row r (negative: unconverged).
+    float64, warm start in, codes out); iters[r] = iterations of row r (negative: unconverged), quad[r] = cᵀGc.
 
     With threads > 1 the rows are dealt out (r, r + t, ...) to that many Python threads; the kernel
     releases the GIL, so they run in parallel (plain threads, not numba's OpenMP pool: nothing spins
@@ -221,11 +231,12 @@ def code_rows(G, B, alpha: float, tol: float, max_iter: int, lipschitz: float, C
     n = B.shape[0]
     t = max(1, min(threads, n // 32))  # below ~32 rows a thread costs more than it saves
     if t == 1:
-        _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters)
+        _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters, quad)
         return
     if _pool is None or _pool._max_workers < t:
         _pool = ThreadPoolExecutor(max_workers=t, thread_name_prefix="ga-ray-coder")
-    # strided slices are views: every thread writes its rows of C and iters in place
-    jobs = [_pool.submit(_code_rows, G, B[i::t], alpha, tol, max_iter, lipschitz, C[i::t], iters[i::t]) for i in range(t)]
+    # strided slices are views: every thread writes its rows of C, iters and quad in place
+    jobs = [_pool.submit(_code_rows, G, B[i::t], alpha, tol, max_iter, lipschitz, C[i::t], iters[i::t], quad[i::t])
+            for i in range(t)]
     for j in jobs:
         j.result()

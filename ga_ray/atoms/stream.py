@@ -284,7 +284,7 @@ class BlockCoder:
             Bx = X @ D.T
         C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64)
         sq = (X * X).sum(1)
-        rec, l1 = row_objective(C, G, Bx, sq, self.alpha)
+        rec, l1 = row_objective(C, G, Bx, sq, self.alpha, quad=info.quad)
         return C, rec.to(torch.float64), l1.to(torch.float64), info
 
     def code(self, epoch: int, start: int, stop: int, D, G) -> CodedPart:
