@@ -235,6 +235,29 @@ def test_row_coder_at_tol_zero_stops_and_says_so():
     assert lasso_objective(X, D, C, 0.1) <= lasso_objective(X, D, C0, 0.1) + 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_precheck_agrees_with_the_cosine_matrix(dtype):
+    from ga_ray.atoms import online
+
+    rng = np.random.default_rng(7)
+    for planted in (None, 0.995, 0.985, -0.995):
+        D = _unit_rows(rng, 30, 16) * rng.uniform(0.5, 2, (30, 1))
+        D[4] = 0.0  # a dead atom is never a duplicate
+        if planted is not None:  # atom 9 at cosine `planted` with atom 3
+            u = D[3] / np.linalg.norm(D[3])
+            w = rng.standard_normal(16)
+            w -= (w @ u) * u
+            D[9] = 1.7 * (planted * u + np.sqrt(1 - planted**2) * w / np.linalg.norm(w))
+        G = gram(torch.tensor(D, dtype=dtype))
+        n = np.sqrt(np.clip(np.diag(G.double().numpy()), 1e-24, None))
+        cos = np.abs(G.double().numpy() / np.outer(n, n))
+        np.fill_diagonal(cos, 0)
+        live = np.diag(G.double().numpy()) > 1e-12
+        want = bool((cos[np.ix_(live, live)] > 0.99).any())
+        assert online._any_pair_above(G.numpy(), 0.99) == want == (planted is not None and abs(planted) > 0.99)
+        assert (online.duplicate_atoms(G, torch.ones(30, dtype=dtype)).numel() > 0) == want
+
+
 def test_block_recurrence_compiled_equals_numpy_path():
     from ga_ray.atoms import online
 

@@ -207,11 +207,29 @@ def update_dictionary_reference(D: torch.Tensor, A: torch.Tensor, Bt: torch.Tens
         D[k] = d / max(float(torch.linalg.vector_norm(d)), 1.0)
 
 
+@njit(cache=True, nogil=True)
+def _any_pair_above(G: np.ndarray, threshold: float) -> bool:
+    """Whether two live atoms (G_kk > 1e-12) have |cos| > threshold: G_ij² > threshold² G_ii G_jj."""
+    K = G.shape[0]
+    t2 = threshold * threshold
+    for i in range(K):
+        gii = G[i, i]
+        if gii <= 1e-12:
+            continue
+        for j in range(i + 1, K):
+            gij = G[i, j]
+            if gij * gij > t2 * gii * G[j, j] and G[j, j] > 1e-12:
+                return True
+    return False
+
+
 def duplicate_atoms(G: torch.Tensor, usage: torch.Tensor, threshold: float = 0.99) -> torch.Tensor:
     """Indices of atoms to resample because another atom has |cos| > threshold with them.
 
     Of each such pair the less used atom (smaller A_kk) goes; each atom is dropped at most once.
     """
+    if HAVE_NUMBA and G.device.type == "cpu" and not _any_pair_above(G.numpy(), threshold):
+        return torch.zeros(0, dtype=torch.long)  # the usual case, in one pass over the upper triangle
     norms = G.diagonal().clamp_min(1e-24).sqrt()
     cos = (G / norms[:, None] / norms[None, :]).abs()
     cos.fill_diagonal_(0)
