@@ -52,7 +52,7 @@ def _solve_support(G, b, S, m, theta, cs, alpha, L, x):
     for t in range(m):
         scale = max(scale, G[S[t], S[t]])
     mu = 0.0
-    for attempt in range(9):
+    for _ in range(9):
         ok = True
         for i in range(m):
             for j in range(i + 1):
