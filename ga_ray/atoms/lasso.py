@@ -32,14 +32,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ga_ray.atoms.threads import gemm
+from ga_ray.atoms import lasso_rows
+from ga_ray.atoms.compiled import HAVE_NUMBA
+from ga_ray.atoms.lasso_rows import MAX_STALLS  # the stall limit of both coders
+from ga_ray.atoms.threads import cpu_threads, gemm
 
 # Largest (rows × m × m) float64 block built at once (elements); larger batches are split by rows.
 _MAX_BLOCK_ELEMS = 24_000_000
-# Rows that stall this many times (then get proximal-gradient kicks) are given up on and counted.
-_MAX_STALLS = 5
 # Violators added to a row at its first addition (then doubling up to `max_add`): 2 measured fastest
 # on real gradients and planted atoms (fewer lock-step iterations than 4; 1 gains nothing more).
 _FIRST_ADD = 2
@@ -183,8 +185,6 @@ def lasso_gram(
     """
     if backend not in ("auto", "rows", "batched"):
         raise ValueError(f"backend must be 'auto', 'rows' or 'batched' (got {backend!r})")
-    from ga_ray.atoms.compiled import HAVE_NUMBA
-
     if backend == "rows" or (backend == "auto" and Bx.device.type == "cpu" and HAVE_NUMBA):
         if Bx.device.type != "cpu":
             raise ValueError("the 'rows' coder runs on CPU only; use backend='batched' on " + str(Bx.device))
@@ -194,20 +194,13 @@ def lasso_gram(
 
 
 def _lasso_rows(G, Bx, alpha, *, tol, max_iter, G64, init):
-    import numpy as np
-
-    from ga_ray.atoms import lasso_rows
-    from ga_ray.atoms.threads import cpu_threads
-
     n, K = Bx.shape
     G64n = np.ascontiguousarray((G64 if G64 is not None else G.to(torch.float64)).numpy())
     B = np.ascontiguousarray(Bx.detach().to(torch.float64).numpy())
     C = np.array(init.detach().to(torch.float64).numpy(), copy=True) if init is not None else np.zeros((n, K))
-    # a step size for the rare proximal-gradient rescue: Gershgorin's bound on G's largest eigenvalue
-    lipschitz = float(np.abs(G64n).sum(1).max()) if K else 1.0
     iters = np.zeros(n, dtype=np.int64)
     quad = np.zeros(n)
-    lasso_rows.code_rows(G64n, B, float(alpha), float(tol), int(max_iter), max(lipschitz, 1e-12), C, iters, quad, threads=cpu_threads())
+    lasso_rows.code_rows(G64n, B, float(alpha), float(tol), int(max_iter), C, iters, quad, threads=cpu_threads())
     info = CoderInfo(n_iter=int(np.abs(iters).max()) if n else 0, n_unconverged=int((iters < 0).sum()),
                      max_support=int((C != 0).sum(1).max()) if n else 0, quad=torch.from_numpy(quad))
     return torch.from_numpy(C).to(Bx.dtype), info
@@ -246,7 +239,7 @@ def _lasso_gram(G, Bx, alpha, *, tol, max_iter, G64, init, max_add):
             v = torch.cat([g.abs() - alpha, torch.zeros_like(g[:, :1])], 1)
             v.scatter_(1, w.sidx[chk], float("-inf"))
             v = v[:, :K]
-            done = (v.amax(dim=1) <= tol) | (n_stalls[chk] >= _MAX_STALLS)
+            done = (v.amax(dim=1) <= tol) | (n_stalls[chk] >= MAX_STALLS)
             p = w.p_add[chk]
             pos = chk_mask.nonzero().squeeze(1)
             go = (~done).nonzero().squeeze(1)  # rows with violators to add: only they need the top-k
@@ -292,7 +285,7 @@ def _lasso_gram(G, Bx, alpha, *, tol, max_iter, G64, init, max_add):
         for s in range(0, active_step.numel(), rows_per):
             sl = slice(s, s + rows_per)
             w.fss_step(active_step[sl], cidx[sl], csign[sl])
-    n_unconv = int(active.numel()) + int((n_stalls >= _MAX_STALLS).sum())
+    n_unconv = int(active.numel()) + int((n_stalls >= MAX_STALLS).sum())
     C = w.dense(torch.arange(n, device=dev)).to(dt)
     max_support = int((w.sidx != K).sum(1).max()) if n else 0
     return C, CoderInfo(n_iter=n_iter, n_unconverged=n_unconv, max_support=max_support)

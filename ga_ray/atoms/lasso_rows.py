@@ -13,7 +13,7 @@ against (and scikit-learn's coordinate descent, for both).
 All arithmetic is float64. Supports whose G_SS is singular (duplicate atoms, more atoms than the
 rank) take a proximal-point step x = argmin QP(x) + μ/2‖x − c‖² (finite, descends for any μ > 0);
 a step that makes no progress is followed by proximal-gradient steps on the whole row (which always
-descend); a row that stalls `_MAX_STALLS` times, or runs out of iterations, is reported unconverged.
+descend); a row that stalls `MAX_STALLS` times, or runs out of iterations, is reported unconverged.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import numpy as np
 
 from ga_ray.atoms.compiled import njit
 
-_MAX_STALLS = 5
+#: Rows that stall this many times (then get proximal-gradient steps) are given up on and counted
+#: (both coders).
+MAX_STALLS = 5
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -117,7 +119,7 @@ def _buffers(cap):
 
 
 @njit(cache=True, nogil=True)
-def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
+def _code_row(G, b, alpha, tol, max_iter, c):
     """Feature-sign search for one row; c (K, float64) holds the warm start and receives the codes.
     Returns (iterations used, negated when the row did not converge; cᵀGc from the search's own gradient)."""
     K = b.shape[0]
@@ -132,6 +134,7 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
     cap = min(K, 32)
     L, x, cs, theta, y, z = _buffers(cap)
     stalls = 0
+    lipschitz = 0.0  # computed at the first stall (rare): an O(K²) pass the usual row never pays
     it = 0
     while it < max_iter:
         it += 1
@@ -196,8 +199,15 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
         else:
             # no descent (float limits, a singular support): proximal-gradient steps on the whole row
             stalls += 1
-            if stalls >= _MAX_STALLS:
+            if stalls >= MAX_STALLS:
                 return -it, _quad(b, c, g)
+            if lipschitz == 0.0:  # step size: Gershgorin's bound on G's largest eigenvalue, once per row
+                for j in range(K):
+                    acc = 0.0
+                    for k in range(K):
+                        acc += abs(G[j, k])
+                    lipschitz = max(lipschitz, acc)
+                lipschitz = max(lipschitz, 1e-12)
             for _ in range(20):
                 for k in range(K):
                     v = c[k] + g[k] / lipschitz
@@ -212,15 +222,15 @@ def _code_row(G, b, alpha, tol, max_iter, lipschitz, c):
 
 
 @njit(cache=True, nogil=True)
-def _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters, quad):
+def _code_rows(G, B, alpha, tol, max_iter, C, iters, quad):
     for r in range(B.shape[0]):
-        iters[r], quad[r] = _code_row(G, B[r], alpha, tol, max_iter, lipschitz, C[r])
+        iters[r], quad[r] = _code_row(G, B[r], alpha, tol, max_iter, C[r])
 
 
 _pool: ThreadPoolExecutor | None = None
 
 
-def code_rows(G, B, alpha: float, tol: float, max_iter: int, lipschitz: float, C, iters, quad, threads: int = 1) -> None:
+def code_rows(G, B, alpha: float, tol: float, max_iter: int, C, iters, quad, threads: int = 1) -> None:
     """Code every row of B (n × K, b = x Dᵀ) against the Gram matrix G (K × K, float64) into C (n × K,
     float64, warm start in, codes out); iters[r] = iterations of row r (negative: unconverged), quad[r] = cᵀGc.
 
@@ -231,12 +241,12 @@ def code_rows(G, B, alpha: float, tol: float, max_iter: int, lipschitz: float, C
     n = B.shape[0]
     t = max(1, min(threads, n // 32))  # below ~32 rows a thread costs more than it saves
     if t == 1:
-        _code_rows(G, B, alpha, tol, max_iter, lipschitz, C, iters, quad)
+        _code_rows(G, B, alpha, tol, max_iter, C, iters, quad)
         return
     if _pool is None or _pool._max_workers < t:
         _pool = ThreadPoolExecutor(max_workers=t, thread_name_prefix="ga-ray-coder")
     # strided slices are views: every thread writes its rows of C, iters and quad in place
-    jobs = [_pool.submit(_code_rows, G, B[i::t], alpha, tol, max_iter, lipschitz, C[i::t], iters[i::t], quad[i::t])
+    jobs = [_pool.submit(_code_rows, G, B[i::t], alpha, tol, max_iter, C[i::t], iters[i::t], quad[i::t])
             for i in range(t)]
     for j in jobs:
         j.result()
