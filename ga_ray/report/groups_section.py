@@ -60,7 +60,7 @@ def section_groups(art: dict[str, Any] | None, n_examples: int = 1, chars: int =
     for r in rows:
         info = art["char"].get(str(r["group"]), {})
         atoms = " ".join(f"#{a}" for a in r["atoms"])
-        folded = f"<details><summary>{r['n_atoms']} atoms (lead #{r['leader']})</summary>{esc(atoms)}</details>"
+        folded = f"<details><summary>{r['n_atoms']} atom{'' if r['n_atoms'] == 1 else 's'} (lead #{r['leader']})</summary>{esc(atoms)}</details>"
         words = r.get("words") or []
         exs = []
         for ex in (info.get("examples") or [])[:n_examples]:
