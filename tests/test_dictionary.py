@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -152,15 +154,66 @@ def _sklearn_model():
     return MiniBatchDictionaryLearning(n_components=6, alpha=0.1)
 
 
-def test_gram_equals_pairwise_dot_products_and_is_symmetric():
+@pytest.mark.parametrize("inside_small_ops", [False, True])
+def test_gram_equals_pairwise_dot_products_and_is_symmetric(inside_small_ops):
+    from ga_ray.atoms import threads
+
     rng = np.random.default_rng(11)
-    for K, P in [(5, 9), (130, 70), (300, 40)]:
-        D = torch.tensor(rng.standard_normal((K, P)), dtype=torch.float32)
-        G = gram(D)
-        D64 = D.double()
-        ref = torch.tensor([[float(D64[i] @ D64[j]) for j in range(K)] for i in range(K)], dtype=torch.float64)
-        assert torch.equal(G, G.T)
-        torch.testing.assert_close(G.double(), ref, atol=1e-4 * P**0.5, rtol=1e-5)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # small_ops() only acts with more than one thread
+    try:
+        with threads.small_ops() if inside_small_ops else contextlib.nullcontext():
+            # inside: numpy's single-threaded symmetric product (syrk); outside: torch's product
+            assert threads.numpy_blas_active() == inside_small_ops
+            for K, P in [(5, 9), (130, 70), (300, 40)]:
+                for dtype in (torch.float32, torch.float64):
+                    D = torch.tensor(rng.standard_normal((K, P)), dtype=dtype)
+                    G = gram(D)
+                    D64 = D.double()
+                    ref = torch.tensor([[float(D64[i] @ D64[j]) for j in range(K)] for i in range(K)], dtype=torch.float64)
+                    assert G.dtype == dtype and torch.equal(G, G.T)
+                    tol = (1e-4 * P**0.5, 1e-5) if dtype == torch.float32 else (1e-11, 1e-12)
+                    torch.testing.assert_close(G.double(), ref, atol=tol[0], rtol=tol[1])
+                    torch.testing.assert_close(gram(D[:, ::2]), gram(D[:, ::2].contiguous()))  # strided views too
+    finally:
+        torch.set_num_threads(n)
+    assert not threads.numpy_blas_active()
+
+
+@pytest.mark.parametrize("env,expected", [({}, "4"), ({"OPENBLAS_THREAD_TIMEOUT": "9"}, "9")])
+def test_importing_ga_ray_shortens_openblas_spinning_unless_the_user_chose(env, expected):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = "import ga_ray, os, json; print(json.dumps(os.environ.get('OPENBLAS_THREAD_TIMEOUT')))"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_learner_products_through_numpy_equal_torch_products(dtype):
+    from ga_ray.atoms import threads
+
+    rng = np.random.default_rng(5)
+    A = torch.tensor(rng.standard_normal((37, 53)), dtype=dtype)
+    B = torch.tensor(rng.standard_normal((61, 53)), dtype=dtype)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.small_ops():
+            assert threads.numpy_blas_active()
+            for macs in (1.0, 1e12):  # one thread; all threads
+                for a, b in [(A, B.T), (A[::2], B.T), (A.T.contiguous().T, B.T.contiguous()), (A[:, ::2], B[:, ::2].T)]:  # views, layouts
+                    got = threads.matmul(a, b, macs=macs)
+                    ref = (a.double() @ b.double()).to(dtype)
+                    assert got.dtype == dtype and got.shape == ref.shape
+                    tol = 1e-4 if dtype == torch.float32 else 1e-12
+                    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize(

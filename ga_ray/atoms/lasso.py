@@ -38,7 +38,7 @@ import torch
 from ga_ray.atoms import lasso_rows
 from ga_ray.atoms.compiled import HAVE_NUMBA
 from ga_ray.atoms.lasso_rows import MAX_STALLS  # the stall limit of both coders
-from ga_ray.atoms.threads import cpu_threads, gemm
+from ga_ray.atoms.threads import cpu_threads, gemm, matmul, numpy_blas_active
 
 # Largest (rows × m × m) float64 block built at once (elements); larger batches are split by rows.
 _MAX_BLOCK_ELEMS = 24_000_000
@@ -62,9 +62,18 @@ class CoderInfo:
 
 
 def gram(D: torch.Tensor) -> torch.Tensor:
-    """G = D Dᵀ as one product (BLAS runs D·Dᵀ at well over twice the rate of the upper triangle cut
-    into block rows, although that does half the multiply-adds), made exactly symmetric."""
-    with gemm(D.shape[0] * D.shape[0] * D.shape[1]):
+    """G = D Dᵀ, exactly symmetric.
+
+    Inside the learner on CPU (`threads.matmul`) numpy hands `D @ D.T` to BLAS's symmetric rank-k update
+    (syrk): half the multiply-adds of a general product, one triangle mirrored. Elsewhere one torch
+    product (BLAS runs D·Dᵀ at well over twice the rate of the upper triangle cut into block rows,
+    although that does half the work), symmetrised.
+    """
+    K, P = D.shape
+    if numpy_blas_active() and D.device.type == "cpu":
+        D = D.contiguous()
+        return matmul(D, D.T, macs=K * K * P / 2)  # syrk: symmetric already
+    with gemm(K * K * P):
         G = D @ D.T
     return G.add_(G.T.clone()).mul_(0.5)  # (a + a)·½ = a exactly: a no-op when BLAS is symmetric
 
@@ -135,8 +144,7 @@ def sparse_encode(
     """Code the rows of X (N × P) against D (K × P): exact lasso per row (see module docstring)."""
     if G is None:
         G = gram(D)
-    with gemm(X.shape[0] * D.shape[0] * D.shape[1]):
-        Bx = X @ D.T
+    Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
     C, info = lasso_gram(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64, init=init, backend=backend)
     return (C, info) if return_info else C
 

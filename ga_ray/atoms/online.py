@@ -23,7 +23,7 @@ import torch
 
 from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import gram, sparse_csr
-from ga_ray.atoms.threads import gemm
+from ga_ray.atoms.threads import gemm, matmul
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
 DEAD_THRESHOLD = 1e-6
@@ -123,8 +123,7 @@ def update_dictionary(
         s1 = min(K, s0 + super_block)
         if not live_all[s0:s1].any():
             continue
-        with gemm((s1 - s0) * K * D.shape[1]):
-            RS = torch.addmm(Bt[s0:s1], A[s0:s1], D, alpha=-1.0)  # B_S − A_S D with the current D
+        RS = torch.sub(Bt[s0:s1], matmul(A[s0:s1], D, macs=(s1 - s0) * K * P))  # B_S − A_S D, current D
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0

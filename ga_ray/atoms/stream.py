@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ga_ray.atoms.lasso import lasso_gram, row_objective
-from ga_ray.atoms.threads import gemm
+from ga_ray.atoms.threads import matmul
 
 # A piece reader: piece index → (doc_ids int64 [n], Z float32 [n, P]) of that piece, in stored order.
 PieceReader = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -280,8 +280,7 @@ class BlockCoder:
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
     def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor):
-        with gemm(X.shape[0] * D.shape[0] * D.shape[1]):
-            Bx = X @ D.T
+        Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
         C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64)
         sq = (X * X).sum(1)
         rec, l1 = row_objective(C, G, Bx, sq, self.alpha, quad=info.quad)
