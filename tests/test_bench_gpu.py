@@ -13,8 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray and numba made unimportable before anything else runs: the GPU machines have neither.
-NO_RAY = "import sys; sys.modules['ray'] = None; sys.modules['numba'] = None; from ga_ray.bench.gpu import cli; sys.exit(cli(sys.argv[1:]))"
+# Ray, numba, threadpoolctl, scipy and scikit-learn made unimportable before anything else runs: the GPU
+# machines have torch, transformers, peft, safetensors, numpy and pyarrow only.
+_ABSENT = ("ray", "numba", "threadpoolctl", "scipy", "sklearn")
+NO_RAY = f"import sys; sys.modules.update(dict.fromkeys({_ABSENT!r})); from ga_ray.bench.gpu import cli; sys.exit(cli(sys.argv[1:]))"
 
 
 def _finite_positive(x) -> bool:

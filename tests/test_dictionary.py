@@ -159,24 +159,17 @@ def test_gram_equals_pairwise_dot_products_and_is_symmetric(inside_small_ops):
     from ga_ray.atoms import threads
 
     rng = np.random.default_rng(11)
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)  # small_ops() only acts with more than one thread
-    try:
-        with threads.small_ops() if inside_small_ops else contextlib.nullcontext():
-            # inside: numpy's single-threaded symmetric product (syrk); outside: torch's product
-            assert threads.numpy_blas_active() == inside_small_ops
-            for K, P in [(5, 9), (130, 70), (300, 40)]:
-                for dtype in (torch.float32, torch.float64):
-                    D = torch.tensor(rng.standard_normal((K, P)), dtype=dtype)
-                    G = gram(D)
-                    D64 = D.double()
-                    ref = torch.tensor([[float(D64[i] @ D64[j]) for j in range(K)] for i in range(K)], dtype=torch.float64)
-                    assert G.dtype == dtype and torch.equal(G, G.T)
-                    tol = (1e-4 * P**0.5, 1e-5) if dtype == torch.float32 else (1e-11, 1e-12)
-                    torch.testing.assert_close(G.double(), ref, atol=tol[0], rtol=tol[1])
-                    torch.testing.assert_close(gram(D[:, ::2]), gram(D[:, ::2].contiguous()))  # strided views too
-    finally:
-        torch.set_num_threads(n)
+    with _learner_threads(inside_small_ops):  # inside: numpy's symmetric product (syrk); outside: torch's
+        for K, P in [(5, 9), (130, 70), (300, 40)]:
+            for dtype in (torch.float32, torch.float64):
+                D = torch.tensor(rng.standard_normal((K, P)), dtype=dtype)
+                G = gram(D)
+                D64 = D.double()
+                ref = torch.tensor([[float(D64[i] @ D64[j]) for j in range(K)] for i in range(K)], dtype=torch.float64)
+                assert G.dtype == dtype and torch.equal(G, G.T)
+                tol = (1e-4 * P**0.5, 1e-5) if dtype == torch.float32 else (1e-11, 1e-12)
+                torch.testing.assert_close(G.double(), ref, atol=tol[0], rtol=tol[1])
+                torch.testing.assert_close(gram(D[:, ::2]), gram(D[:, ::2].contiguous()))  # strided views too
     assert not threads.numpy_blas_active()
 
 
@@ -200,20 +193,14 @@ def test_learner_products_through_numpy_equal_torch_products(dtype):
     rng = np.random.default_rng(5)
     A = torch.tensor(rng.standard_normal((37, 53)), dtype=dtype)
     B = torch.tensor(rng.standard_normal((61, 53)), dtype=dtype)
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with threads.small_ops():
-            assert threads.numpy_blas_active()
-            for macs in (1.0, 1e12):  # one thread; all threads
-                for a, b in [(A, B.T), (A[::2], B.T), (A.T.contiguous().T, B.T.contiguous()), (A[:, ::2], B[:, ::2].T)]:  # views, layouts
-                    got = threads.matmul(a, b, macs=macs)
-                    ref = (a.double() @ b.double()).to(dtype)
-                    assert got.dtype == dtype and got.shape == ref.shape
-                    tol = 1e-4 if dtype == torch.float32 else 1e-12
-                    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
-    finally:
-        torch.set_num_threads(n)
+    with _learner_threads(True):
+        for macs in (1.0, 1e12):  # one thread; all threads
+            for a, b in [(A, B.T), (A[::2], B.T), (A.T.contiguous().T, B.T.contiguous()), (A[:, ::2], B[:, ::2].T)]:  # views, layouts
+                got = threads.matmul(a, b, macs=macs)
+                ref = (a.double() @ b.double()).to(dtype)
+                assert got.dtype == dtype and got.shape == ref.shape
+                tol = 1e-4 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(
@@ -252,7 +239,23 @@ def test_forgetting_beta_regimes():
     assert forgetting_beta(late, 256) == pytest.approx((256**2 + late + 1 - 256 + 1 - 256) / (256**2 + late + 1 - 256 + 1))
 
 
-def test_blocked_bcd_equals_atom_by_atom_loop_and_sklearn():
+@contextlib.contextmanager
+def _learner_threads(inside: bool):
+    """Inside: the learner's CPU regime (`small_ops()` with 2 threads: products through numpy's BLAS)."""
+    from ga_ray.atoms import threads
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.small_ops() if inside else contextlib.nullcontext():
+            assert threads.numpy_blas_active() == inside
+            yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("inside_small_ops", [False, True])
+def test_blocked_bcd_equals_atom_by_atom_loop_and_sklearn(inside_small_ops):
     from sklearn.decomposition._dict_learning import _update_dict
 
     rng = np.random.default_rng(4)
@@ -265,7 +268,8 @@ def test_blocked_bcd_equals_atom_by_atom_loop_and_sklearn():
     dead = st.A.diagonal() <= 1e-6
     assert not dead.any()
     blocked = D.clone()
-    update_dictionary(blocked, st.A, st.Bt, block=8, super_block=24)
+    with _learner_threads(inside_small_ops):
+        update_dictionary(blocked, st.A, st.Bt, block=8, super_block=24)
     ref = D.clone()
     update_dictionary_reference(ref, st.A, st.Bt)
     sk = D.numpy().copy()
@@ -327,7 +331,8 @@ def test_block_recurrence_compiled_equals_numpy_path():
     assert not got[2].any() and not got[6].any()  # dead atoms do not move
 
 
-def test_one_online_step_equals_dense_reference():
+@pytest.mark.parametrize("inside_small_ops", [False, True])
+def test_one_online_step_equals_dense_reference(inside_small_ops):
     """One step (code → statistics → dictionary) against a dense reference written from the formulas,
     and against scikit-learn's own `_minibatch_step` (same dictionary, statistics and batch)."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
@@ -343,7 +348,8 @@ def test_one_online_step_equals_dense_reference():
     st = OnlineState(D=torch.tensor(D), A=torch.tensor(A0), Bt=torch.tensor(B0.T.copy()), step=step)
     C = sparse_encode(torch.tensor(X), st.D, alpha, tol=1e-12)
     rec, l1 = row_objective(C, gram(st.D), torch.tensor(X) @ st.D.T, torch.ones(n, dtype=torch.float64), alpha)
-    res, G = online_step(st, torch.tensor(X), C, rec, l1, dup_threshold=None)
+    with _learner_threads(inside_small_ops):
+        res, G = online_step(st, torch.tensor(X), C, rec, l1, dup_threshold=None)
     assert not res.dead_resampled
     # dense reference from the formulas
     th = (step + 1) * n if step < n - 1 else n * n + step + 1 - n

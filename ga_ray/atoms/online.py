@@ -23,7 +23,7 @@ import torch
 
 from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import gram, sparse_csr
-from ga_ray.atoms.threads import gemm, matmul
+from ga_ray.atoms.threads import blas_matmul, gemm, matmul, numpy_blas_active
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
 DEAD_THRESHOLD = 1e-6
@@ -118,32 +118,43 @@ def update_dictionary(
         return
     A64 = A.double().cpu().numpy()
     P = D.shape[1]
-    dS = torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)  # changes of S's atoms
+    # On CPU inside the learner the sweep runs on numpy views of the same memory (numpy's BLAS, see
+    # `threads.matmul`; each of its ~10 small products per block also costs a few µs less to call)
+    on_numpy = numpy_blas_active() and D.device.type == "cpu" and D.is_contiguous()
+    Dw, Aw, Bw = (D.numpy(), A.numpy(), Bt.numpy()) if on_numpy else (D, A, Bt)
+    large = blas_matmul if on_numpy else matmul
+    dS = np.empty((min(super_block, K), P), Dw.dtype) if on_numpy else torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)
+    recurrence = _block_recurrence if HAVE_NUMBA else _block_recurrence_numpy
     for s0 in range(0, K, super_block):
         s1 = min(K, s0 + super_block)
         if not live_all[s0:s1].any():
             continue
-        RS = torch.sub(Bt[s0:s1], matmul(A[s0:s1], D, macs=(s1 - s0) * K * P))  # B_S − A_S D, current D
+        RS = Bw[s0:s1] - large(Aw[s0:s1], Dw, macs=(s1 - s0) * K * P)  # B_S − A_S D with the current D
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0
             R = RS[j0 - s0 : j1 - s0]
-            if j0 > s0:  # atoms of S already updated in this sweep (fused into one in-place GEMM)
-                R.addmm_(A[j0:j1, s0:j0], dS[: j0 - s0], alpha=-1.0)
-            DJ = D[j0:j1]
+            if j0 > s0:  # atoms of S already updated in this sweep
+                R -= Aw[j0:j1, s0:j0] @ dS[: j0 - s0]
+            DJ = Dw[j0:j1]
             if live_all[j0:j1].any():
                 # Gram matrix of the basis V = [D_J; R_J] from its three distinct blocks (no copy of V)
-                DD, DR, RR = DJ @ DJ.T, DJ @ R.T, R @ R.T
-                M = torch.cat([torch.cat([DD, DR], 1), torch.cat([DR.T, RR], 1)], 0).double().cpu().numpy()
-                recurrence = _block_recurrence if HAVE_NUMBA else _block_recurrence_numpy
+                M = _basis_gram(DJ @ DJ.T, DJ @ R.T, R @ R.T)
                 delta = recurrence(np.ascontiguousarray(A64[j0:j1, j0:j1]), diag[j0:j1], live_all[j0:j1], M)
-                dt = torch.from_numpy(delta).to(D.dtype).to(D.device)
+                dt = delta.astype(Dw.dtype) if on_numpy else torch.from_numpy(delta).to(D.dtype).to(D.device)
                 dSJ = dS[j0 - s0 : j1 - s0]
-                torch.mm(dt[:, :b], DJ, out=dSJ)  # the new atoms' changes: delta · V, V = [D_J; R_J]
-                dSJ.addmm_(dt[:, b:], R)
+                dSJ[...] = dt[:, :b] @ DJ  # the new atoms' changes: delta · V, V = [D_J; R_J]
+                dSJ += dt[:, b:] @ R
                 DJ += dSJ
             else:
                 dS[j0 - s0 : j1 - s0] = 0
+
+
+def _basis_gram(DD, DR, RR) -> np.ndarray:
+    """[[DD, DR], [DRᵀ, RR]] in float64 on the host, from numpy arrays or torch tensors."""
+    if isinstance(DD, np.ndarray):
+        return np.block([[DD, DR], [DR.T, RR]]).astype(np.float64)
+    return torch.cat([torch.cat([DD, DR], 1), torch.cat([DR.T, RR], 1)], 0).double().cpu().numpy()
 
 
 @njit(cache=True, nogil=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 _gemm_threads = 0
@@ -79,15 +80,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch
     is not (256×800·800×500: 0.96 vs 5.3 ms). torch is then single-threaded throughout, so the two
     libraries' thread pools never run side by side. Elsewhere: torch, under `gemm(macs)`.
     """
-    blas = _numpy_blas
-    if blas is not None and a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
-        an, bn = a.detach().numpy(), b.detach().numpy()
-        if parallel(macs, NUMPY_PARALLEL_MIN):
-            with blas.limit(limits=_gemm_threads):
-                return torch.from_numpy(an @ bn)
-        return torch.from_numpy(an @ bn)
+    if _numpy_blas is not None and a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(blas_matmul(a.detach().numpy(), b.detach().numpy(), macs))
     with gemm(macs):
         return a @ b
+
+
+def blas_matmul(a: np.ndarray, b: np.ndarray, macs: float | None = None) -> np.ndarray:
+    """a @ b of numpy arrays, on all threads when `parallel(macs)` (numpy's BLAS held to one otherwise)."""
+    if _numpy_blas is not None and parallel(macs, NUMPY_PARALLEL_MIN):
+        with _numpy_blas.limit(limits=_gemm_threads):
+            return a @ b
+    return a @ b
 
 
 @contextlib.contextmanager
