@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 # After each multi-threaded call OpenBLAS (numpy's BLAS, which runs the dictionary learner's large
 # products on CPU: `ga_ray.atoms.threads.matmul`) keeps its idle threads spinning for 2^28 cycles, about
 # 0.1 s, before they sleep: between the learner's products, which come every few milliseconds, a core
-# then never rests (measured on 2 cores: the demo's fit used 3.5 s of CPU for 2.4 s of wall time; with
-# 2^4, 2.7 s for 2.0 s). OpenBLAS reads this when numpy loads it, so it is set here, before any ga_ray
-# module imports numpy; Ray workers started by this process inherit it. A user's own setting wins.
+# then never rests (measured on 2 cores, the planted-atom benchmark's fit: 16.0 s of CPU for 8.0 s of
+# wall time; with 2^4, 13.2 s for 8.5 s). OpenBLAS reads this when numpy loads it, so it is set here,
+# before any ga_ray module imports numpy; Ray workers started by this process inherit it. A user's own
+# setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

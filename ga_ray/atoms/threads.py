@@ -19,12 +19,11 @@ import torch
 _gemm_threads = 0
 _numpy_blas = None
 #: Products smaller than this (multiply-adds) stay single-threaded: for them the parallel start-up
-#: and the threads' spin-waiting afterwards cost more than they save. (Measured on a quiet 2-core VM:
-#: lowering it to 25 M made the demo's fit 10% faster in wall time but cost 20% more CPU time.)
+#: and the threads' spin-waiting afterwards cost more than they save, and on a loaded machine a parallel
+#: product waits for its descheduled thread. (Measured on 2 cores: with torch's threads, 25 M made the
+#: demo's fit 10% faster in wall time for 20% more CPU time; with numpy's, 20% faster at the same CPU
+#: time on a quiet machine, but each product took ~4 ms instead of ~1 while another job ran.)
 GEMM_PARALLEL_MIN = 200_000_000
-#: The same threshold for products through numpy's BLAS (`matmul()`), whose threads stay efficient on
-#: much smaller products (see `ga_ray/__init__.py` for how their spinning is kept short).
-NUMPY_PARALLEL_MIN = 25_000_000
 
 
 @contextlib.contextmanager
@@ -66,9 +65,9 @@ def numpy_blas_active() -> bool:
     return _numpy_blas is not None
 
 
-def parallel(macs: float | None, threshold: int = GEMM_PARALLEL_MIN) -> bool:
+def parallel(macs: float | None) -> bool:
     """Whether a product of `macs` multiply-adds runs on more than one thread (inside `small_ops()`)."""
-    return _gemm_threads > 1 and (macs is None or macs >= threshold)
+    return _gemm_threads > 1 and (macs is None or macs >= GEMM_PARALLEL_MIN)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch.Tensor:
@@ -76,9 +75,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch
 
     Inside `small_ops()` on CPU: numpy's BLAS (views, no copies; `a @ a.T` becomes a symmetric rank-k
     update), on all threads when `parallel(macs)`. Measured on a 2-core AMD EPYC against torch's MKL at
-    the learner's shapes: 15-25% less time on one thread, and on two it stays efficient where torch's
-    is not (256×800·800×500: 0.96 vs 5.3 ms). torch is then single-threaded throughout, so the two
-    libraries' thread pools never run side by side. Elsewhere: torch, under `gemm(macs)`.
+    the learner's shapes: 15-25% less time on one thread and on two, and on two it stays efficient where
+    torch's is not (256×800·800×500: 0.96 vs 5.3 ms). torch is then single-threaded throughout, so the
+    two libraries' thread pools never run side by side. Elsewhere: torch, under `gemm(macs)`.
     """
     if _numpy_blas is not None and a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(blas_matmul(a.detach().numpy(), b.detach().numpy(), macs))
@@ -88,7 +87,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch
 
 def blas_matmul(a: np.ndarray, b: np.ndarray, macs: float | None = None) -> np.ndarray:
     """a @ b of numpy arrays, on all threads when `parallel(macs)` (numpy's BLAS held to one otherwise)."""
-    if _numpy_blas is not None and parallel(macs, NUMPY_PARALLEL_MIN):
+    if _numpy_blas is not None and parallel(macs):
         with _numpy_blas.limit(limits=_gemm_threads):
             return a @ b
     return a @ b
