@@ -38,7 +38,7 @@ import torch
 from ga_ray.atoms import lasso_rows
 from ga_ray.atoms.compiled import HAVE_NUMBA
 from ga_ray.atoms.lasso_rows import MAX_STALLS  # the stall limit of both coders
-from ga_ray.atoms.threads import cpu_threads, gemm, matmul, numpy_blas_active
+from ga_ray.atoms.threads import cpu_threads, gemm, matmul, uses_numpy
 
 # Largest (rows × m × m) float64 block built at once (elements); larger batches are split by rows.
 _MAX_BLOCK_ELEMS = 24_000_000
@@ -70,7 +70,7 @@ def gram(D: torch.Tensor) -> torch.Tensor:
     although that does half the work), symmetrised.
     """
     K, P = D.shape
-    if numpy_blas_active() and D.device.type == "cpu":
+    if uses_numpy(D):
         D = D.contiguous()
         return matmul(D, D.T, macs=K * K * P / 2)  # syrk: symmetric already
     with gemm(K * K * P):

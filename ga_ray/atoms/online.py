@@ -23,7 +23,7 @@ import torch
 
 from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import gram, sparse_csr
-from ga_ray.atoms.threads import blas_matmul, gemm, matmul, numpy_blas_active
+from ga_ray.atoms.threads import blas_matmul, gemm, matmul, uses_numpy
 
 #: An atom whose A_kk is at most this is unused (scikit-learn's and SPAMS' threshold).
 DEAD_THRESHOLD = 1e-6
@@ -120,7 +120,7 @@ def update_dictionary(
     P = D.shape[1]
     # On CPU inside the learner the sweep runs on numpy views of the same memory (numpy's BLAS, see
     # `threads.matmul`; each of its ~10 small products per block also costs a few µs less to call)
-    on_numpy = numpy_blas_active() and D.device.type == "cpu" and D.is_contiguous()
+    on_numpy = uses_numpy(D) and D.is_contiguous()
     Dw, Aw, Bw = (D.numpy(), A.numpy(), Bt.numpy()) if on_numpy else (D, A, Bt)
     large = blas_matmul if on_numpy else matmul
     dS = np.empty((min(super_block, K), P), Dw.dtype) if on_numpy else torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)

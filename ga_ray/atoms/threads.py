@@ -65,6 +65,11 @@ def numpy_blas_active() -> bool:
     return _numpy_blas is not None
 
 
+def uses_numpy(t: torch.Tensor) -> bool:
+    """Whether the learner's products on `t` go through numpy's BLAS (inside `small_ops()`, CPU, float)."""
+    return _numpy_blas is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 def parallel(macs: float | None) -> bool:
     """Whether a product of `macs` multiply-adds runs on more than one thread (inside `small_ops()`)."""
     return _gemm_threads > 1 and (macs is None or macs >= GEMM_PARALLEL_MIN)
@@ -79,7 +84,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch
     torch's is not (256×800·800×500: 0.96 vs 5.3 ms). torch is then single-threaded throughout, so the
     two libraries' thread pools never run side by side. Elsewhere: torch, under `gemm(macs)`.
     """
-    if _numpy_blas is not None and a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+    if uses_numpy(a) and b.dtype == a.dtype and b.device == a.device:
         return torch.from_numpy(blas_matmul(a.detach().numpy(), b.detach().numpy(), macs))
     with gemm(macs):
         return a @ b
@@ -97,11 +102,10 @@ def blas_matmul(a: np.ndarray, b: np.ndarray, macs: float | None = None) -> np.n
 def gemm(macs: float | None = None) -> Iterator[None]:
     """All threads for one large product of `macs` multiply-adds (inside `small_ops()`; a no-op
     elsewhere or for products below GEMM_PARALLEL_MIN)."""
-    n = _gemm_threads
-    if n <= 1 or (macs is not None and macs < GEMM_PARALLEL_MIN):
+    if not parallel(macs):
         yield
         return
-    torch.set_num_threads(n)
+    torch.set_num_threads(_gemm_threads)
     try:
         yield
     finally:
