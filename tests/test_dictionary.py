@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -607,6 +608,21 @@ def test_bench_quick_reports_both_methods_on_the_same_judge():
     assert len(r["step_cost"]["rows"]) == 4
     f = p["floor"]
     assert f["gemm_gflops"] > 0 and f["floor_s"] > 0 and f["over_floor"] == pytest.approx(f["s_per_epoch"] / f["floor_s"])
+    c = p["ceiling"]["to_sklearn_objective"]
+    steps = p["ours_until_sklearn_objective"]["steps"]
+    assert c["epochs"] == pytest.approx(steps / math.ceil(300 / 256)) and c["ratio"] == pytest.approx(p["sklearn"]["cpu_s"] / c["floor_cpu_s"])
+
+
+def test_cpu_ceiling_counts_the_dense_products_our_learner_runs():
+    from ga_ray.bench.dictionary import cpu_ceiling, dense_products_flop
+
+    # N=1000 rows in batches of 256: 4 steps. X·Dᵀ: 2·N·K·D flop; per step the Gram as a symmetric
+    # rank-k update (K²·D, half a GEMM's) and the sweep's A·D (2·K²·D).
+    N, D, K = 1000, 30, 7
+    by_hand = 2 * N * K * D + 4 * (K * K * D + 2 * K * K * D)
+    assert dense_products_flop(N, D, K, 256) == by_hand
+    c = cpu_ceiling(10.0, 2.5, N, D, K, 256, 4.0)  # 2.5 epochs at 4 flop/s against 10 s
+    assert c["floor_cpu_s"] == pytest.approx(2.5 * by_hand / 4.0) and c["ratio"] == pytest.approx(10.0 / (2.5 * by_hand / 4.0))
 
 
 def test_epoch_floor_counts_every_gemm_of_an_epoch():

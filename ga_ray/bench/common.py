@@ -24,7 +24,27 @@ def machine_info() -> dict[str, Any]:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:  # torch without CUDA support
         pass
+    info.update(numpy_blas())
     return info
+
+
+def numpy_blas() -> dict[str, Any]:
+    """numpy's BLAS and the kernels it runs (the learner's CPU products go through it), and an
+    OPENBLAS_CORETYPE the environment forces: a pinned older core type can halve the GEMM rate."""
+    out: dict[str, Any] = {}
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # the GPU machines have no threadpoolctl
+        return out
+    import numpy  # noqa: F401  (loads its BLAS, so that threadpoolctl sees it)
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in str(lib.get("filepath", "")):
+            out["numpy_blas"] = f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')} kernels)"
+            break
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        out["openblas_coretype_env"] = os.environ["OPENBLAS_CORETYPE"]
+    return out
 
 
 def time_median(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> tuple[float, list[float]]:

@@ -135,6 +135,40 @@ def epoch_floor_s(n_rows: int, dim: int, n_atoms: int, batch: int, rate: float) 
     return (2 * 2.0 * n_rows * n_atoms * dim + steps * 2 * 2.0 * n_atoms * n_atoms * dim) / rate
 
 
+def dense_products_flop(n_rows: int, dim: int, n_atoms: int, batch: int) -> float:
+    """flop of one epoch of the dense products our learner cannot skip, as it runs them: X·Dᵀ for the
+    coder (2·N·K·D), and per step the Gram matrix as a symmetric rank-k update (K²·D) and the sweep's
+    B − A·D (2·K²·D). The statistics' sparse products and the sweep's small in-block products are left
+    out, so time at this count is a lower bound on any run of the same algorithm."""
+    steps = math.ceil(n_rows / batch)
+    return 2.0 * n_rows * n_atoms * dim + steps * 3.0 * n_atoms * n_atoms * dim
+
+
+def one_core_gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
+    """numpy's float32 GEMM rate on one thread at the correlations' shape (CPU seconds per flop is what
+    the CPU-time ratio counts; one thread is the most a core does)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((min(n_rows, 4096), dim), dtype=np.float32)
+    b = rng.standard_normal((dim, n_atoms), dtype=np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        a @ b  # warm-up
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    return 2.0 * a.shape[0] * dim * n_atoms / statistics.median(times)
+
+
+def cpu_ceiling(sklearn_cpu_s: float, epochs: float, n_rows: int, dim: int, n_atoms: int, batch: int, rate_one_core: float) -> dict[str, float]:
+    """The best CPU-time ratio against scikit-learn our algorithm could reach in `epochs` on this CPU:
+    scikit-learn's CPU seconds over `epochs` × one epoch's unavoidable dense products at one core's rate."""
+    floor_cpu_s = epochs * dense_products_flop(n_rows, dim, n_atoms, batch) / rate_one_core
+    return {"epochs": epochs, "floor_cpu_s": floor_cpu_s, "ratio": sklearn_cpu_s / floor_cpu_s if floor_cpu_s > 0 else float("inf")}
+
+
 def _gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
     """The faster of torch's and numpy's float32 GEMM rates at the correlations' shape, all threads (the
     learner runs its large CPU products through numpy's BLAS, which is the faster one on some CPUs)."""
@@ -193,6 +227,15 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         out["ours_until_sklearn_objective"] = until
         out["ratio_to_sklearn_objective"] = t_sk / until["wall_s"] if until["reached"] else None
         out["cpu_ratio_to_sklearn_objective"] = c_sk / until["cpu_s"] if until["reached"] else None
+        # how far the goal is reachable at all: the same epochs with only the unavoidable GEMM work
+        n_train = int(X.shape[0] * (1 - _heldout_fraction()))
+        rate1 = one_core_gemm_rate(*X.shape, n_atoms)
+        spe = max(1, math.ceil(n_train / s.batch_size))
+        out["ceiling"] = {
+            "gemm_gflops_one_core": rate1 / 1e9,
+            "default_stop": cpu_ceiling(c_sk, out["ours"]["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1),
+            "to_sklearn_objective": cpu_ceiling(c_sk, until["steps"] / spe, n_train, X.shape[1], n_atoms, s.batch_size, rate1) if until["reached"] else None,
+        }
     return out
 
 
@@ -302,6 +345,13 @@ def _print(res: dict[str, Any]) -> None:
         f = c["floor"]
         print(f"  epoch floor: {f['s_per_epoch']:.2f} s per epoch against {f['floor_s']:.2f} s of GEMM work at {f['gemm_gflops']:.1f} GFLOP/s "
               f"measured now: {f['over_floor']:.1f}x the floor (goal <= 3x)")
+        if c.get("ceiling"):
+            g, d, t = c["ceiling"], c["ceiling"]["default_stop"], c["ceiling"]["to_sklearn_objective"]
+            line = (f"  cpu ceiling (sklearn's cpu over the epochs' unavoidable GEMM work at one core's {g['gemm_gflops_one_core']:.0f} GFLOP/s): "
+                    f"{d['ratio']:.1f}x at our default stop ({d['epochs']:.2f} epochs, {d['floor_cpu_s']:.2f} s)")
+            if t:
+                line += f", {t['ratio']:.1f}x to sklearn's objective ({t['epochs']:.2f} epochs, {t['floor_cpu_s']:.2f} s)"
+            print(line)
     if "large" in res:
         L = res["large"]
         print_table("ours at scale", [{k: L[k] for k in ("n", "dim", "n_atoms", "wall_s", "cpu_s", "steps", "epochs", "s_per_epoch", "objective", "recovery_0.9")}])
@@ -311,4 +361,7 @@ def _print(res: dict[str, Any]) -> None:
         g["rows"],
     )
     m = res["machine"]
-    print(f"\nmachine: {m.get('cpu_cores')} cores, gpu {m.get('gpu')}, torch threads {res['threads']}")
+    blas = m.get("numpy_blas", "unknown")
+    if m.get("openblas_coretype_env"):
+        blas += f", OPENBLAS_CORETYPE={m['openblas_coretype_env']} set by the environment"
+    print(f"\nmachine: {m.get('cpu_cores')} cores, gpu {m.get('gpu')}, torch threads {res['threads']}; numpy's BLAS: {blas}")
