@@ -14,7 +14,10 @@ online step on a grid of K and D, with fitted exponents (how time grows with N, 
 The floor of an epoch: its GEMM work at the float32 GEMM rate measured in the same run (the faster of
 torch's and numpy's BLAS), the correlations and the statistics (2·N·K·D each: X·Dᵀ for the coder, Σ xᵀc
 for B) plus, per step, the Gram D·Dᵀ and the block-coordinate atom update (2·K²·D each); `over_floor` is
-our measured seconds per epoch over it.
+our measured seconds per epoch over it. The CPU ceiling: scikit-learn's CPU seconds over the same epochs
+of the dense products our learner cannot skip (X·Dᵀ, and per step the Gram matrix as a symmetric rank-k
+update and the sweep's B − A·D) at one core's GEMM rate, i.e. the best CPU-time ratio this algorithm could
+reach on this CPU, at our default stop and stopping exactly at scikit-learn's objective.
 
 Options: quick, threads (2), run_dir, n_atoms, reps (1), large_n (50000), large_k (1000),
 large_epochs (3), skip_large, skip_sklearn.
