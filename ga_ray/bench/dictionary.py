@@ -127,6 +127,7 @@ def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> d
         "wall_s": time.perf_counter() - t0 - spent["eval"],
         "cpu_s": time.process_time() - c0 - spent["eval_cpu"],
         "steps": spent["steps"],
+        "epochs": spent["steps"] / spe,
         "reached": reached,
         "objective": spent["objective"],
     }
@@ -147,15 +148,15 @@ def dense_products_flop(n_rows: int, dim: int, n_atoms: int, batch: int) -> floa
     return 2.0 * n_rows * n_atoms * dim + steps * 3.0 * n_atoms * n_atoms * dim
 
 
-def one_core_gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
-    """numpy's float32 GEMM rate on one thread at the correlations' shape (CPU seconds per flop is what
-    the CPU-time ratio counts; one thread is the most a core does)."""
+def numpy_gemm_rate(n_rows: int, dim: int, n_atoms: int, threads: int) -> float:
+    """numpy's float32 GEMM rate (flop/s) at the correlations' shape on `threads` BLAS threads; on one
+    thread, the most a core does (CPU seconds per flop is what the CPU-time ratio counts)."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((min(n_rows, 4096), dim), dtype=np.float32)
     b = rng.standard_normal((dim, n_atoms), dtype=np.float32)
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(threads, user_api="blas"):
         a @ b  # warm-up
         times = []
         for _ in range(5):
@@ -175,22 +176,10 @@ def cpu_ceiling(sklearn_cpu_s: float, epochs: float, n_rows: int, dim: int, n_at
 def _gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
     """The faster of torch's and numpy's float32 GEMM rates at the correlations' shape, all threads (the
     learner runs its large CPU products through numpy's BLAS, which is the faster one on some CPUs)."""
-    from threadpoolctl import threadpool_limits
-
     from ga_ray.bench.gpu import gemm_rate
 
-    m = min(n_rows, 4096)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((m, dim), dtype=np.float32)
-    b = rng.standard_normal((dim, n_atoms), dtype=np.float32)
-    times = []
-    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
-        a @ b  # warm-up
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-    return max(gemm_rate(m, dim, n_atoms, torch.device("cpu")), 2.0 * m * dim * n_atoms / statistics.median(times))
+    torch_rate = gemm_rate(min(n_rows, 4096), dim, n_atoms, torch.device("cpu"))
+    return max(torch_rate, numpy_gemm_rate(n_rows, dim, n_atoms, torch.get_num_threads()))
 
 
 def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float, threads: int, reps: int, label: str, skip_sklearn: bool = False) -> dict[str, Any]:
@@ -232,12 +221,11 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         out["cpu_ratio_to_sklearn_objective"] = c_sk / until["cpu_s"] if until["reached"] else None
         # how far the goal is reachable at all: the same epochs with only the unavoidable GEMM work
         n_train = int(X.shape[0] * (1 - _heldout_fraction()))
-        rate1 = one_core_gemm_rate(*X.shape, n_atoms)
-        spe = max(1, math.ceil(n_train / s.batch_size))
+        rate1 = numpy_gemm_rate(*X.shape, n_atoms, threads=1)
         out["ceiling"] = {
             "gemm_gflops_one_core": rate1 / 1e9,
             "default_stop": cpu_ceiling(c_sk, out["ours"]["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1),
-            "to_sklearn_objective": cpu_ceiling(c_sk, until["steps"] / spe, n_train, X.shape[1], n_atoms, s.batch_size, rate1) if until["reached"] else None,
+            "to_sklearn_objective": cpu_ceiling(c_sk, until["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1) if until["reached"] else None,
         }
     return out
 
