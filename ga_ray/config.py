@@ -248,6 +248,9 @@ class DictionaryConfig(Workers):
     """Tolerance of the sparse coder (max KKT violation)."""
     lasso_max_iter: PositiveInt = 500
     """Iterations cap of the sparse coder per batch."""
+    warm_start: bool = True
+    """Start each row's coder from its codes of the previous epoch (same codes, less work; kept in the
+    driver's memory, at most 32 nonzeros and 8 bytes each per row, 256 MB in all)."""
     init: Literal["data", "svd"] = "data"
     """Initial dictionary: the first K rows of the shuffled stream (`data`), or the top right singular
     vectors of a sample of 2K rows (`svd`, like scikit-learn's start; fewer epochs on some data, but

@@ -209,9 +209,15 @@ def test_learner_products_through_numpy_equal_torch_products(dtype):
     [([8] * 11, 0.4, 6), ([8, 8, 8, 5], 0.4, 6), ([16, 3, 16, 7, 16], 0.4, 6), ([8, 8, 3], 0.08, 6),
      ([40, 40, 17], 0.02, 120)],  # the last: codes sparse enough for the CSR path
 )
-def test_forgetting_weights_equal_sklearn_internals(sizes, density, K):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_forgetting_weights_equal_sklearn_internals(sizes, density, K, compiled, monkeypatch):
     """Our A, B after a sequence of batches (equal sizes, a last smaller one, mixed sizes; dense and
-    CSR products) equal the ones scikit-learn's own `_update_inner_stats` computes."""
+    sparse codes, the latter by the compiled pass and by torch's CSR products) equal the ones
+    scikit-learn's own `_update_inner_stats` computes."""
+    from ga_ray.atoms import online
+
+    if not compiled:
+        monkeypatch.setattr(online, "HAVE_NUMBA", False)
     rng = np.random.default_rng(3)
     P = 10
     est = _sklearn_model()
@@ -232,6 +238,37 @@ def test_forgetting_weights_equal_sklearn_internals(sizes, density, K):
         np.testing.assert_allclose(state.A.numpy(), est._A, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(state.Bt.numpy().T, est._B, rtol=1e-12, atol=1e-14)
     assert forgetting_beta(0, 256) == pytest.approx(1 / 257)  # the first batch all but replaces the statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_sparse_stats_equal_dense_products(dtype):
+    """The compiled pass over the codes' nonzeros (the CPU path for sparse codes) gives beta·A + CᵀC/n
+    and beta·Bt + CᵀX/n of dense float64 products, over steps with a last smaller batch and an unused atom."""
+    from ga_ray.atoms import online
+    from ga_ray.atoms.compiled import HAVE_NUMBA
+
+    if not HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(11)
+    K, P = 90, 33
+    state = OnlineState.from_dictionary(torch.zeros(K, P, dtype=dtype))
+    A_ref, Bt_ref = np.zeros((K, K)), np.zeros((K, P))
+    for n in (64, 64, 64, 17):
+        X = rng.standard_normal((n, P))
+        C = rng.standard_normal((n, K)) * (rng.random((n, K)) < 0.03)
+        C[:, 5] = 0  # an atom no row uses
+        Xt, Ct = torch.tensor(X, dtype=dtype), torch.tensor(C, dtype=dtype)
+        assert online._sparse_kernel_applies(state, Xt, Ct)
+        beta = update_stats(state, Xt, Ct)
+        state.step += 1
+        A_ref = beta * A_ref + Ct.double().numpy().T @ Ct.double().numpy() / n
+        Bt_ref = beta * Bt_ref + Ct.double().numpy().T @ Xt.double().numpy() / n
+        tol = 1e-6 if dtype == torch.float32 else 1e-13
+        np.testing.assert_allclose(state.A.double().numpy(), A_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(state.Bt.double().numpy(), Bt_ref, rtol=tol, atol=tol)
+    assert np.abs(A_ref).max() > 0.01 and np.abs(Bt_ref).max() > 0.01  # the statistics are not all zero
+    dense = torch.ones(4, K, dtype=dtype)
+    assert not online._sparse_kernel_applies(state, torch.ones(4, P, dtype=dtype), dense)  # dense codes: BLAS
 
 
 def test_forgetting_beta_regimes():
@@ -430,6 +467,9 @@ def test_stream_batches_do_not_depend_on_world_size():
             order = np.argsort(pos)
             assert np.array_equal(pos[order], np.arange(a, b))
             seen.append(X[order].numpy())
+            ids = plan.row_ids(e, a, b)  # the rows the driver keys warm starts by
+            Zi = Z[ids]
+            np.testing.assert_allclose(seen[-1], Zi / np.linalg.norm(Zi, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
             assert all(len(c._windows) <= 3 for c in coders)  # bounded memory
         batches[world] = seen
     for w in (2, 3):
@@ -442,6 +482,82 @@ def test_stream_batches_do_not_depend_on_world_size():
     match = np.abs(ep0 @ Xn.T).argmax(1)
     assert sorted(match.tolist()) == sorted(set(range(230)) - held)
     assert plan.batch_bounds(plan.steps_per_epoch - 1)[2] - plan.batch_bounds(plan.steps_per_epoch - 1)[1] == (230 - 23) % 32
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_next_epochs_window_reuses_the_last_ones_memory(compiled, monkeypatch):
+    from ga_ray.atoms import stream
+
+    if not compiled:
+        monkeypatch.setattr(stream, "HAVE_NUMBA", False)
+    rng = np.random.default_rng(13)
+    Z = rng.standard_normal((150, 5)).astype(np.float32)
+    pieces = [60, 50, 40]
+    plan = StreamPlan(tuple(pieces), batch_size=64, window_rows=150, seed=5, heldout_fraction=0.1)
+    coder = BlockCoder(tensor_reader(Z, pieces), plan, 0, 1, 0.1)
+    pointers = []
+    for epoch in range(3):
+        for a in range(0, plan.n_train, 64):
+            b = min(a + 64, plan.n_train)
+            _, X = coder.rows_at(epoch, a, b)
+            Zi = Z[plan.row_ids(epoch, a, b)]
+            np.testing.assert_allclose(X.numpy(), Zi / np.linalg.norm(Zi, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+        pointers.append(coder._windows[(epoch, 0)][2].data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]  # one window per epoch, its array recycled
+
+
+def test_warm_store_keeps_each_rows_codes_and_its_largest_when_too_many():
+    from ga_ray.atoms import warm
+
+    rng = np.random.default_rng(12)
+    K, width = 40, 4
+    idx, val = warm.empty_store(10, width)
+    assert warm.dense(*warm.take(idx, val, np.arange(10)), K) is None  # nothing stored yet
+    C = (rng.standard_normal((5, K)) * (rng.random((5, K)) < 0.08)).astype(np.float32)
+    C[0] = 0  # a row with no code
+    C[1, :7] = [0.1, -3.0, 0.2, 2.0, -0.05, 1.0, -0.5]  # 7 nonzeros (and maybe more): keep the 4 largest |c|
+    C[1, 7:] = 0
+    ids = np.array([7, 2, 9, 0, 4])
+    warm.put(idx, val, ids, C)
+    got = warm.dense(*warm.take(idx, val, ids), K)
+    for r in range(5):
+        if (C[r] != 0).sum() <= width:
+            np.testing.assert_array_equal(got[r], C[r])
+    expect = np.zeros(K, np.float32)
+    expect[[1, 3, 5, 6]] = C[1, [1, 3, 5, 6]]
+    np.testing.assert_array_equal(got[1], expect)
+    assert not (idx[[1, 3, 5, 6, 8]] >= 0).any()  # rows never put hold nothing
+    warm.put(idx, val, ids[:1], np.zeros((1, K), np.float32) + np.eye(1, K, 3, dtype=np.float32))  # replaced
+    assert (idx[7] >= 0).sum() == 1 and idx[7, 0] == 3
+    assert warm.store_width(10, 500) == warm.MAX_WIDTH and warm.store_width(10, 6) == 6
+    assert warm.store_width(10**7, 500) == 3  # 256 MB / (8 bytes × 10 M rows)
+    assert warm.store_width(10**9, 500) == 0
+
+
+def test_warm_starts_change_the_coders_work_not_the_dictionary():
+    """Same trajectory (to the coder's tolerance) with and without warm starts, in fewer coder iterations."""
+    X, _, _ = planted_atoms(600, 48, 16, seed=4)
+    iters = {}
+    results = {}
+    for warm_start in (False, True):
+        s = FitSettings(n_atoms=16, alpha=0.1, batch_size=50, max_epochs=4, seed=0, tol=0, warm_start=warm_start)
+        pieces = even_pieces(600, 100)
+        plan = StreamPlan(tuple(pieces), 50, 600, s.seed, heldout_fraction=0.0)
+
+        class CountingPool(LocalPool):
+            total = 0  # the coder's iterations (the most any row of a batch needed) after the first epoch
+
+            def code(self, handle, epoch, start, stop, warm=None):
+                parts = super().code(handle, epoch, start, stop, warm)
+                CountingPool.total += sum(p.coder_iters for p in parts) if epoch > 0 else 0
+                return parts
+
+        pool = CountingPool([BlockCoder(tensor_reader(X, pieces), plan, 0, 1, s.alpha, lasso_tol=1e-10)])
+        results[warm_start] = fit(pool, plan, s, dtype=torch.float64)
+        iters[warm_start] = CountingPool.total
+    assert results[True].state.warm is not None and results[False].state.warm is None
+    torch.testing.assert_close(results[True].state.D, results[False].state.D, atol=1e-7, rtol=0)
+    assert iters[True] < 0.85 * iters[False]  # 244 against 312 (deterministic: fixed seeds)
 
 
 def test_in_process_workers_follow_the_same_trajectory():

@@ -36,8 +36,8 @@ class CoderActorImpl:
     def ready(self) -> int:
         return os.getpid()
 
-    def code(self, epoch: int, start: int, stop: int, D: np.ndarray, G: np.ndarray) -> CodedPart:
-        return self.coder.code(epoch, start, stop, D, G)
+    def code(self, epoch: int, start: int, stop: int, D: np.ndarray, G: np.ndarray, warm: tuple[np.ndarray, np.ndarray] | None) -> CodedPart:
+        return self.coder.code(epoch, start, stop, D, G, warm)
 
     def heldout(self, D: np.ndarray, G: np.ndarray) -> tuple[float, float, int]:
         return self.coder.heldout_cost(D, G)
@@ -82,9 +82,10 @@ class RayPool:
     def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any:
         return (self.ray.put(D.detach().cpu().numpy()), self.ray.put(G.detach().cpu().numpy()))
 
-    def code(self, handle: Any, epoch: int, start: int, stop: int) -> list[CodedPart]:
+    def code(self, handle: Any, epoch: int, start: int, stop: int, warm: tuple[np.ndarray, np.ndarray] | None = None) -> list[CodedPart]:
         D, G = handle
-        return self.ray.get([a.code.remote(epoch, start, stop, D, G) for a in self.actors])
+        w = self.ray.put(warm) if warm is not None else None  # once for all actors
+        return self.ray.get([a.code.remote(epoch, start, stop, D, G, w) for a in self.actors])
 
     def heldout(self, handle: Any) -> tuple[float, float, int]:
         D, G = handle

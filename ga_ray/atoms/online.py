@@ -57,6 +57,8 @@ class OnlineState:
     """Mini-batches seen (scikit-learn's `step`)."""
     n_dead_resampled: int = 0
     n_dup_resampled: int = 0
+    warm: tuple[np.ndarray, np.ndarray] | None = None
+    """The coder's warm starts (`ga_ray.atoms.warm`: per row, atom indices and values; host memory)."""
 
     @classmethod
     def from_dictionary(cls, D: torch.Tensor) -> "OnlineState":
@@ -64,20 +66,37 @@ class OnlineState:
         return cls(D=D.clone(), A=torch.zeros(K, K, dtype=D.dtype, device=D.device), Bt=torch.zeros(K, P, dtype=D.dtype, device=D.device))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"dictionary": self.D, "A": self.A, "Bt": self.Bt}
+        out = {"dictionary": self.D, "A": self.A, "Bt": self.Bt}
+        if self.warm is not None:
+            out["warm_indices"], out["warm_values"] = (torch.from_numpy(a) for a in self.warm)
+        return out
 
     def counters(self) -> dict[str, int]:
         return {"step": self.step, "n_dead_resampled": self.n_dead_resampled, "n_dup_resampled": self.n_dup_resampled}
 
     @classmethod
     def restore(cls, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> "OnlineState":
-        return cls(D=tensors["dictionary"], A=tensors["A"], Bt=tensors["Bt"], **{k: int(v) for k, v in counters.items()})
+        warm = None
+        if "warm_indices" in tensors:
+            warm = (tensors["warm_indices"].numpy().copy(), tensors["warm_values"].numpy().copy())
+        # fresh copies: tensors read from a file can sit at any offset of its buffer, and BLAS rounds
+        # differently off its alignment (a resumed run would drift from the unbroken one in the last bits)
+        D, A, Bt = (tensors[k].clone() for k in ("dictionary", "A", "Bt"))
+        return cls(D=D, A=A, Bt=Bt, warm=warm, **{k: int(v) for k, v in counters.items()})
 
 
 def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
     """scikit-learn's `_update_inner_stats` for one batch (any size, incl. a last smaller one)."""
     n = X.shape[0]
     beta = forgetting_beta(state.step, n)
+    if _sparse_kernel_applies(state, X, C):
+        # sparse codes on CPU: one compiled pass over the nonzeros. Measured at 256 rows, K 500, P 800,
+        # 15 nonzeros per row: 0.40 ms against 0.96 ms for the CSR products below, half of which was
+        # building torch's CSR matrix
+        A = state.A.numpy()
+        real = A.dtype.type  # scalars in the arrays' dtype, so that float32 loops stay float32 (SIMD)
+        _scale_and_add_sparse_stats(A, state.Bt.numpy(), C.numpy(), X.numpy(), real(beta), real(1.0 / n))
+        return beta
     state.A.mul_(beta)
     state.Bt.mul_(beta)
     CT = sparse_csr(C.T)
@@ -92,6 +111,67 @@ def update_stats(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> float:
         with gemm(C.numel() * X.shape[1]):
             state.Bt.addmm_(C.T, X, alpha=1.0 / n)
     return beta
+
+
+def _sparse_kernel_applies(state: OnlineState, X: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether `update_stats` takes the compiled path: numba, CPU, one float dtype, contiguous, and codes
+    under 1/16 nonzero (denser codes go to BLAS, which beats a scalar loop there)."""
+    tensors = (state.A, state.Bt, X, C)
+    return (
+        HAVE_NUMBA
+        and all(t.device.type == "cpu" and t.dtype == state.A.dtype and t.is_contiguous() for t in tensors)
+        and state.A.dtype in (torch.float32, torch.float64)
+        and np.count_nonzero(C.numpy()) * 16 < C.numel()
+    )
+
+
+@njit(cache=True, nogil=True)
+def _scale_and_add_sparse_stats(A: np.ndarray, Bt: np.ndarray, C: np.ndarray, X: np.ndarray, beta: float, scale: float) -> None:
+    """A ← beta·A + scale·CᵀC and Bt ← beta·Bt + scale·CᵀX in place, visiting only C's nonzeros.
+
+    Bt is updated atom by atom from the rows that use the atom (C's columns gathered first), so that each
+    row of Bt is read and written once, scaled and accumulated in the same pass.
+    """
+    n, K = C.shape
+    P = X.shape[1]
+    for i in range(K):
+        for j in range(K):
+            A[i, j] *= beta
+    counts = np.zeros(K + 1, np.int64)
+    idx = np.empty(K, np.int64)
+    for r in range(n):  # CᵀC row by row from each row's nonzeros; counts per atom for the CSC below
+        m = 0
+        for k in range(K):
+            if C[r, k] != 0:
+                idx[m] = k
+                counts[k + 1] += 1
+                m += 1
+        for a in range(m):
+            i = idx[a]
+            ci = C[r, i] * scale
+            for b in range(m):
+                A[i, idx[b]] += ci * C[r, idx[b]]
+    for k in range(K):
+        counts[k + 1] += counts[k]
+    rows = np.empty(counts[K], np.int64)
+    vals = np.empty(counts[K], C.dtype)
+    fill = counts[:K].copy()
+    for r in range(n):  # C's columns: the rows that use each atom, in increasing order
+        for k in range(K):
+            c = C[r, k]
+            if c != 0:
+                rows[fill[k]] = r
+                vals[fill[k]] = c
+                fill[k] += 1
+    for k in range(K):
+        row = Bt[k]
+        for p in range(P):
+            row[p] *= beta
+        for e in range(counts[k], counts[k + 1]):
+            s = vals[e] * scale
+            x = X[rows[e]]
+            for p in range(P):
+                row[p] += s * x[p]
 
 
 def update_dictionary(

@@ -17,6 +17,7 @@ its rows: memory does not grow with N. Pure numpy/torch (no Ray, no files); the 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from ga_ray.atoms import warm as warm_codes
+from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import lasso_gram, row_objective
 from ga_ray.atoms.threads import matmul
 
@@ -128,6 +131,18 @@ class StreamPlan:
         """perm[j] = index (in the window's concatenated training rows) of stream position start + j."""
         return np.random.default_rng([self.seed, 0x5F, w.epoch, w.index]).permutation(w.n_rows)
 
+    def row_ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Global row indices (into the concatenated pieces) at stream positions [start, stop) of `epoch`."""
+        return self._epoch_row_ids(epoch)[start:stop]
+
+    @functools.lru_cache(maxsize=2)  # this epoch's and the last one's (N int64 each)
+    def _epoch_row_ids(self, epoch: int) -> np.ndarray:
+        parts = []
+        for w in self.windows(epoch):
+            ids = np.concatenate([self.piece_offsets[p] + self.train_local(p) for p in w.pieces])
+            parts.append(ids[self.window_permutation(w)])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
 
 def normalise_rows(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x = z / ‖z‖ (zero rows stay zero); returns (X, ‖z‖)."""
@@ -182,6 +197,7 @@ class BlockCoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self._windows: dict[tuple[int, int], tuple[Window, np.ndarray, torch.Tensor]] = {}
+        self._spare: np.ndarray | None = None
         self._epoch_windows: dict[int, list[Window]] = {}
         self._heldout: torch.Tensor | None = None
 
@@ -220,8 +236,8 @@ class BlockCoder:
             for p, local, _ in mine:  # each piece's rows go straight to their sorted slots
                 _, Z = self.reader(p)
                 if out is None:
-                    out = np.empty((len(order), Z.shape[1]), dtype=np.float32)
-                out[dest[off : off + len(local)]] = Z[local]
+                    out = self._buffer(len(order), Z.shape[1])
+                _gather_rows(Z, local, dest[off : off + len(local)], out)
                 off += len(local)
             pos = pos_all[order].astype(np.int64) + w.start
             X = torch.from_numpy(out).to(self.device, self.dtype)
@@ -236,6 +252,15 @@ class BlockCoder:
         self._windows[key] = entry
         return entry
 
+    def _buffer(self, n_rows: int, dim: int) -> np.ndarray:
+        """A float32 n_rows × dim array for a window's rows: the last dropped window's when it has that
+        shape. Writing fresh memory costs a page fault per 4 KiB, and on the machines we measured a
+        new epoch's window took 30-60 ms that way against 3 ms in reused memory."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.shape == (n_rows, dim):
+            return spare
+        return np.empty((n_rows, dim), dtype=np.float32)
+
     def rows_at(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, torch.Tensor]:
         """My rows at stream positions [start, stop) of `epoch`: (positions, normalised rows)."""
         out_pos, out_x = [], []
@@ -245,7 +270,9 @@ class BlockCoder:
                 needed.append(w)
         keys = {(w.epoch, w.index) for w in needed}
         for key in [k for k in self._windows if k not in keys]:  # at most the windows of one batch stay
-            del self._windows[key]
+            X_old = self._windows.pop(key)[2]
+            if X_old.device.type == "cpu" and X_old.dtype == torch.float32 and X_old.numel():
+                self._spare = X_old.numpy()  # rows_at hands out copies: nothing else holds it
         for w in needed:
             _, pos, X = self._load_window(w)
             lo, hi = np.searchsorted(pos, [start, stop])
@@ -279,22 +306,30 @@ class BlockCoder:
             warnings.simplefilter("ignore")
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
-    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor):
+    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor, init: torch.Tensor | None = None):
         Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
-        C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64)
+        C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64, init=init)
         sq = (X * X).sum(1)
         rec, l1 = row_objective(C, G, Bx, sq, self.alpha, quad=info.quad)
         return C, rec.to(torch.float64), l1.to(torch.float64), info
 
-    def code(self, epoch: int, start: int, stop: int, D, G) -> CodedPart:
-        """Code my rows of the mini-batch [start, stop) of `epoch` against dictionary D (Gram G)."""
+    def code(self, epoch: int, start: int, stop: int, D, G, warm: tuple[np.ndarray, np.ndarray] | None = None) -> CodedPart:
+        """Code my rows of the mini-batch [start, stop) of `epoch` against dictionary D (Gram G).
+
+        `warm`: the batch's stored codes (`ga_ray.atoms.warm`, one row per stream position in
+        [start, stop)) to start the coder from."""
         pos, X = self.rows_at(epoch, start, stop)
         Dt, Gt = self._as_tensor(D), self._as_tensor(G)
         K = Dt.shape[0]
         if len(pos) == 0:
             z = np.zeros(0)
             return CodedPart(pos, np.zeros((0, Dt.shape[1]), np.float32), np.zeros((0, K), np.float32), z, z)
-        C, rec, l1, info = self._code(X, Dt, Gt, Gt.to(torch.float64))
+        init = None
+        if warm is not None:
+            mine = pos - start
+            C0 = warm_codes.dense(warm[0][mine], warm[1][mine], K)
+            init = torch.from_numpy(C0).to(self.device, self.dtype) if C0 is not None else None
+        C, rec, l1, info = self._code(X, Dt, Gt, Gt.to(torch.float64), init)
         return CodedPart(
             pos,
             X.cpu().numpy(),
@@ -320,6 +355,21 @@ class BlockCoder:
             rec_s += float(rec.sum())
             l1_s += float(l1.sum())
         return rec_s, l1_s, int(H.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _gather_rows_compiled(Z: np.ndarray, local: np.ndarray, dest: np.ndarray, out: np.ndarray) -> None:
+    for i in range(local.shape[0]):
+        out[dest[i]] = Z[local[i]]
+
+
+def _gather_rows(Z: np.ndarray, local: np.ndarray, dest: np.ndarray, out: np.ndarray) -> None:
+    """out[dest[i]] = Z[local[i]] without the temporary array of `out[dest] = Z[local]` (numpy's path,
+    taken without numba or for other dtypes and layouts)."""
+    if HAVE_NUMBA and Z.dtype == out.dtype and Z.flags.c_contiguous and len(local):
+        _gather_rows_compiled(Z, local.astype(np.int64, copy=False), dest.astype(np.int64, copy=False), out)
+    else:
+        out[dest] = Z[local]
 
 
 def tensor_reader(Z: np.ndarray | torch.Tensor, piece_rows: Sequence[int]) -> PieceReader:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ga_ray.atoms import warm as warm_codes
 from ga_ray.atoms.lasso import gram
 from ga_ray.atoms.online import (
     OnlineState,
@@ -45,7 +46,7 @@ from ga_ray.atoms.threads import small_ops
 class Pool(Protocol):
     def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any: ...
 
-    def code(self, handle: Any, epoch: int, start: int, stop: int) -> list[CodedPart]: ...
+    def code(self, handle: Any, epoch: int, start: int, stop: int, warm: tuple[np.ndarray, np.ndarray] | None = None) -> list[CodedPart]: ...
 
     def heldout(self, handle: Any) -> tuple[float, float, int]: ...
 
@@ -61,9 +62,9 @@ class LocalPool:
     def broadcast(self, D: torch.Tensor, G: torch.Tensor) -> Any:
         return (D, G)
 
-    def code(self, handle: Any, epoch: int, start: int, stop: int) -> list[CodedPart]:
+    def code(self, handle: Any, epoch: int, start: int, stop: int, warm: tuple[np.ndarray, np.ndarray] | None = None) -> list[CodedPart]:
         D, G = handle
-        return [c.code(epoch, start, stop, D, G) for c in self.coders]
+        return [c.code(epoch, start, stop, D, G, warm) for c in self.coders]
 
     def heldout(self, handle: Any) -> tuple[float, float, int]:
         D, G = handle
@@ -106,6 +107,8 @@ class FitSettings:
     """`train` (the stage's default) or `heldout`: which objective the stopping rule watches."""
     stop_window: int = 500
     """`train` rule: the objective is averaged over the last min(epoch, stop_window) steps."""
+    warm_start: bool = True
+    """Start each row's coder from its codes of the previous epoch (`ga_ray.atoms.warm`)."""
 
 
 @dataclass
@@ -180,6 +183,10 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
     else:
         D0 = initial_dictionary(pool, plan, s, dtype, device)
         state, ts = OnlineState.from_dictionary(D0), TrainerState()
+    if not s.warm_start:
+        state.warm = None
+    elif state.warm is None or state.warm[0].shape[0] != plan.n_rows:
+        state.warm = warm_codes.empty_store(plan.n_rows, warm_codes.store_width(plan.n_rows, s.n_atoms))
     G = gram(state.D)
     timings["init_s"] += time.perf_counter() - t0
     spe = plan.steps_per_epoch
@@ -199,10 +206,14 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         epoch, start, stop = plan.batch_bounds(state.step)
         t = time.perf_counter()
         handle = pool.broadcast(state.D, G)
-        parts = pool.code(handle, epoch, start, stop)
+        ids = plan.row_ids(epoch, start, stop) if state.warm is not None else None
+        warm = warm_codes.take(*state.warm, ids) if state.warm is not None and state.step >= plan.steps_per_epoch else None
+        parts = pool.code(handle, epoch, start, stop, warm)
         timings["code_s"] += time.perf_counter() - t
         t = time.perf_counter()
         X, C, rec, l1, unconv = _merge_parts(parts, device, dtype)
+        if state.warm is not None:
+            warm_codes.put(*state.warm, ids, C.cpu().numpy())
         ts.n_unconverged_rows += unconv
         result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold)
         ts.cost_sum += result.batch_cost * result.n_rows
