@@ -187,7 +187,7 @@ def update_dictionary(
     GEMM). Inside a block every vector the sweep touches lies in the span of the 2|J| rows
     V = [D_J; R_J], so the sequential atom-by-atom recurrence runs on coefficient vectors of length
     2|J| with norms from the small Gram matrix V Vᵀ (float64), and the block's new atoms are
-    materialised by one more GEMM. Same result as the atom-by-atom loop up to rounding, without K
+    materialised by one more GEMM. V is one buffer, so each of the two is a single product. Same result as the atom-by-atom loop up to rounding, without K
     passes over P-long vectors.
     """
     K = D.shape[0]
@@ -204,6 +204,7 @@ def update_dictionary(
     Dw, Aw, Bw = (D.numpy(), A.numpy(), Bt.numpy()) if on_numpy else (D, A, Bt)
     large = blas_matmul if on_numpy else matmul
     dS = np.empty((min(super_block, K), P), Dw.dtype) if on_numpy else torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)
+    V = np.empty((2 * block, P), Dw.dtype) if on_numpy else torch.empty(2 * block, P, dtype=D.dtype, device=D.device)
     recurrence = _block_recurrence if HAVE_NUMBA else _block_recurrence_numpy
     for s0 in range(0, K, super_block):
         s1 = min(K, s0 + super_block)
@@ -213,34 +214,24 @@ def update_dictionary(
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0
-            R = RS[j0 - s0 : j1 - s0]
-            if j0 > s0:  # atoms of S already updated in this sweep
-                R -= Aw[j0:j1, s0:j0] @ dS[: j0 - s0]
             DJ = Dw[j0:j1]
-            if live_all[j0:j1].any():
-                # Gram matrix of the basis V = [D_J; R_J] from its three distinct blocks (no copy of V)
-                M = _basis_gram(DJ @ DJ.T, DJ @ R.T, R @ R.T)
-                delta = recurrence(np.ascontiguousarray(A64[j0:j1, j0:j1]), diag[j0:j1], live_all[j0:j1], M)
-                dt = delta.astype(Dw.dtype) if on_numpy else torch.from_numpy(delta).to(D.dtype).to(D.device)
-                dSJ = dS[j0 - s0 : j1 - s0]
-                dSJ[...] = dt[:, :b] @ DJ  # the new atoms' changes: delta · V, V = [D_J; R_J]
-                dSJ += dt[:, b:] @ R
-                DJ += dSJ
-            else:
+            if not live_all[j0:j1].any():
                 dS[j0 - s0 : j1 - s0] = 0
-
-
-def _basis_gram(DD, DR, RR) -> np.ndarray:
-    """[[DD, DR], [DRᵀ, RR]] in float64 on the host, from numpy arrays or torch tensors."""
-    if not isinstance(DD, np.ndarray):
-        DD, DR, RR = (t.double().cpu().numpy() for t in (DD, DR, RR))
-    b = DD.shape[0]
-    out = np.empty((2 * b, 2 * b))
-    out[:b, :b] = DD
-    out[:b, b:] = DR
-    out[b:, :b] = DR.T
-    out[b:, b:] = RR
-    return out
+                continue
+            # the basis V = [D_J; R_J] in one buffer: its Gram matrix is one product, the new atoms another
+            Vb = V[: 2 * b]
+            Vb[:b] = DJ
+            if j0 > s0:  # R_J corrected for the atoms of S already updated in this sweep
+                Vb[b:] = RS[j0 - s0 : j1 - s0] - Aw[j0:j1, s0:j0] @ dS[: j0 - s0]
+            else:
+                Vb[b:] = RS[j0 - s0 : j1 - s0]
+            M = Vb @ Vb.T
+            M = M.astype(np.float64) if on_numpy else M.double().cpu().numpy()
+            delta = recurrence(np.ascontiguousarray(A64[j0:j1, j0:j1]), diag[j0:j1], live_all[j0:j1], M)
+            dt = delta.astype(Dw.dtype) if on_numpy else torch.from_numpy(delta).to(D.dtype).to(D.device)
+            dSJ = dS[j0 - s0 : j1 - s0]
+            dSJ[...] = dt @ Vb  # the new atoms' changes: delta · V
+            DJ += dSJ
 
 
 @njit(cache=True, nogil=True)
