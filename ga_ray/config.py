@@ -264,8 +264,8 @@ class DictionaryConfig(Workers):
     kmeans_clusters: PositiveInt | None = 14
     """k-means baseline clusters (dask-ml); None skips the baseline."""
     eval_every: PositiveInt | None = None
-    """Online steps between stopping checks (None: `train`, half of min(epoch, 500 steps); `heldout`,
-    once per epoch, at most every 200 steps)."""
+    """Online steps between stopping checks (None: `train`, at epoch ends when an epoch is at most 500
+    steps, else every 250; `heldout`, once per epoch, at most every 200 steps)."""
     heldout_max_rows: PositiveInt = 10_000
     """Cap on held-out rows (they are kept in the workers' memory and coded at every check)."""
     shuffle_buffer_mb: Positive = 512.0

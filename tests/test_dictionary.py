@@ -625,18 +625,20 @@ def test_resume_after_kill_equals_unbroken_run(tmp_path, stop_on):
     assert strip(resumed.history) == strip(unbroken.history)
 
 
-def test_train_stopping_rule_equals_a_slow_reference():
+@pytest.mark.parametrize("stop_window", [12, 500])
+def test_train_stopping_rule_equals_a_slow_reference(stop_window):
     """`stop_on=train`: every check's objective is the row-weighted mean batch cost of the last
-    W = min(epoch, stop_window) steps (each batch costed before its update), the per-epoch rate is
-    (o_then − o_now)/o_then · spe/lag against the latest check ≥ W steps back, and the run stops at the
-    first `patience` consecutive checks whose rate is below `tol`."""
+    W = min(epoch, stop_window) steps (each batch costed before its update), checked at epoch ends when
+    W is the epoch and every W/2 steps otherwise; the per-epoch rate is (o_then − o_now)/o_then · spe/lag
+    against the latest check ≥ W steps back, and the run stops at the first `patience` consecutive
+    checks whose rate is below `tol`."""
     X, _, _ = planted_atoms(600, 40, 12, seed=4)
     steps: list[tuple[float, int]] = []
-    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=12, seed=2, tol=0.02, patience=2, stop_on="train", stop_window=12)
+    s = FitSettings(n_atoms=12, alpha=0.1, batch_size=32, max_epochs=12, seed=2, tol=0.02, patience=2, stop_on="train", stop_window=stop_window)
     r = learn_dictionary(X, s, heldout_fraction=0.0, on_step=lambda st, res: steps.append((res.batch_cost, res.n_rows)))
     spe = -(-600 // 32)
-    W = min(spe, 12)
-    every = -(-W // 2)
+    W = min(spe, stop_window)
+    every = spe if W == spe else -(-W // 2)
     assert [h["step"] for h in r.history] == [k for k in range(1, r.steps + 1) if k % every == 0 or k == r.steps]
     bad, stop_at = 0, None
     for i, h in enumerate(r.history):
