@@ -187,7 +187,8 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
     if not s.warm_start:
         state.warm = None
     elif state.warm is None or state.warm[0].shape[0] != plan.n_rows:
-        state.warm = warm_codes.empty_store(plan.n_rows, warm_codes.store_width(plan.n_rows, s.n_atoms))
+        width = warm_codes.store_width(plan.n_rows, s.n_atoms)
+        state.warm = warm_codes.empty_store(plan.n_rows, width) if width else None
     G = gram(state.D)
     timings["init_s"] += time.perf_counter() - t0
     spe = plan.steps_per_epoch

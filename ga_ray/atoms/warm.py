@@ -1,9 +1,10 @@
 """Warm starts for the coder: each row starts from its codes at its previous visit (the last epoch).
 
 The coder stops at the lasso's optimality conditions (KKT to `tol`) from any start, so a warm start
-changes its work, not its answer: on the demo world's gradients a batch's support changes little in
-an epoch, and its rows need 6 feature-sign iterations instead of 17 (0.9 ms less CPU per 256-row step
-at K 500). Pure numpy, no Ray, no files.
+changes its work, not its answer. On the demo world's gradients (K 500, 256-row batches) a batch at
+step 80 needed at most 6 feature-sign iterations per row instead of 17, and 1.1 ms of CPU instead of
+2.0 (the same codes); over a whole default fit the coder's share of a step fell from 2.9 to 2.3 ms
+(early epochs change supports more). Pure numpy, no Ray, no files.
 
 The store is fixed-width: per row `width` (atom index int32, -1 for none; value float32) pairs, the
 largest |c| when a row has more nonzeros. It belongs to `OnlineState`, so a checkpoint carries it and
