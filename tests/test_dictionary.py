@@ -506,8 +506,12 @@ def test_next_epochs_window_reuses_the_last_ones_memory(compiled, monkeypatch):
     assert pointers[0] == pointers[1] == pointers[2]  # one window per epoch, its array recycled
 
 
-def test_warm_store_keeps_each_rows_codes_and_its_largest_when_too_many():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_warm_store_keeps_each_rows_codes_and_its_largest_when_too_many(compiled, monkeypatch):
     from ga_ray.atoms import warm
+
+    if not compiled:
+        monkeypatch.setattr(warm, "HAVE_NUMBA", False)
 
     rng = np.random.default_rng(12)
     K, width = 40, 4
