@@ -99,6 +99,23 @@ def test_coder_float32_kkt_and_warm_start(backend):
     torch.testing.assert_close(C2, C, atol=1e-6, rtol=0)
 
 
+def test_row_coder_reads_float32_inputs_as_their_exact_float64_widening():
+    """The compiled coder takes G and Xᵀ D in float32 without converting them first: its float64
+    arithmetic on the widened values must give the same codes, iterations and cᵀGc, bit for bit, as the
+    same inputs converted to float64 beforehand (warm start included)."""
+    rng = np.random.default_rng(7)
+    D = torch.tensor(_unit_rows(rng, 300, 120), dtype=torch.float32)
+    X = torch.tensor(_unit_rows(rng, 200, 120), dtype=torch.float32)
+    G, B = gram(D), X @ D.T
+    assert G.dtype == B.dtype == torch.float32
+    for init in (None, torch.where(torch.rand(200, 300, generator=torch.Generator().manual_seed(1)) < 0.02, 0.1, 0.0)):
+        C32, i32 = lasso_gram(G, B, 0.1, tol=1e-9, init=init, backend="rows")
+        C64, i64 = lasso_gram(G.double(), B.double(), 0.1, tol=1e-9, init=None if init is None else init.double(), backend="rows")
+        assert C32.dtype == torch.float32
+        assert torch.equal(C32, C64.float())
+        assert torch.equal(i32.quad, i64.quad) and i32.n_iter == i64.n_iter > 2
+
+
 def test_row_coder_equals_batched_coder_and_reports_unconverged_rows():
     """The two coders solve the same strictly convex problems (P > K): the same codes; a cap of one
     iteration leaves rows unconverged, and both say so."""

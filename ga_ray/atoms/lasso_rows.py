@@ -231,8 +231,8 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def code_rows(G, B, alpha: float, tol: float, max_iter: int, C, iters, quad, threads: int = 1) -> None:
-    """Code every row of B (n × K, b = x Dᵀ) against the Gram matrix G (K × K, float64) into C (n × K,
-    float64, warm start in, codes out); iters[r] = iterations of row r (negative: unconverged), quad[r] = cᵀGc.
+    """Code every row of B (n × K, b = x Dᵀ) against the Gram matrix G (K × K) into C (n × K,
+    float64, warm start in, codes out); G and B may be float32 or float64 (read and widened, exactly); iters[r] = iterations of row r (negative: unconverged), quad[r] = cᵀGc.
 
     With threads > 1 the rows are dealt out (r, r + t, ...) to that many Python threads; the kernel
     releases the GIL, so they run in parallel (plain threads, not numba's OpenMP pool: nothing spins

@@ -196,11 +196,13 @@ def update_dictionary(
     live_all = (diag > DEAD_THRESHOLD) & ~skipped
     if not live_all.any():
         return
-    A64 = A.double().cpu().numpy()
     P = D.shape[1]
     # On CPU inside the learner the sweep runs on numpy views of the same memory (numpy's BLAS, see
     # `threads.matmul`; each of its ~10 small products per block also costs a few µs less to call)
     on_numpy = uses_numpy(D) and D.is_contiguous()
+    # the recurrence reads only A's diagonal blocks in float64: on numpy each block is widened when its
+    # turn comes (exact, so the same values) instead of the whole K × K matrix per sweep
+    A64 = None if on_numpy else A.double().cpu().numpy()
     Dw, Aw, Bw = (D.numpy(), A.numpy(), Bt.numpy()) if on_numpy else (D, A, Bt)
     large = blas_matmul if on_numpy else matmul
     dS = np.empty((min(super_block, K), P), Dw.dtype) if on_numpy else torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)
@@ -227,7 +229,8 @@ def update_dictionary(
                 Vb[b:] = RS[j0 - s0 : j1 - s0]
             M = Vb @ Vb.T
             M = M.astype(np.float64) if on_numpy else M.double().cpu().numpy()
-            delta = recurrence(np.ascontiguousarray(A64[j0:j1, j0:j1]), diag[j0:j1], live_all[j0:j1], M)
+            Ablk = Aw[j0:j1, j0:j1].astype(np.float64) if A64 is None else np.ascontiguousarray(A64[j0:j1, j0:j1])
+            delta = recurrence(Ablk, diag[j0:j1], live_all[j0:j1], M)
             dt = delta.astype(Dw.dtype) if on_numpy else torch.from_numpy(delta).to(D.dtype).to(D.device)
             dSJ = dS[j0 - s0 : j1 - s0]
             dSJ[...] = dt @ Vb  # the new atoms' changes: delta · V

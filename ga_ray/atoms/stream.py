@@ -306,7 +306,7 @@ class BlockCoder:
             warnings.simplefilter("ignore")
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
-    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor, init: torch.Tensor | None = None):
+    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor | None, init: torch.Tensor | None = None):
         Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
         C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64, init=init)
         sq = (X * X).sum(1)
@@ -329,7 +329,7 @@ class BlockCoder:
             mine = pos - start
             C0 = warm_codes.dense(warm[0][mine], warm[1][mine], K)
             init = torch.from_numpy(C0).to(self.device, self.dtype) if C0 is not None else None
-        C, rec, l1, info = self._code(X, Dt, Gt, Gt.to(torch.float64), init)
+        C, rec, l1, info = self._code(X, Dt, Gt, None, init)  # G64 only if the batched coder runs (it makes it)
         return CodedPart(
             pos,
             X.cpu().numpy(),
