@@ -18,7 +18,7 @@ from conftest import make_random_docs, make_tiny_lora_model
 from ga_ray.factors.projection import Projector
 from ga_ray.gradients.actor import GradientComputer
 from ga_ray.kernel import per_document as pdm
-from ga_ray.kernel.collate import collate
+from ga_ray.kernel.collate import Batch, collate
 from ga_ray.kernel.lora_blocks import find_lora_blocks
 from ga_ray.kernel.per_document import one_document_gradients_reference, per_document_gradients
 from test_projection import SHAPES, synthetic_factors
@@ -205,3 +205,89 @@ def test_gradient_computer_same_results_on_every_path():
         np.testing.assert_allclose(out[key].grad_norm, out["ref"].grad_norm, rtol=1e-5)
         np.testing.assert_allclose(out[key].loss, out["ref"].loss, rtol=1e-6)
     assert GradientComputer(model, blocks, p, max_docs=4, max_tokens=64, store_raw=True, token_projection="always").token_projection == "never"
+
+
+# ---- nothing read back from the device inside the loop (what a GPU pass needs to queue ahead) ----------
+def test_collate_finds_the_targets_on_the_host_and_the_pass_uses_them():
+    """`collate` gives each batch its target positions (the target mask's nonzero, row-major) and says
+    it is right-padded; the pass run with them equals the pass that finds both itself, bit for bit."""
+    torch.set_num_threads(1)
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=3)
+    blocks = find_lora_blocks(model)
+    batch = collate(_docs(model.config.vocab_size), pad_id=0)
+    tmask = (batch.loss_mask[:, 1:] > 0) & (batch.attention_mask[:, 1:] > 0)
+    b, p = tmask.nonzero(as_tuple=True)
+    assert batch.right_padded is True
+    assert torch.equal(batch.targets[0], b) and torch.equal(batch.targets[1], p) and len(b) > 0
+    bare = Batch(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.doc_ids)
+    got = per_document_gradients(model, blocks, batch)
+    want = per_document_gradients(model, blocks, bare)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.targets, want.targets)
+    for blk in blocks:
+        assert torch.equal(got.grads[blk.name], want.grads[blk.name]), blk.name
+
+
+def test_mask_free_attention_is_transformers_sdpa_with_is_causal():
+    """The registered attention is transformers' SDPA called without a mask: the same hidden states
+    bit for bit, and the model's attention setting is back afterwards (also after an error)."""
+    torch.set_num_threads(1)
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=3)
+    decoder = model.get_base_model().get_decoder()
+    assert decoder.config._attn_implementation == "sdpa"
+    ids = collate(_docs(model.config.vocab_size), pad_id=0).input_ids
+    with torch.no_grad():
+        plain = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        with pdm._mask_free_attention(decoder):
+            assert decoder.config._attn_implementation == pdm._CAUSAL_SDPA
+            ours = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    assert torch.equal(plain, ours)
+    with pytest.raises(RuntimeError, match="boom"), pdm._mask_free_attention(decoder):
+        raise RuntimeError("boom")
+    assert decoder.config._attn_implementation == "sdpa"
+
+
+def test_gradient_computer_reads_results_back_once_per_window_not_per_batch(monkeypatch):
+    """Inside `GradientComputer.run`, outside the host-side `collate`, the only reads of tensor values
+    are the window's final copies: the same number for 13 one-document batches as for one batch of 13.
+    Each row still equals its document computed alone (the window's rows come back in window order)."""
+    from ga_ray.kernel import collate as collate_module
+
+    torch.set_num_threads(1)
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
+    blocks = find_lora_blocks(model)
+    p = Projector(_kernel_factors(model, blocks))
+    docs = make_random_docs(13, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=9)
+    cols = {k: [d[k] for d in docs] for k in ("doc_id", "input_ids", "loss_mask")}
+    reads = {"n": 0, "on": False}
+    for name in ("cpu", "item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _f=original, **k):
+            reads["n"] += reads["on"]
+            return _f(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    host_collate = collate_module.collate
+
+    def collate_uncounted(*a, **k):  # collate builds the batch on the host: its reads are not device reads
+        on, reads["on"] = reads["on"], False
+        try:
+            return host_collate(*a, **k)
+        finally:
+            reads["on"] = on
+
+    monkeypatch.setattr(collate_module, "collate", collate_uncounted)
+    counts, results = {}, {}
+    for max_docs in (1, 13):
+        comp = GradientComputer(model, blocks, p, max_docs=max_docs, max_tokens=10_000)
+        reads.update(n=0, on=True)
+        results[max_docs] = comp.run(cols)
+        reads["on"] = False
+        counts[max_docs] = reads["n"]
+    assert counts[1] == counts[13] <= 8, counts
+    for i, d in enumerate(docs):
+        alone = GradientComputer(model, blocks, p, max_docs=1, max_tokens=10_000).run({k: [v[i]] for k, v in cols.items()})
+        for r in results.values():
+            np.testing.assert_allclose(r.z[i], alone.z[0], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(r.loss[i], alone.loss[0], rtol=1e-5)
+            assert r.finite[i] == alone.finite[0]

@@ -117,6 +117,24 @@ def peak_mb(device: torch.device) -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many times `fn` makes the host wait for the GPU (torch's sync debug mode warns at each
+    synchronising call: `.item()`, `.cpu()`, `nonzero`, a blocking copy). None off CUDA."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in seen)
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -246,6 +264,7 @@ def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: flo
     comp.run(head)
     loop_method(model, blocks, projector, docs[:2], device)
     step_method(model, docs[: s.batch_size], s.batch_size, device)
+    syncs = count_host_syncs(lambda: comp.run(cols), device)
     times: dict[str, list[float]] = {k: [] for k in methods}
     peaks: dict[str, float] = {k: 0.0 for k in methods}
     start = time.perf_counter()
@@ -266,6 +285,10 @@ def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: flo
         "factors": "random orthonormal eigenbases of the right shapes, top_k pairs of random positive Lambda",
         "build_s": build_s,
         "reps": len(times["ours"]),
+        # host syncs in one call of ours (one window of n_docs documents in n_docs / batch_size batches),
+        # as torch.cuda.set_sync_debug_mode reports them; the design has only the window's final copies
+        "ours_host_syncs_per_window": syncs,
+        "ours_batches_per_window": math.ceil(s.n_docs / s.batch_size),
     }
     tokens_per_doc = s.doc_tokens
     for key in methods:
@@ -425,6 +448,8 @@ def _print(res: dict[str, Any]) -> None:
             f"ours/loop {g['ratio_ours_over_loop']:.3g}x, ours/step {g['ratio_ours_over_step']:.3g}x",
             rows,
         )
+        if g.get("ours_host_syncs_per_window") is not None:
+            print(f"ours: {g['ours_host_syncs_per_window']} host syncs in one window of {g['ours_batches_per_window']} batches")
     d = res.get("dictionary", {})
     if "error" in d:
         print(f"dictionary: FAILED: {d['error']}")

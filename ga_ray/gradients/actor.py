@@ -147,17 +147,29 @@ class GradientComputer:
             raw=np.zeros((n, self.P), np.float16) if self.store_raw else None,
         )
         batches = plan_batches(lengths, self.max_docs, self.max_tokens)
+        # Per-batch results stay on the device, in batch order, and come to the host once per window:
+        # on a GPU nothing in the loop waits for the device (the batch goes up from pinned memory, the
+        # target positions come from the host, see `collate`), so the host queues batch b + 1 while the
+        # device still runs batch b. Only `store_raw` copies each batch's raw gradients down at once.
+        dev = self.device
+        z_dev = torch.zeros((n, self.D), dtype=torch.float32, device=dev)
+        sq_dev = torch.zeros(n, dtype=torch.float64, device=dev)
+        loss_dev = torch.zeros(n, dtype=torch.float32, device=dev)
+        ok_dev = torch.zeros(n, dtype=torch.bool, device=dev)
+        order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
         t0 = time.perf_counter()
+        at = 0
         for idx in batches:
             rows = [{"doc_id": int(doc_ids[i]), "input_ids": input_ids[i], "loss_mask": loss_mask[i]} for i in idx]
-            batch = collate(rows, pad_id=self.pad_id).to(self.device)
+            batch = collate(rows, pad_id=self.pad_id).to(dev, non_blocking=True)
             reducers = self.projector.token_reducers(*batch.input_ids.shape, mode=self.token_projection)
             with self._autocast():
                 res = per_document_gradients(self.model, self.blocks, batch, labels="empirical", reduction=self.reduction, token_reducers=reducers, fast=self.fast)
             grads = {name: g.float() for name, g in res.grads.items()}  # projections accumulate in float32
             z = self.projector.project(grads, projected=res.projected)
-            sq = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
-            ok = torch.ones(len(idx), dtype=torch.bool, device=self.device)
+            sl = slice(at, at + len(idx))
+            sq, ok = sq_dev[sl], ok_dev[sl]
+            ok.fill_(True)
             for g in grads.values():
                 flat = g.flatten(1)
                 ok &= torch.isfinite(flat).all(dim=1)
@@ -167,16 +179,20 @@ class GradientComputer:
                 sq += s2.to(torch.float64)
             loss = res.loss.detach().float()
             ok &= torch.isfinite(z).all(dim=1) & torch.isfinite(loss)
-            out.z[idx] = z.cpu().numpy()
-            out.grad_norm[idx] = sq.sqrt().float().cpu().numpy()
-            out.loss[idx] = loss.cpu().numpy()
-            out.finite[idx] = ok.cpu().numpy()
+            z_dev[sl] = z
+            loss_dev[sl] = loss
             out.padded_len[idx] = int(batch.input_ids.shape[1])
             if out.raw is not None:
                 out.raw[idx] = torch.cat([grads[b.name].flatten(1) for b in self.blocks], dim=1).half().cpu().numpy()
+            at += len(idx)
             del res, grads, z, batch  # nothing raw survives the batch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # one copy per array for the whole window (each waits for the device to finish the window)
+        out.z[order] = z_dev.cpu().numpy()
+        out.grad_norm[order] = sq_dev.sqrt().float().cpu().numpy()
+        out.loss[order] = loss_dev.cpu().numpy()
+        out.finite[order] = ok_dev.cpu().numpy()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         out.compute_s = time.perf_counter() - t0
         out.padding = padding_stats(lengths, batches)
         return out

@@ -22,8 +22,9 @@ output is `B × Σ_blocks d_out·d_in` floats, bounded by the batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -123,7 +124,43 @@ def _is_right_padded(attn: torch.Tensor) -> bool:
     return bool((attn[:, 1:] <= attn[:, :-1]).all())
 
 
-def _target_logits(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, fast: bool = True) -> torch.Tensor:
+_CAUSAL_SDPA = "ga_ray_causal_sdpa"
+
+
+def _causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' own SDPA attention, called without a mask (so with `is_causal`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+@contextlib.contextmanager
+def _mask_free_attention(model: nn.Module) -> Iterator[None]:
+    """While inside: a model on transformers' `sdpa` attention runs it as `_causal_sdpa`.
+
+    Why: given no mask, transformers still checks the position ids for packed sequences, a `.all()`
+    read back from the device in every forward (a host sync per batch on a GPU). An attention
+    implementation without a registered mask function gets no mask built and no check, and this one is
+    the same SDPA call with `is_causal`. Other implementations (eager, flash, flex) are left as they are.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    if _CAUSAL_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
+    config._attn_implementation = _CAUSAL_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def _target_logits(
+    model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, fast: bool = True, right_padded: bool | None = None
+) -> torch.Tensor:
     """`[R, V]` logits at the predicting positions `(b_idx, p_idx)` only.
 
     Two savings over `model(ids, attention_mask).logits[b_idx, p_idx]`, neither changing a target's
@@ -132,15 +169,18 @@ def _target_logits(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, b_id
     mask; pad positions then hold other values, but no loss reads them and their gradient is exactly
     zero. (2) for plain-head architectures the vocabulary projection (and its backward) runs on the
     target rows only, not on every prompt and pad position. `fast=False`: neither (the reference).
+    `right_padded`: known from how the batch was built (None: checked here, a device-to-host sync on GPU).
     """
-    mask = None if fast and _is_right_padded(attn) else attn
+    padded_right = right_padded if right_padded is not None else (fast and _is_right_padded(attn))
+    mask = None if fast and padded_right else attn
     split = _split_head(model) if fast else None
     if split is None:
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[b_idx, p_idx]
     decoder, head = split
-    out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    with _mask_free_attention(decoder) if mask is None else contextlib.nullcontext():
+        out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return head(hidden[b_idx, p_idx])
 
@@ -286,7 +326,10 @@ def per_document_gradients(
 
     # targets: token t (t ≥ 1) predicted from position t-1, where loss_mask[t] = 1 on a real token
     tmask = (lmask[:, 1:] > 0) & (attn[:, 1:] > 0)  # [B, T-1]
-    b_idx, p_idx = tmask.nonzero(as_tuple=True)  # p_idx: predicting position; target at p_idx + 1
+    if batch.targets is not None:  # found on the host by collate: no device-to-host nonzero here
+        b_idx, p_idx = (t.to(device, non_blocking=True) for t in batch.targets)
+    else:
+        b_idx, p_idx = tmask.nonzero(as_tuple=True)  # p_idx: predicting position; target at p_idx + 1
     n_targets = tmask.sum(1)
     n_tokens = attn.sum(1)
 
@@ -295,7 +338,7 @@ def per_document_gradients(
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad(), _Capture(blocks, modules, attn, per_doc, covariances, cov_dtype, token_reducers) as cap:
-            rows = _target_logits(model, ids, attn, b_idx, p_idx, fast)  # [R, V], the predicting positions only
+            rows = _target_logits(model, ids, attn, b_idx, p_idx, fast, batch.right_padded)  # [R, V], the predicting positions only
             if labels == "empirical":
                 y = ids[b_idx, p_idx + 1]
             else:
