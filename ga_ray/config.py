@@ -215,6 +215,10 @@ class GradientsConfig(Workers):
     """Documents per Ray Data batch handed to an actor; each window is sorted by length and cut into token-budget batches (bigger: less padding, more work redone if an actor dies)."""
     max_retries: Annotated[int, Field(ge=0)] = 3
     """Times Ray restarts a dead actor and retries its window (crash, OOM kill, preemption) before the stage fails."""
+    compile: bool = False
+    """torch.compile the parts of the model the pass does not hook (each layer's MLP and norms), once per
+    actor; for GPUs, where it fuses their elementwise kernels. Compiling costs seconds to minutes per actor
+    (more than it saves on the demo's CPU sizes) and needs a C++ compiler on CPU."""
 
 
 class DictionaryConfig(Workers):
@@ -237,7 +241,7 @@ class DictionaryConfig(Workers):
     (needs `heldout_fraction` > 0; they are not trained on and are coded at every check)."""
     tol: NonNegative = 5e-3
     """`train`: stop when the objective improves by less than this (relative) per epoch at `patience`
-    consecutive checks (every half window). `heldout`: stop when it improves by less than this
+    consecutive checks (at epoch ends when the window is one epoch, else every half window). `heldout`: stop when it improves by less than this
     (relative to the best) for `patience` checks."""
     patience: PositiveInt = 1
     """Checks below `tol` before stopping."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import make_random_docs, make_tiny_lora_model
 from ga_ray.factors.projection import Projector
@@ -291,3 +292,33 @@ def test_gradient_computer_reads_results_back_once_per_window_not_per_batch(monk
             np.testing.assert_allclose(r.z[i], alone.z[0], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(r.loss[i], alone.loss[0], rtol=1e-5)
             assert r.finite[i] == alone.finite[0]
+
+
+def test_compiled_unhooked_parts_give_the_same_gradients(monkeypatch):
+    """`compile=True` compiles what holds no LoRA block (each layer's MLP and norms, the final norm),
+    never a hooked module or its parents, and the projected gradients stay those of eager mode.
+    (torch.compile's `aot_eager` backend: dynamo's tracing and AOT autograd as with the default
+    inductor, without a minute of C++ code generation on this CPU.)"""
+    import functools
+
+    from ga_ray.gradients import actor as actor_module
+    from ga_ray.kernel.compiling import compile_unhooked_parts
+
+    monkeypatch.setattr(actor_module, "compile_unhooked_parts", functools.partial(compile_unhooked_parts, backend="aot_eager"))
+    torch.set_num_threads(1)
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
+    blocks = find_lora_blocks(model)
+    p = Projector(_kernel_factors(model, blocks))
+    docs = make_random_docs(9, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=4)
+    cols = {k: [d[k] for d in docs] for k in ("doc_id", "input_ids", "loss_mask")}
+    eager = GradientComputer(model, blocks, p, max_docs=4, max_tokens=64).run(cols)
+    twin = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
+    comp = GradientComputer(twin, find_lora_blocks(twin), p, max_docs=4, max_tokens=64, compile=True)
+    names = comp.compiled
+    assert any(n.endswith("layers.0.mlp") for n in names) and any(n.endswith("layers.1.input_layernorm") for n in names), names
+    assert not any("self_attn" in n or "lora" in n or n.endswith("lm_head") for n in names), names
+    got = comp.run(cols)
+    np.testing.assert_array_equal(got.finite, eager.finite)
+    np.testing.assert_allclose(got.z, eager.z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.loss, eager.loss, rtol=1e-5)
+    assert compile_unhooked_parts(nn.Linear(2, 2), []) == []  # nothing LoRA in it: nothing compiled

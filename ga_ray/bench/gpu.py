@@ -14,7 +14,9 @@ Every figure is the median of a few repetitions after a warm-up; each method's p
    - loop: the paper's method, one document per forward/backward, reading `param.grad`, projecting;
    - step: a plain batched training step on the same batches (forward, summed response loss,
      backward into `param.grad` of the LoRA weights, no optimizer).
-   Ratios in docs/s: ours/loop and ours/step.
+   Ratios in docs/s: ours/loop and ours/step. On CUDA also: the host syncs of one call of ours
+   (torch's sync debug mode; by design only the window's final copies) and, after the eager methods,
+   ours with `compile=True` (`--no-compile` skips it): compile time and compiled/eager.
 2. The dictionary learner (`ga_ray.atoms.trainer.learn_dictionary`, pure torch: exact lasso coder +
    online step) on planted-atom rows at K = 1,000, D = 6,800, N = 50,000 on the device: seconds per
    epoch (one epoch per repetition), the held-out objective, and the floor of an epoch: its
@@ -238,7 +240,27 @@ def step_method(model, docs, batch_size: int, device) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: float) -> dict[str, Any]:
+def _ours_compiled(model, blocks, projector, s: GradSizes, cols, head, device: torch.device, reps: int) -> dict[str, Any]:
+    """Ours with `compile=True` (the model's unhooked parts compiled in place, so this runs after
+    every eager method): compilation time (the first call), then the same timing as ours."""
+    from ga_ray.gradients.actor import GradientComputer
+
+    try:
+        t = time.perf_counter()
+        comp = GradientComputer(model, blocks, projector, max_docs=s.batch_size, max_tokens=s.batch_size * s.doc_tokens, compile=True)
+        comp.run(head)
+        sync(device)
+        compile_s = time.perf_counter() - t
+        reset_peak(device)
+        times = [timed(lambda: comp.run(cols), device) for _ in range(reps)]
+        t_med = statistics.median(times)
+        return {"compiled_modules": len(comp.compiled), "compile_s": compile_s, "time_s": t_med, "times_s": times,
+                "docs_per_s": s.n_docs / t_med, "tokens_per_s": s.n_docs * s.doc_tokens / t_med, "peak_mem_mb": peak_mb(device)}
+    except Exception as exc:  # a compiler failure must not cost the rest of the check
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: float, compile_too: bool = True) -> dict[str, Any]:
     from ga_ray.factors.projection import Projector
     from ga_ray.gradients.actor import GradientComputer
     from ga_ray.kernel.lora_blocks import find_lora_blocks
@@ -303,6 +325,10 @@ def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: flo
         }
     out["ratio_ours_over_loop"] = out["ours"]["docs_per_s"] / out["loop"]["docs_per_s"]
     out["ratio_ours_over_step"] = out["ours"]["docs_per_s"] / out["step"]["docs_per_s"]
+    if device.type == "cuda" and compile_too:
+        out["ours_compiled"] = _ours_compiled(model, blocks, projector, s, cols, head, device, reps)
+        if "docs_per_s" in out["ours_compiled"]:
+            out["ratio_compiled_over_ours"] = out["ours_compiled"]["docs_per_s"] / out["ours"]["docs_per_s"]
     del model, comp, projector
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -423,7 +449,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     result: dict[str, Any] = {"bench": "gpu", "quick": bool(quick), "machine": machine(device)}
     if "gradients" in parts:
-        result["gradients"] = _guarded("gradients", lambda: bench_gradients(QUICK_GRAD if quick else FULL_GRAD, device, reps, budget))
+        result["gradients"] = _guarded("gradients", lambda: bench_gradients(QUICK_GRAD if quick else FULL_GRAD, device, reps, budget, compile_too=bool(opts.get("compile", True))))
     if "dictionary" in parts:
         result["dictionary"] = _guarded("dictionary", lambda: bench_dictionary(QUICK_DICT if quick else FULL_DICT, device, reps, budget))
     result["total_s"] = time.perf_counter() - t0
@@ -448,6 +474,11 @@ def _print(res: dict[str, Any]) -> None:
             f"ours/loop {g['ratio_ours_over_loop']:.3g}x, ours/step {g['ratio_ours_over_step']:.3g}x",
             rows,
         )
+        oc = g.get("ours_compiled")
+        if oc:
+            print(f"ours compiled: FAILED: {oc['error']}" if "error" in oc else
+                  f"ours with compile=True ({oc['compiled_modules']} modules, {oc['compile_s']:.0f} s to compile): "
+                  f"{oc['docs_per_s']:.4g} docs/s, {g['ratio_compiled_over_ours']:.3g}x eager ours, peak {oc['peak_mem_mb']:.0f} MB")
         if g.get("ours_host_syncs_per_window") is not None:
             print(f"ours: {g['ours_host_syncs_per_window']} host syncs in one window of {g['ours_batches_per_window']} batches")
     d = res.get("dictionary", {})
@@ -469,9 +500,10 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 3; 2 with --quick)")
     ap.add_argument("--parts", default="gradients,dictionary", help="comma-separated: gradients, dictionary")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the extra timing of ours with compile=True (CUDA only; compiling takes ~1 minute)")
     ap.add_argument("--json", action="store_true", help="accepted for symmetry with `ga-ray bench`: the JSON line is always printed")
     a = ap.parse_args(argv)
-    opts: dict[str, Any] = {"device": a.device, "parts": a.parts}
+    opts: dict[str, Any] = {"device": a.device, "parts": a.parts, "compile": not a.no_compile}
     if a.reps is not None:
         opts["reps"] = a.reps
     if a.threads is not None:

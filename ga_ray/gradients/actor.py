@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ga_ray.kernel.batching import PaddingStats, padding_stats, plan_batches
+from ga_ray.kernel.compiling import compile_unhooked_parts
 from ga_ray.errors import StageError
 
 # Fault injection for the tests: a flag-file path. The first window that any incarnation of any
@@ -94,6 +95,7 @@ class GradientComputer:
         pad_id: int | None = None,
         token_projection: str = "auto",
         fast: bool = True,
+        compile: bool = False,
     ):
         """`token_projection`: "auto" projects a block from per-token quantities where that costs fewer
         multiply-adds than materialising `G_n` (`Projector.token_reducers`), "never" / "always" force
@@ -115,6 +117,9 @@ class GradientComputer:
         self.pad_id = int(pad_id) if pad_id is not None else 0
         self.token_projection = "never" if store_raw else token_projection
         self.fast = bool(fast)
+        # `compile`: torch.compile the model's parts that the pass does not hook (each layer's MLP and
+        # norms; `ga_ray.kernel.compiling`); the first batches of each new shape pay the compilation
+        self.compiled = compile_unhooked_parts(model, blocks) if compile else []
         self.D = int(projector.D)
         self.P = int(sum(b.numel for b in blocks))
         self._torch = torch
@@ -208,6 +213,7 @@ def load_computer(
     max_tokens: int,
     reduction: str = "sum",
     store_raw: bool = False,
+    compile: bool = False,
 ) -> GradientComputer:
     """Load model + adapter + factors onto `device` and check that their LoRA blocks agree."""
     import torch
@@ -232,7 +238,8 @@ def load_computer(
     projector = Projector(factors, dev)
     autocast = torch.bfloat16 if dev.type == "cuda" and next(model.parameters()).dtype != torch.float32 else None
     return GradientComputer(
-        model, blocks, projector, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw, autocast_dtype=autocast
+        model, blocks, projector, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw, autocast_dtype=autocast,
+        compile=compile,
     )
 
 
@@ -312,6 +319,7 @@ class GradientsActor:
         device: str = "cpu",
         torch_threads: int | None = None,
         fault: str | None = None,
+        compile: bool = False,
     ):
         t_init = time.perf_counter()
         self.boot_s = _process_age_s()  # worker process start, Ray, unpickling this actor: before our code
@@ -320,7 +328,8 @@ class GradientsActor:
         if torch_threads and device == "cpu":
             torch.set_num_threads(max(1, int(torch_threads)))
         self.computer = load_computer(
-            model_cfg, adapter_path, factors_dir, device=device, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw
+            model_cfg, adapter_path, factors_dir, device=device, max_docs=max_docs, max_tokens=max_tokens, reduction=reduction, store_raw=store_raw,
+            compile=compile,
         )
         self.out_dir = out_dir
         self.fault = fault

@@ -93,6 +93,7 @@ def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: 
             "device": workers.device,
             "torch_threads": workers.torch_threads,
             "fault": os.environ.get(FAULT_ENV),
+            "compile": gc.compile,
         },
         batch_size=gc.window_docs,
         batch_format="numpy",
