@@ -190,13 +190,19 @@ def test_per_document_token_reducers_equal_projected_gradients():
     assert torch.allclose(p.project(mixed.grads, projected=mixed.projected), z_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_computer_same_results_on_every_path():
-    torch.set_num_threads(1)
+def _window(n_docs: int = 13, seed: int = 9):
+    """A tiny q/v LoRA model, its blocks, a projector on real factors, and one window of documents."""
     model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
     blocks = find_lora_blocks(model)
     p = Projector(_kernel_factors(model, blocks))
-    docs = make_random_docs(13, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=9)
+    docs = make_random_docs(n_docs, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=seed)
     cols = {k: [d[k] for d in docs] for k in ("doc_id", "input_ids", "loss_mask")}
+    return model, blocks, p, docs, cols
+
+
+def test_gradient_computer_same_results_on_every_path():
+    torch.set_num_threads(1)
+    model, blocks, p, docs, cols = _window()
     out = {}
     for key, kw in {"ref": {"fast": False, "token_projection": "never"}, "dense": {"token_projection": "never"}, "tokens": {"token_projection": "always"}, "auto": {}}.items():
         out[key] = GradientComputer(model, blocks, p, max_docs=4, max_tokens=64, **kw).run(cols)
@@ -254,11 +260,7 @@ def test_gradient_computer_reads_results_back_once_per_window_not_per_batch(monk
     from ga_ray.kernel import collate as collate_module
 
     torch.set_num_threads(1)
-    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
-    blocks = find_lora_blocks(model)
-    p = Projector(_kernel_factors(model, blocks))
-    docs = make_random_docs(13, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=9)
-    cols = {k: [d[k] for d in docs] for k in ("doc_id", "input_ids", "loss_mask")}
+    model, blocks, p, docs, cols = _window()
     reads = {"n": 0, "on": False}
     for name in ("cpu", "item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__"):
         original = getattr(torch.Tensor, name)
@@ -306,11 +308,7 @@ def test_compiled_unhooked_parts_give_the_same_gradients(monkeypatch):
 
     monkeypatch.setattr(actor_module, "compile_unhooked_parts", functools.partial(compile_unhooked_parts, backend="aot_eager"))
     torch.set_num_threads(1)
-    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
-    blocks = find_lora_blocks(model)
-    p = Projector(_kernel_factors(model, blocks))
-    docs = make_random_docs(9, vocab_size=model.config.vocab_size, min_len=3, max_len=30, seed=4)
-    cols = {k: [d[k] for d in docs] for k in ("doc_id", "input_ids", "loss_mask")}
+    model, blocks, p, docs, cols = _window(9, seed=4)
     eager = GradientComputer(model, blocks, p, max_docs=4, max_tokens=64).run(cols)
     twin = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=2, seed=7)
     comp = GradientComputer(twin, find_lora_blocks(twin), p, max_docs=4, max_tokens=64, compile=True)
