@@ -320,3 +320,21 @@ def test_compiled_unhooked_parts_give_the_same_gradients(monkeypatch):
     np.testing.assert_allclose(got.z, eager.z, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.loss, eager.loss, rtol=1e-5)
     assert compile_unhooked_parts(nn.Linear(2, 2), []) == []  # nothing LoRA in it: nothing compiled
+
+
+def test_mask_free_attention_leaves_older_transformers_alone(monkeypatch):
+    """Without transformers' attention registry (before 4.48) the context changes nothing."""
+    import builtins
+
+    model = make_tiny_lora_model(target_modules=("q_proj", "v_proj"), n_layers=1, seed=3)
+    decoder = model.get_base_model().get_decoder()
+    real_import = builtins.__import__
+
+    def no_registry(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "transformers" and fromlist and "AttentionInterface" in fromlist:
+            raise ImportError("cannot import name 'AttentionInterface'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_registry)
+    with pdm._mask_free_attention(decoder):
+        assert decoder.config._attn_implementation == "sdpa"

@@ -144,10 +144,14 @@ def _mask_free_attention(model: nn.Module) -> Iterator[None]:
     the same SDPA call with `is_causal`. Other implementations (eager, flash, flex) are left as they are.
     """
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    try:  # transformers < 4.48 has no attention registry (nor the packed-sequence check)
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401
+    except ImportError:
+        AttentionInterface = None
+    if AttentionInterface is None or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    from transformers import AttentionInterface
 
     if _CAUSAL_SDPA not in AttentionInterface._global_mapping:
         AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
