@@ -336,5 +336,9 @@ def test_mask_free_attention_leaves_older_transformers_alone(monkeypatch):
         return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", no_registry)
-    with pdm._mask_free_attention(decoder):
-        assert decoder.config._attn_implementation == "sdpa"
+    pdm._causal_sdpa_registered.cache_clear()  # registered once per process: forget an earlier test's
+    try:
+        with pdm._mask_free_attention(decoder):
+            assert decoder.config._attn_implementation == "sdpa"
+    finally:
+        pdm._causal_sdpa_registered.cache_clear()  # later tests register it again

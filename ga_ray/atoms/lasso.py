@@ -184,7 +184,8 @@ def lasso_gram(
     lock-step torch coder below, any device), `auto` (rows on CPU when numba is installed, else batched).
 
     G: K × K Gram matrix of the dictionary (PSD), Bx = X Dᵀ. `init` warm-starts the codes.
-    `G64` is G in float64 (pass it when calling repeatedly with the same G).
+    `G64` is G in float64 for the batched coder (pass it when calling repeatedly with the same G; the
+    compiled coder reads G as it is).
     Returns dense codes (N × K, dtype of Bx) and a `CoderInfo`.
 
     Supports are kept as padded index lists (`sidx`, n × m, padding index K) with float64 values;
@@ -196,15 +197,15 @@ def lasso_gram(
     if backend == "rows" or (backend == "auto" and Bx.device.type == "cpu" and HAVE_NUMBA):
         if Bx.device.type != "cpu":
             raise ValueError("the 'rows' coder runs on CPU only; use backend='batched' on " + str(Bx.device))
-        return _lasso_rows(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64, init=init)
+        return _lasso_rows(G, Bx, alpha, tol=tol, max_iter=max_iter, init=init)
     with _single_thread(Bx.device):
         return _lasso_gram(G, Bx, alpha, tol=tol, max_iter=max_iter, G64=G64, init=init, max_add=max_add)
 
 
-def _lasso_rows(G, Bx, alpha, *, tol, max_iter, G64, init):
+def _lasso_rows(G, Bx, alpha, *, tol, max_iter, init):
     n, K = Bx.shape
     # the kernel reads G and Bx in their own float dtype and computes in float64: widening a float32 on
-    # read is exact, so this equals passing G64 bit for bit, without a K × K conversion per call (0.2-0.3
+    # read is exact, so this equals a float64 G bit for bit, without a K × K conversion per call (0.2-0.3
     # ms at K = 500, a few % of a demo step) or twice the memory traffic in the kernel's G row reads
     Gn = np.ascontiguousarray(_float_array(G))
     B = np.ascontiguousarray(_float_array(Bx.detach()))

@@ -306,9 +306,10 @@ class BlockCoder:
             warnings.simplefilter("ignore")
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
 
-    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, G64: torch.Tensor | None, init: torch.Tensor | None = None):
+    def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, init: torch.Tensor | None = None):
+        # no float64 G here: the compiled coder reads G as it is, the batched one converts it itself
         Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
-        C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, G64=G64, init=init)
+        C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, init=init)
         sq = (X * X).sum(1)
         rec, l1 = row_objective(C, G, Bx, sq, self.alpha, quad=info.quad)
         return C, rec.to(torch.float64), l1.to(torch.float64), info
@@ -329,7 +330,7 @@ class BlockCoder:
             mine = pos - start
             C0 = warm_codes.dense(warm[0][mine], warm[1][mine], K)
             init = torch.from_numpy(C0).to(self.device, self.dtype) if C0 is not None else None
-        C, rec, l1, info = self._code(X, Dt, Gt, None, init)  # G64 only if the batched coder runs (it makes it)
+        C, rec, l1, info = self._code(X, Dt, Gt, init)
         return CodedPart(
             pos,
             X.cpu().numpy(),
@@ -348,10 +349,9 @@ class BlockCoder:
         if H.shape[0] == 0:
             return 0.0, 0.0, 0
         Dt, Gt = self._as_tensor(D), self._as_tensor(G)
-        G64 = Gt.to(torch.float64)
         rec_s = l1_s = 0.0
         for s in range(0, H.shape[0], 1024):
-            _, rec, l1, _ = self._code(H[s : s + 1024], Dt, Gt, G64)
+            _, rec, l1, _ = self._code(H[s : s + 1024], Dt, Gt)
             rec_s += float(rec.sum())
             l1_s += float(l1.sum())
         return rec_s, l1_s, int(H.shape[0])

@@ -240,6 +240,12 @@ def step_method(model, docs, batch_size: int, device) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _throughput(times: list[float], n_docs: int, doc_tokens: int, peak_mem_mb: float) -> dict[str, Any]:
+    """One method's figures from its timed repetitions (median)."""
+    t = statistics.median(times)
+    return {"time_s": t, "times_s": times, "n_docs": n_docs, "docs_per_s": n_docs / t, "tokens_per_s": n_docs * doc_tokens / t, "peak_mem_mb": peak_mem_mb}
+
+
 def _ours_compiled(model, blocks, projector, s: GradSizes, cols, head, device: torch.device, reps: int) -> dict[str, Any]:
     """Ours with `compile=True` (the model's unhooked parts compiled in place, so this runs after
     every eager method): compilation time (the first call), then the same timing as ours."""
@@ -253,9 +259,7 @@ def _ours_compiled(model, blocks, projector, s: GradSizes, cols, head, device: t
         compile_s = time.perf_counter() - t
         reset_peak(device)
         times = [timed(lambda: comp.run(cols), device) for _ in range(reps)]
-        t_med = statistics.median(times)
-        return {"compiled_modules": len(comp.compiled), "compile_s": compile_s, "time_s": t_med, "times_s": times,
-                "docs_per_s": s.n_docs / t_med, "tokens_per_s": s.n_docs * s.doc_tokens / t_med, "peak_mem_mb": peak_mb(device)}
+        return {"compiled_modules": len(comp.compiled), "compile_s": compile_s, **_throughput(times, s.n_docs, s.doc_tokens, peak_mb(device))}
     except Exception as exc:  # a compiler failure must not cost the rest of the check
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
@@ -312,17 +316,8 @@ def bench_gradients(s: GradSizes, device: torch.device, reps: int, budget_s: flo
         "ours_host_syncs_per_window": syncs,
         "ours_batches_per_window": math.ceil(s.n_docs / s.batch_size),
     }
-    tokens_per_doc = s.doc_tokens
     for key in methods:
-        t = statistics.median(times[key])
-        out[key] = {
-            "time_s": t,
-            "times_s": times[key],
-            "n_docs": n_of[key],
-            "docs_per_s": n_of[key] / t,
-            "tokens_per_s": n_of[key] * tokens_per_doc / t,
-            "peak_mem_mb": peaks[key],
-        }
+        out[key] = _throughput(times[key], n_of[key], s.doc_tokens, peaks[key])
     out["ratio_ours_over_loop"] = out["ours"]["docs_per_s"] / out["loop"]["docs_per_s"]
     out["ratio_ours_over_step"] = out["ours"]["docs_per_s"] / out["step"]["docs_per_s"]
     if device.type == "cuda" and compile_too:

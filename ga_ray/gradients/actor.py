@@ -160,7 +160,7 @@ class GradientComputer:
         z_dev = torch.zeros((n, self.D), dtype=torch.float32, device=dev)
         sq_dev = torch.zeros(n, dtype=torch.float64, device=dev)
         loss_dev = torch.zeros(n, dtype=torch.float32, device=dev)
-        ok_dev = torch.zeros(n, dtype=torch.bool, device=dev)
+        ok_dev = torch.ones(n, dtype=torch.bool, device=dev)
         order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
         t0 = time.perf_counter()
         at = 0
@@ -173,8 +173,7 @@ class GradientComputer:
             grads = {name: g.float() for name, g in res.grads.items()}  # projections accumulate in float32
             z = self.projector.project(grads, projected=res.projected)
             sl = slice(at, at + len(idx))
-            sq, ok = sq_dev[sl], ok_dev[sl]
-            ok.fill_(True)
+            sq, ok = sq_dev[sl], ok_dev[sl]  # views: the in-place updates below write the window's rows
             for g in grads.values():
                 flat = g.flatten(1)
                 ok &= torch.isfinite(flat).all(dim=1)

@@ -23,6 +23,7 @@ output is `B × Σ_blocks d_out·d_in` floats, bounded by the batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,16 +128,27 @@ def _is_right_padded(attn: torch.Tensor) -> bool:
 _CAUSAL_SDPA = "ga_ray_causal_sdpa"
 
 
-def _causal_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
-    """transformers' own SDPA attention, called without a mask (so with `is_causal`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+@functools.cache
+def _causal_sdpa_registered() -> bool:
+    """Register `_CAUSAL_SDPA` (transformers' own SDPA attention called without a mask, so with
+    `is_causal`) once per process; False where transformers has no attention registry (< 4.48, which
+    has no packed-sequence check either)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return False
 
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    AttentionInterface.register(_CAUSAL_SDPA, causal_sdpa)
+    return True
 
 
 @contextlib.contextmanager
 def _mask_free_attention(model: nn.Module) -> Iterator[None]:
-    """While inside: a model on transformers' `sdpa` attention runs it as `_causal_sdpa`.
+    """While inside: a model on transformers' `sdpa` attention runs it as `_CAUSAL_SDPA`.
 
     Why: given no mask, transformers still checks the position ids for packed sequences, a `.all()`
     read back from the device in every forward (a host sync per batch on a GPU). An attention
@@ -144,17 +156,9 @@ def _mask_free_attention(model: nn.Module) -> Iterator[None]:
     the same SDPA call with `is_causal`. Other implementations (eager, flash, flex) are left as they are.
     """
     config = getattr(model, "config", None)
-    try:  # transformers < 4.48 has no attention registry (nor the packed-sequence check)
-        from transformers import AttentionInterface
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401
-    except ImportError:
-        AttentionInterface = None
-    if AttentionInterface is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not _causal_sdpa_registered():
         yield
         return
-
-    if _CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
     config._attn_implementation = _CAUSAL_SDPA
     try:
         yield
@@ -175,8 +179,8 @@ def _target_logits(
     target rows only, not on every prompt and pad position. `fast=False`: neither (the reference).
     `right_padded`: known from how the batch was built (None: checked here, a device-to-host sync on GPU).
     """
-    padded_right = right_padded if right_padded is not None else (fast and _is_right_padded(attn))
-    mask = None if fast and padded_right else attn
+    padded_right = fast and (right_padded if right_padded is not None else _is_right_padded(attn))
+    mask = None if padded_right else attn
     split = _split_head(model) if fast else None
     if split is None:
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
