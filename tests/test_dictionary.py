@@ -288,6 +288,33 @@ def test_compiled_sparse_stats_equal_dense_products(dtype):
     assert not online._sparse_kernel_applies(state, torch.ones(4, P, dtype=dtype), dense)  # dense codes: BLAS
 
 
+@pytest.mark.parametrize("rho", [0.0, 1.0, 4.0])
+def test_forget_exponent_weights_each_batch_by_the_product_of_later_betas(rho):
+    """With `forget_exponent` ρ, A and B equal the sums of every batch's CᵀC/n and CᵀX/n weighted by the
+    product of the later steps' scikit-learn betas to the power ρ (a direct weighted sum, float64),
+    across the step where scikit-learn's beta changes regime (batch 4: step 3)."""
+    rng = np.random.default_rng(21)
+    K, P, n, steps = 7, 9, 4, 9
+    state = OnlineState.from_dictionary(torch.zeros(K, P, dtype=torch.float64))
+    batches = []
+    for step in range(steps):
+        X = rng.standard_normal((n, P))
+        C = rng.standard_normal((n, K)) * (rng.random((n, K)) < 0.5)
+        batches.append((X, C))
+        beta = update_stats(state, torch.tensor(X), torch.tensor(C), forget_exponent=rho)
+        assert beta == pytest.approx(forgetting_beta(step, n) ** rho, rel=1e-15)
+        state.step += 1
+    weights = [math.prod(forgetting_beta(r, n) ** rho for r in range(s + 1, steps)) for s in range(steps)]
+    A = sum(w * C.T @ C / n for w, (_, C) in zip(weights, batches))
+    Bt = sum(w * C.T @ X / n for w, (X, C) in zip(weights, batches))
+    np.testing.assert_allclose(state.A.numpy(), A, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state.Bt.numpy(), Bt, rtol=1e-12, atol=1e-14)
+    if rho == 0:
+        assert weights == [1.0] * steps  # ρ = 0: every batch alike
+    else:  # early batches weigh less the larger ρ: about (s/t)^ρ while t < n
+        assert weights[0] < weights[-2] < weights[-1] == 1.0
+
+
 def test_forgetting_beta_regimes():
     assert forgetting_beta(3, 256) == pytest.approx((4 * 256 + 1 - 256) / (4 * 256 + 1))
     late = 300
@@ -744,6 +771,8 @@ def test_bench_quick_reports_both_methods_on_the_same_judge():
     assert p["ours"]["objective"] <= p["sklearn"]["objective"]  # run to its stopping rule, ours is at least as good
     assert p["ours_until_sklearn_objective"]["reached"]
     assert p["ratio_default"] > 0 and r["large"]["steps"] > 0
+    f1 = p["ours_forget_1"]  # the control: scikit-learn's forgetting weights, judged the same way
+    assert f1["steps"] > 0 and f1["objective"] > 0 and p["cpu_ratio_forget_1"] == pytest.approx(p["sklearn"]["cpu_s"] / f1["cpu_s"])
     assert len(r["step_cost"]["rows"]) == 4
     f = p["floor"]
     assert f["gemm_gflops"] > 0 and f["floor_s"] > 0 and f["over_floor"] == pytest.approx(f["s_per_epoch"] / f["floor_s"])

@@ -86,13 +86,14 @@ def fit_settings(cfg: DictionaryConfig, seed: int) -> FitSettings:
         checkpoint_every=cfg.checkpoint_every,
         stop_on=cfg.stop_on,
         warm_start=cfg.warm_start,
+        forget_exponent=cfg.forget_exponent,
     )
 
 
 def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int) -> str:
     keys = (
         "n_atoms alpha batch_size max_epochs tol patience heldout_fraction lasso_tol lasso_max_iter init "
-        "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold stop_on warm_start"
+        "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold stop_on warm_start forget_exponent"
     ).split()
     data = {k: getattr(cfg, k) for k in keys}
     files = sorted({p.path for p in pieces})

@@ -110,6 +110,8 @@ class FitSettings:
     """`train` rule: the objective is averaged over the last min(epoch, stop_window) steps."""
     warm_start: bool = True
     """Start each row's coder from its codes of the previous epoch (`ga_ray.atoms.warm`)."""
+    forget_exponent: float = 1.0
+    """ρ of the statistics' forgetting weights (`online.update_stats`; 1: scikit-learn's exactly)."""
 
 
 @dataclass
@@ -199,7 +201,7 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
     if s.stop_on == "train":
         # a window of one epoch checked at epoch ends holds every row exactly once, so two checks differ
         # only by what the dictionary learned, not by which rows the windows hold (at mid-epoch checks
-        # that difference moved the demo world's objective by ~0.5%, the size of the default tol)
+        # that difference moved the demo world's objective by ~0.5%, half the default tol)
         eval_every = s.eval_every or (spe if window == spe else max(1, math.ceil(window / 2)))
     else:
         eval_every = s.eval_every or min(spe, 200)
@@ -220,7 +222,7 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         if state.warm is not None:
             warm_codes.put(*state.warm, ids, C.cpu().numpy())
         ts.n_unconverged_rows += unconv
-        result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold)
+        result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold, forget_exponent=s.forget_exponent)
         ts.cost_sum += result.batch_cost * result.n_rows
         ts.cost_rows += result.n_rows
         ts.recent.append([result.batch_cost * result.n_rows, float(result.n_rows)])
