@@ -588,7 +588,9 @@ def test_warm_starts_change_the_coders_work_not_the_dictionary():
     iters = {}
     results = {}
     for warm_start in (False, True):
-        s = FitSettings(n_atoms=16, alpha=0.1, batch_size=50, max_epochs=4, seed=0, tol=0, warm_start=warm_start)
+        # scikit-learn's forgetting weights: with ρ = 4 the atoms still move enough between this small fit's
+        # epochs that last epoch's codes save nothing (222 iterations warm against 214 cold)
+        s = FitSettings(n_atoms=16, alpha=0.1, batch_size=50, max_epochs=4, seed=0, tol=0, warm_start=warm_start, forget_exponent=1.0)
         pieces = even_pieces(600, 100)
         plan = StreamPlan(tuple(pieces), 50, 600, s.seed, heldout_fraction=0.0)
 
@@ -802,3 +804,24 @@ def test_epoch_floor_counts_every_gemm_of_an_epoch():
     by_hand = 2 * (2 * N * K * D) + 4 * 2 * (2 * K * K * D)
     assert epoch_floor_s(N, D, K, 256, 1.0) == by_hand
     assert epoch_floor_s(N, D, K, 256, 2.0) == by_hand / 2
+
+
+def test_forget_exponent_reaches_the_learner_and_the_stage_fingerprint(tmp_path):
+    """The stage passes `dictionary.forget_exponent` to the learner, a changed ρ is a new fit (not a resume),
+    and the defaults agree wherever the settings are built (config, FitSettings, the GPU bench)."""
+    from types import SimpleNamespace
+
+    from ga_ray.atoms.stage import _fingerprint, fit_settings
+    from ga_ray.bench.gpu import DictSizes, dict_settings
+    from ga_ray.config import DictionaryConfig
+
+    c = DictionaryConfig()
+    assert FitSettings(n_atoms=3, alpha=0.1).forget_exponent == c.forget_exponent == fit_settings(c, 0).forget_exponent
+    assert dict_settings(DictSizes(n_atoms=3, dim=4, n_rows=5))[0].forget_exponent == c.forget_exponent
+    two = c.model_copy(update={"forget_exponent": 2.0})
+    assert fit_settings(two, 0).forget_exponent == 2.0
+    f = tmp_path / "z.parquet"
+    f.write_bytes(b"x")
+    pieces = [SimpleNamespace(path=str(f), row_group=0, start=0, n_rows=1)]
+    assert _fingerprint(c, 0, pieces, 4) != _fingerprint(two, 0, pieces, 4)
+    assert _fingerprint(c, 0, pieces, 4) == _fingerprint(c.model_copy(), 0, pieces, 4)

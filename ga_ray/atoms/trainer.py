@@ -110,8 +110,9 @@ class FitSettings:
     """`train` rule: the objective is averaged over the last min(epoch, stop_window) steps."""
     warm_start: bool = True
     """Start each row's coder from its codes of the previous epoch (`ga_ray.atoms.warm`)."""
-    forget_exponent: float = 1.0
-    """ρ of the statistics' forgetting weights (`online.update_stats`; 1: scikit-learn's exactly)."""
+    forget_exponent: float = 4.0
+    """ρ of the statistics' forgetting weights (`online.update_stats`; 1: scikit-learn's exactly; the
+    default is the stage's, `DictionaryConfig.forget_exponent`)."""
 
 
 @dataclass

@@ -352,7 +352,8 @@ def dict_settings(d: DictSizes) -> tuple[Any, dict[str, Any], str]:
         return FitSettings(n_atoms=d.n_atoms, alpha=d.alpha), {}, "FitSettings defaults (ga_ray.config not importable)"
     c = DictionaryConfig()
     s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=c.batch_size, tol=c.tol, patience=c.patience, eval_every=c.eval_every,
-                    init=c.init, seed=c.seed, dup_threshold=c.dup_threshold)
+                    init=c.init, seed=c.seed, dup_threshold=c.dup_threshold, stop_on=c.stop_on, warm_start=c.warm_start,
+                    forget_exponent=c.forget_exponent)
     kw = {"heldout_fraction": c.heldout_fraction, "heldout_max_rows": c.heldout_max_rows, "lasso_tol": c.lasso_tol, "lasso_max_iter": c.lasso_max_iter}
     return s, kw, "ga_ray.config.DictionaryConfig defaults"
 
