@@ -143,3 +143,26 @@ def test_sklearn_backend_has_the_same_outputs(ray_session, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "sklearn" and m["n_docs"] == 200
     assert (out / "codes.parquet").exists() and (out / "dictionary.safetensors").exists()
+
+
+def test_encoding_in_the_driver_equals_the_actor_pool(ray_session, tmp_path):
+    """Small gradients are coded in the driver (`encode_in_driver_mb`): the same codes, row for row and in
+    `gradients/` order, and the same metrics as the Ray Data actor pool, over several files and batches."""
+    from ga_ray.atoms.encode import encode_dataset
+
+    g, T, _ = write_gradients(tmp_path, n=300, files=3, row_group=40)
+    D = torch.from_numpy(T + 0.05 * np.random.default_rng(2).standard_normal(T.shape).astype(np.float32))
+    D = D / torch.linalg.vector_norm(D, dim=1, keepdim=True)
+    size = sum(f.stat().st_size for f in g.iterdir())
+    kw = dict(tol=1e-6, max_iter=500, batch_size=64, cpus_per_worker=0.5)
+    threads = torch.get_num_threads()
+    local = encode_dataset(g, D, 0.1, codes_path=tmp_path / "local.parquet", in_driver_max_bytes=size, **kw)
+    assert torch.get_num_threads() == threads  # the driver's torch threads are left as they were
+    actors = encode_dataset(g, D, 0.1, codes_path=tmp_path / "actors.parquet", in_driver_max_bytes=size - 1, **kw)
+    a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "actors.parquet")
+    assert a.num_rows > 300 and a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
+    assert a.column("atom").to_pylist() == b.column("atom").to_pylist()
+    np.testing.assert_array_equal(a.column("coef").to_numpy(), b.column("coef").to_numpy())
+    assert local.keys() == actors.keys() and local["n_docs"] == actors["n_docs"] == 300
+    for k, v in local.items():
+        assert v == pytest.approx(actors[k], rel=1e-9, abs=1e-12), k

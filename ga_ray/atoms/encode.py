@@ -1,4 +1,6 @@
-"""Final encoding pass: every document coded against the learned dictionary, as Ray Data `map_batches`.
+"""Final encoding pass: every document coded against the learned dictionary, as Ray Data `map_batches`
+(or, for gradients small enough, by the same `Encoder` in the driver: an actor pool's start costs more
+than coding a few thousand rows).
 
 The encoder actors return one row per document (doc_id, its nonzero atoms and coefficients, its
 reconstruction and L1 terms) plus one summary row per batch (doc_id −1) carrying Σx of the batch for
@@ -203,21 +205,26 @@ def encode_dataset(
     batch_size: int = 1024,
     cpus_per_worker: float = 1.0,
     num_threads: int | None = None,
+    in_driver_max_bytes: int = 0,
 ) -> dict[str, Any]:
     """Run the encoding pass with Ray Data and write codes (atomically); returns the metrics.
 
-    `num_threads`: torch threads per actor (None: `cpus_per_worker` rounded down, at least 1)."""
+    `num_threads`: torch threads per actor (None: `cpus_per_worker` rounded down, at least 1).
+    `in_driver_max_bytes`: gradient files of at most this many bytes in all are coded in this process
+    instead (CPU only): the same `Encoder`, the same batches, so the same codes row for row."""
     import ray
     import ray.data
 
     from ga_ray.atoms.io import gradient_files
 
     files = [str(f) for f in gradient_files(gradients_dir)]
+    threads = num_threads or max(1, int(cpus_per_worker))
+    if not use_gpu and sum(os.path.getsize(f) for f in files) <= in_driver_max_bytes:
+        return _encode_in_driver(files, D, alpha, tol, max_iter, codes_path, batch_size, threads)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # codes.parquet in gradients/ order, run after run
     try:
-        threads = num_threads or max(1, int(cpus_per_worker))
         return _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, batch_size, cpus_per_worker, threads)
     finally:
         ctx.execution_options.preserve_order = old_order
@@ -248,6 +255,25 @@ def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, ba
         raise
     acc.close()
     return acc.metrics()
+
+
+def _encode_in_driver(files, D, alpha, tol, max_iter, codes_path, batch_size, num_threads) -> dict[str, Any]:
+    """The pass in this process, file by file in `gradients/` order, batches of `batch_size` rows."""
+    old_threads = torch.get_num_threads()
+    try:
+        encoder = Encoder([D.detach().cpu().numpy()], alpha, tol, max_iter, num_threads=num_threads)
+        acc = CodesAccumulator(D.shape[0], codes_path)
+        try:
+            for f in files:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["doc_id", "z"]):
+                    acc.add(encoder(pa.Table.from_batches([rb])))
+        except BaseException:
+            acc.abort()
+            raise
+        acc.close()
+        return acc.metrics()
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def encode_local(Z: np.ndarray, doc_ids: np.ndarray, D: torch.Tensor, alpha: float, *, tol: float, max_iter: int, codes_path: Path | None, batch_size: int = 2048) -> dict[str, Any]:

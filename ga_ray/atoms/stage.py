@@ -232,7 +232,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
     timings.update(t)
     write_dictionary(out / DICTIONARY_FILE, D, metadata={"backend": cfg.backend, "alpha": str(cfg.alpha), "seed": str(seeds[0])})
 
-    # final encoding pass (Ray Data map_batches) → codes.parquet + metrics
+    # final encoding pass (Ray Data map_batches, or in the driver for small gradients) → codes.parquet + metrics
     t0 = time.perf_counter()
     from ga_ray.atoms.encode import encode_dataset
 
@@ -249,6 +249,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         batch_size=cfg.encode_batch_size,
         cpus_per_worker=workers.cpus_per_worker,
         num_threads=workers.torch_threads,
+        in_driver_max_bytes=int(cfg.encode_in_driver_mb * 2**20),
     )
     timings["encode_s"] = time.perf_counter() - t0
     coh = mutual_coherence(D)
