@@ -289,10 +289,11 @@ class DictionaryConfig(Workers):
     """Resample an atom whose |cos| with another exceeds this (None: never)."""
     encode_batch_size: PositiveInt = 1024
     """Documents per `map_batches` call of the final encoding pass."""
-    encode_in_driver_mb: NonNegative = 64.0
-    """Gradients of at most this size on disk (MB, all files) are coded in the driver process, by the same
-    encoder and batches (the same codes), instead of an actor pool, whose start took ~10 s per pass on a
-    2-core machine: about 20,000 documents at the demo's D = 800. 0: always actors. Not used on GPU."""
+    in_driver_mb: NonNegative = 64.0
+    """Gradients of at most this size on disk (MB, all files) are coded in the driver process instead of
+    Ray actors, whose start took 3-10 s per pool on a 2-core machine: the learner's coder when
+    `num_workers` is 1, and the final encoding pass (the same code on the same rows, so the same codes).
+    64 MB is about 20,000 documents at the demo's D = 800. 0: always actors. Not used on GPU."""
     sklearn_max_iter: PositiveInt = 100
     """`max_iter` (epochs) of the `sklearn` backend (the paper's 100)."""
 

@@ -40,6 +40,7 @@ def _cfg(*overrides: str):
         "dictionary.kmeans_clusters=null",
         "dictionary.shuffle_buffer_mb=0.03",  # windows of ~160 rows: several windows per epoch
         "dictionary.seed=5",
+        "dictionary.in_driver_mb=0",  # the Ray actors (the in-driver coder has its own test below)
     ]
     return load_config(None, base + list(overrides))
 
@@ -146,7 +147,7 @@ def test_sklearn_backend_has_the_same_outputs(ray_session, tmp_path):
 
 
 def test_encoding_in_the_driver_equals_the_actor_pool(ray_session, tmp_path):
-    """Small gradients are coded in the driver (`encode_in_driver_mb`): the same codes, row for row and in
+    """Small gradients are coded in the driver (`in_driver_mb`): the same codes, row for row and in
     `gradients/` order, and the same metrics as the Ray Data actor pool, over several files and batches."""
     from ga_ray.atoms.encode import encode_dataset
 
@@ -166,3 +167,23 @@ def test_encoding_in_the_driver_equals_the_actor_pool(ray_session, tmp_path):
     assert local.keys() == actors.keys() and local["n_docs"] == actors["n_docs"] == 300
     for k, v in local.items():
         assert v == pytest.approx(actors[k], rel=1e-9, abs=1e-12), k
+
+
+def test_learning_in_the_driver_follows_the_actors_trajectory(ray_session, tmp_path, monkeypatch):
+    """With one worker and small gradients the learner's coder runs in the driver (`in_driver_mb`): the same
+    trajectory as the Ray actor, the same steps and checks, and no actor pool is made."""
+    from ga_ray.atoms import distributed
+    from ga_ray.atoms.stage import fit_torch
+
+    g, _, _ = write_gradients(tmp_path, n=320)
+    with monkeypatch.context() as m:
+        def no_pool(*a, **k):
+            raise AssertionError("an actor pool was started for small gradients")
+
+        m.setattr(distributed.RayPool, "__init__", no_pool)
+        local, plan = fit_torch(g, _cfg("dictionary.in_driver_mb=64", "dictionary.max_epochs=2").dictionary, 5, progress=False)
+    actor, _ = fit_torch(g, _cfg("dictionary.max_epochs=2").dictionary, 5, progress=False)
+    assert local.steps == actor.steps == 2 * plan.steps_per_epoch
+    torch.testing.assert_close(local.state.D, actor.state.D, atol=1e-5, rtol=0)
+    assert [h["step"] for h in local.history] == [h["step"] for h in actor.history]
+    np.testing.assert_allclose([h["objective"] for h in local.history], [h["objective"] for h in actor.history], rtol=1e-5)

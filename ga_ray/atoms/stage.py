@@ -30,6 +30,7 @@ from ga_ray.atoms.io import (
     DICTIONARY_FILE,
     KMEANS_FILE,
     METRICS_FILE,
+    ParquetPieceReader,
     gradient_dim,
     gradient_files,
     list_pieces,
@@ -40,8 +41,8 @@ from ga_ray.atoms.io import (
     write_dictionary,
 )
 from ga_ray.atoms.online import OnlineState, mutual_coherence
-from ga_ray.atoms.stream import StreamPlan
-from ga_ray.atoms.trainer import FitResult, FitSettings, TrainerState, fit
+from ga_ray.atoms.stream import BlockCoder, StreamPlan
+from ga_ray.atoms.trainer import FitResult, FitSettings, LocalPool, TrainerState, fit
 from ga_ray.context import StageContext
 from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
@@ -144,24 +145,41 @@ def fit_torch(
 
         on_ckpt = save
 
-    pool = RayPool(
-        pieces,
-        plan,
-        workers.num_workers,
-        cfg.alpha,
-        lasso_tol=cfg.lasso_tol,
-        lasso_max_iter=cfg.lasso_max_iter,
-        use_gpu=workers.use_gpu,
-        cpus_per_worker=workers.cpus_per_worker,
-        num_threads=workers.torch_threads,
-    )
+    pool: LocalPool | RayPool
+    if workers.num_workers == 1 and not workers.use_gpu and sum(_file_sizes(pieces)) <= in_driver_bytes(cfg):
+        # small gradients: the one coder in the driver (the same BlockCoder the actor would run), no actor to start
+        log.info("atoms: %.1f MB of gradients: the learner codes them in the driver (dictionary.in_driver_mb = %g)", sum(_file_sizes(pieces)) / 2**20, cfg.in_driver_mb)
+        coder = BlockCoder(ParquetPieceReader(pieces), plan, 0, 1, cfg.alpha, lasso_tol=cfg.lasso_tol, lasso_max_iter=cfg.lasso_max_iter)
+        pool = LocalPool([coder])
+    else:
+        pool = RayPool(
+            pieces,
+            plan,
+            workers.num_workers,
+            cfg.alpha,
+            lasso_tol=cfg.lasso_tol,
+            lasso_max_iter=cfg.lasso_max_iter,
+            use_gpu=workers.use_gpu,
+            cpus_per_worker=workers.cpus_per_worker,
+            num_threads=workers.torch_threads,
+        )
     bar = tqdm(desc=f"atoms (seed {seed})", unit="step", disable=not progress)
     try:
         result = fit(pool, plan, settings, device=device, resume=resume, on_checkpoint=on_ckpt, on_step=on_step, progress=bar)
     finally:
         bar.close()
-        pool.shutdown()
+        if isinstance(pool, RayPool):
+            pool.shutdown()
     return result, plan
+
+
+def in_driver_bytes(cfg: DictionaryConfig) -> int:
+    """Gradients up to this many bytes on disk are coded in the driver (`dictionary.in_driver_mb`)."""
+    return int(cfg.in_driver_mb * 2**20)
+
+
+def _file_sizes(pieces: list) -> list[int]:
+    return [Path(f).stat().st_size for f in sorted({p.path for p in pieces})]
 
 
 def _last_heldout(history: list[dict[str, Any]]) -> float | None:
@@ -249,7 +267,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         batch_size=cfg.encode_batch_size,
         cpus_per_worker=workers.cpus_per_worker,
         num_threads=workers.torch_threads,
-        in_driver_max_bytes=int(cfg.encode_in_driver_mb * 2**20),
+        in_driver_max_bytes=in_driver_bytes(cfg),
     )
     timings["encode_s"] = time.perf_counter() - t0
     coh = mutual_coherence(D)
