@@ -292,7 +292,8 @@ class DictionaryConfig(Workers):
     in_driver_mb: NonNegative = 64.0
     """Gradients of at most this size on disk (MB, all files) are coded in the driver process instead of
     Ray actors, whose start took 3-10 s per pool on a 2-core machine: the learner's coder when
-    `num_workers` is 1, and the final encoding pass (the same code on the same rows, so the same codes).
+    `num_workers` is 1, the final encoding pass and the k-means baseline (on dask's threads). The same
+    code on the same rows, so the same codes and clusters.
     64 MB is about 20,000 documents at the demo's D = 800. 0: always actors. Not used on GPU."""
     sklearn_max_iter: PositiveInt = 100
     """`max_iter` (epochs) of the `sklearn` backend (the paper's 100)."""

@@ -187,3 +187,16 @@ def test_learning_in_the_driver_follows_the_actors_trajectory(ray_session, tmp_p
     torch.testing.assert_close(local.state.D, actor.state.D, atol=1e-5, rtol=0)
     assert [h["step"] for h in local.history] == [h["step"] for h in actor.history]
     np.testing.assert_allclose([h["objective"] for h in local.history], [h["objective"] for h in actor.history], rtol=1e-5)
+
+
+def test_kmeans_in_the_driver_equals_kmeans_on_ray(ray_session, tmp_path):
+    """The k-means baseline on dask's threads in the driver (small gradients) gives Ray's clusters exactly."""
+    from ga_ray.atoms.kmeans import kmeans_clusters
+
+    g, _, _ = write_gradients(tmp_path, n=300, files=3, row_group=40)
+    on_ray = kmeans_clusters(g, 5, 3, max_piece_rows=50)
+    local = kmeans_clusters(g, 5, 3, max_piece_rows=50, in_driver=True)
+    np.testing.assert_array_equal(local["doc_ids"], on_ray["doc_ids"])
+    np.testing.assert_array_equal(local["labels"], on_ray["labels"])
+    assert local["inertia"] == on_ray["inertia"] and local["n_iter"] == on_ray["n_iter"]
+    assert len(np.unique(local["labels"])) == 5

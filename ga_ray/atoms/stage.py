@@ -277,7 +277,8 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         from ga_ray.atoms.kmeans import kmeans_clusters, write_kmeans
 
         t0 = time.perf_counter()
-        km = kmeans_clusters(grad_dir, cfg.kmeans_clusters, cfg.seed, cfg.max_piece_rows)
+        small = sum(f.stat().st_size for f in gradient_files(grad_dir)) <= in_driver_bytes(cfg)
+        km = kmeans_clusters(grad_dir, cfg.kmeans_clusters, cfg.seed, cfg.max_piece_rows, in_driver=small)
         write_kmeans(out / KMEANS_FILE, km["doc_ids"], km["labels"])
         sizes = np.bincount(km["labels"], minlength=km["n_clusters"])
         kmeans_info = {"n_clusters": km["n_clusters"], "inertia": km["inertia"], "n_iter": km["n_iter"], "cluster_sizes": sizes.tolist()}
