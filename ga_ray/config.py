@@ -219,6 +219,11 @@ class GradientsConfig(Workers):
     """torch.compile the parts of the model the pass does not hook (each layer's MLP and norms), once per
     actor; for GPUs, where it fuses their elementwise kernels. Compiling costs seconds to minutes per actor
     (more than it saves on the demo's CPU sizes) and needs a C++ compiler on CPU."""
+    in_driver_max_docs: Annotated[int, Field(ge=0)] = 10_000
+    """With one CPU worker, up to this many documents are computed in the driver process (the same pass and
+    window files, no Ray Data pipeline or actor to start: their start-up was 5-20 s of a 20-50 s stage at
+    the demo's 5,000 documents on 2 cores). A crash there fails the stage instead of retrying a window.
+    0: always the actor pool."""
 
 
 class DictionaryConfig(Workers):

@@ -186,7 +186,7 @@ def test_computer_matches_reference_without_ray(world):
 @pytest.mark.slow
 def test_stage_z_equals_reference_and_plain_pyarrow_reads_it(world, ray_session):
     rd = _fresh_run(world, "run_main")
-    cfg = _config(world["paths"], "gradients.num_workers=1")
+    cfg = _config(world["paths"], "gradients.num_workers=1", "gradients.in_driver_max_docs=0")  # the actor pool
     summary = run_pipeline(cfg, rd, stages=["gradients"])["gradients"]
     gdir = rd.root / "gradients"
     ids = [r["doc_id"] for r in world["rows"]]
@@ -217,6 +217,31 @@ def test_stage_z_equals_reference_and_plain_pyarrow_reads_it(world, ray_session)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(N_DOCS), str(D), "int64"]
+
+
+@pytest.mark.slow
+def test_few_documents_on_one_cpu_worker_run_in_the_driver(world, ray_session, monkeypatch):
+    """Up to `in_driver_max_docs` documents on one CPU worker: the same pass in the driver, no actor pool
+    (Ray Data's map_batches is never called), the same gradients and report, and torch's threads restored."""
+    import ray.data
+    import torch
+
+    def no_pool(*a, **k):
+        raise AssertionError("an actor pool was started for a small run")
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", no_pool)
+    threads = torch.get_num_threads()
+    rd = _fresh_run(world, "run_driver")
+    cfg = _config(world["paths"], "gradients.num_workers=1", "gradients.window_docs=7", f"gradients.in_driver_max_docs={N_DOCS}")
+    summary = run_pipeline(cfg, rd, stages=["gradients"])["gradients"]
+    assert torch.get_num_threads() == threads
+    gdir = rd.root / "gradients"
+    _check_against_reference(gdir, world["ref"], expect_ids=[r["doc_id"] for r in world["rows"]])
+    info = json.loads((gdir / INFO_FILE).read_text())
+    assert info["in_driver"] is True and info["num_actors"] == 0 and info["N"] == N_DOCS
+    assert info["actor_boot_s"] == 0 and info["actor_init_s"] > 0 and info["actor_write_s"] > 0
+    assert [a["actor_id"] for a in info["actors"]] == ["driver"] and len(info["files"]) == -(-N_DOCS // 7)
+    assert "in the driver" in summary["line"]
 
 
 @pytest.mark.slow

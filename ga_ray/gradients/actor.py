@@ -319,9 +319,11 @@ class GradientsActor:
         torch_threads: int | None = None,
         fault: str | None = None,
         compile: bool = False,
+        in_driver: bool = False,
     ):
         t_init = time.perf_counter()
-        self.boot_s = _process_age_s()  # worker process start, Ray, unpickling this actor: before our code
+        # worker process start, Ray, unpickling this actor: before our code (none in the driver)
+        self.boot_s = 0.0 if in_driver else _process_age_s()
         import torch
 
         if torch_threads and device == "cpu":
@@ -333,6 +335,8 @@ class GradientsActor:
         self.out_dir = out_dir
         self.fault = fault
         self.node_id, self.actor_id = _whereabouts()
+        if in_driver:
+            self.actor_id = "driver"
         self.init_s = time.perf_counter() - t_init  # imports (torch, transformers, peft) and model load
         self._start_reported = False
 

@@ -75,26 +75,30 @@ def _check_config(gc: Any) -> None:
         raise StageError(f"gradients.window_docs ({gc.window_docs}) must be >= gradients.batch_size ({gc.batch_size})")
 
 
+def _actor_kwargs(gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan) -> dict[str, Any]:
+    return {
+        "model_cfg": cfg.model,
+        "adapter_path": str(adapter),
+        "factors_dir": str(factors_dir),
+        "out_dir": str(out_dir),
+        "max_docs": gc.batch_size,
+        "max_tokens": gc.max_tokens_per_batch,
+        "reduction": gc.reduction,
+        "store_raw": gc.store_raw,
+        "device": workers.device,
+        "torch_threads": workers.torch_threads,
+        "fault": os.environ.get(FAULT_ENV),
+        "compile": gc.compile,
+    }
+
+
 def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan) -> Any:
     """The actor pool over the documents; each call gets one window of `window_docs` rows."""
     import ray.data
 
     return ds.map_batches(
         GradientsActor,
-        fn_constructor_kwargs={
-            "model_cfg": cfg.model,
-            "adapter_path": str(adapter),
-            "factors_dir": str(factors_dir),
-            "out_dir": str(out_dir),
-            "max_docs": gc.batch_size,
-            "max_tokens": gc.max_tokens_per_batch,
-            "reduction": gc.reduction,
-            "store_raw": gc.store_raw,
-            "device": workers.device,
-            "torch_threads": workers.torch_threads,
-            "fault": os.environ.get(FAULT_ENV),
-            "compile": gc.compile,
-        },
+        fn_constructor_kwargs=_actor_kwargs(gc, cfg, adapter, factors_dir, out_dir, workers),
         batch_size=gc.window_docs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers.num_workers),
@@ -107,11 +111,34 @@ def _map(ds: Any, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: 
 
 def _collect(ds: Any, n_docs: int) -> dict[str, np.ndarray]:
     """Drive the pipeline; gather the actors' per-document metadata (small) with a progress bar."""
+    return _gather(ds.iter_batches(batch_format="numpy", batch_size=None), n_docs)
+
+
+def _in_driver(files: list[str], gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan, n_docs: int) -> dict[str, np.ndarray]:
+    """The same pass in this process: one `GradientsActor`, fed the data files' windows of `window_docs`
+    rows in order (pyarrow, the columns as Ray Data's numpy batches hold them); torch's threads restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        actor = GradientsActor(**_actor_kwargs(gc, cfg, adapter, factors_dir, out_dir, workers), in_driver=True)
+
+        def windows():
+            for f in files:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=gc.window_docs, columns=["doc_id", "input_ids", "loss_mask"]):
+                    yield actor({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
+
+        return _gather(windows(), n_docs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gather(batches: Any, n_docs: int) -> dict[str, np.ndarray]:
     from tqdm.auto import tqdm
 
     parts: dict[str, list[np.ndarray]] = {}
     with tqdm(total=n_docs, desc="gradients", unit="doc") as bar:
-        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for b in batches:
             for k, v in b.items():
                 parts.setdefault(k, []).append(np.asarray(v))
             bar.update(len(b["doc_id"]))
@@ -221,20 +248,25 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     workers = plan_workers("gradients", gc)
     device = workers.device
     t0 = time.perf_counter()
+    in_driver = workers.num_workers == 1 and device == "cpu" and n_docs <= gc.in_driver_max_docs
     with atomic_dir(ctx.out) as tmp:
-        # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
-        # and one block feeds one actor task, so without it a pool of several actors sits idle.
-        ds = (
-            ray.data.read_parquet(files)
-            .select_columns(["doc_id", "input_ids", "loss_mask"])
-            .repartition(target_num_rows_per_block=gc.window_docs)
-        )
-        with warnings.catch_warnings():
-            # Ray 2.60 takes max_restarts / max_task_retries only through **ray_remote_args, which it
-            # flags as deprecated (to be replaced by named parameters in 2.64).
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            out = _map(ds, gc, cfg, adapter, factors_dir, tmp, workers)
-        meta = _collect(out, n_docs)
+        if in_driver:
+            log.info("gradients: %d documents on one CPU worker: computed in the driver (gradients.in_driver_max_docs = %d)", n_docs, gc.in_driver_max_docs)
+            meta = _in_driver(files, gc, cfg, adapter, factors_dir, tmp, workers, n_docs)
+        else:
+            # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
+            # and one block feeds one actor task, so without it a pool of several actors sits idle.
+            ds = (
+                ray.data.read_parquet(files)
+                .select_columns(["doc_id", "input_ids", "loss_mask"])
+                .repartition(target_num_rows_per_block=gc.window_docs)
+            )
+            with warnings.catch_warnings():
+                # Ray 2.60 takes max_restarts / max_task_retries only through **ray_remote_args, which it
+                # flags as deprecated (to be replaced by named parameters in 2.64).
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+                out = _map(ds, gc, cfg, adapter, factors_dir, tmp, workers)
+            meta = _collect(out, n_docs)
         wall = time.perf_counter() - t0
 
         _check_exactly_once(meta, uniq)
@@ -261,7 +293,8 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
             "batch_size": gc.batch_size,
             "max_tokens_per_batch": gc.max_tokens_per_batch,
             "window_docs": gc.window_docs,
-            "num_actors": workers.num_workers,
+            "in_driver": in_driver,
+            "num_actors": 0 if in_driver else workers.num_workers,
             "num_gpus_per_actor": workers.gpus_per_worker,
             "cpus_per_actor": round(workers.cpus_per_worker, 3),
             "device": device,
@@ -287,7 +320,8 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     summary["n_files"] = len(part_files)
     summary["line"] = (
         f"{n_written} documents → z[{D}] ({len(excluded)} non-finite excluded), "
-        f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s on {workers.num_workers} actor(s) ({device}), "
+        f"{info['docs_per_s']} docs/s, {info['tokens_per_s']} tok/s "
+        f"{'in the driver' if in_driver else f'on {workers.num_workers} actor(s)'} ({device}), "
         f"padding {100 * info['padding_fraction']:.1f}% (naive {100 * naive.padding_fraction:.1f}%)"
     )
     return summary
