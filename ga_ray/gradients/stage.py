@@ -121,7 +121,9 @@ def _in_driver(files: list[str], gc: Any, cfg: Any, adapter: Path, factors_dir: 
 
     threads = torch.get_num_threads()
     try:
-        actor = GradientsActor(**_actor_kwargs(gc, cfg, adapter, factors_dir, out_dir, workers), in_driver=True)
+        # no fault injection here: it tests the actor pool's restarts, and would end this process
+        kwargs = {**_actor_kwargs(gc, cfg, adapter, factors_dir, out_dir, workers), "fault": None}
+        actor = GradientsActor(**kwargs, in_driver=True)
 
         def windows():
             for f in files:
