@@ -751,11 +751,17 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+WHERE_ONLY_KEYS: dict[str, set[str]] = {"gradients": {"in_driver_max_docs"}, "dictionary": {"in_driver_mb"}}
+"""Keys that choose only where the same computation runs (the driver or Ray actors, tested to give the
+same results): left out of the stages' fingerprints, so that changing them, or a run finished before
+they existed, redoes nothing."""
+
+
 def section_fingerprint_data(cfg: RunConfig, *sections: str) -> dict[str, Any]:
     """The parts of the config a stage depends on, for its input fingerprint.
 
     The renamed resource keys are fingerprinted under their old names (RENAMED_KEYS), so that runs
-    finished before the rename keep their fingerprints and are not redone.
+    finished before the rename keep their fingerprints and are not redone; WHERE_ONLY_KEYS are left out.
     """
     dumped = cfg.model_dump(mode="json")
     out = {}
@@ -766,5 +772,6 @@ def section_fingerprint_data(cfg: RunConfig, *sections: str) -> dict[str, Any]:
             continue
         data = dumped[s]
         legacy = {new: old for old, new in RENAMED_KEYS.get(s, {}).items()}
-        out[s] = {legacy.get(k, k): v for k, v in data.items()} if isinstance(data, dict) else data
+        skip = WHERE_ONLY_KEYS.get(s, set())
+        out[s] = {legacy.get(k, k): v for k, v in data.items() if k not in skip} if isinstance(data, dict) else data
     return out

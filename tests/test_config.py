@@ -107,3 +107,18 @@ def test_a_run_directorys_saved_config_with_old_keys_is_migrated(tmp_path):
     fp = section_fingerprint_data(cfg, "gradients", "model.path")
     assert {"num_actors", "cpus_per_actor", "num_gpus"} <= set(fp["gradients"]) and "num_workers" not in fp["gradients"]
     assert fp["model.path"] is None
+
+
+def test_where_only_keys_leave_the_fingerprints_alone():
+    """Running small inputs in the driver instead of actors changes no result, so no stage is redone for it."""
+    from ga_ray.config import WHERE_ONLY_KEYS, section_fingerprint_data
+
+    base = load_config(None)
+    moved = load_config(None, ["gradients.in_driver_max_docs=0", "dictionary.in_driver_mb=0"])
+    assert section_fingerprint_data(base, "gradients", "dictionary") == section_fingerprint_data(moved, "gradients", "dictionary")
+    assert "in_driver_max_docs" not in section_fingerprint_data(base, "gradients")["gradients"]
+    # every such key exists, and a key that changes results still changes the fingerprint
+    for section, keys in WHERE_ONLY_KEYS.items():
+        assert keys <= set(type(getattr(base, section)).model_fields)
+    other = load_config(None, ["dictionary.forget_exponent=1"])
+    assert section_fingerprint_data(base, "dictionary") != section_fingerprint_data(other, "dictionary")
