@@ -215,11 +215,11 @@ def encode_dataset(
     import ray
     import ray.data
 
-    from ga_ray.atoms.io import gradient_files
+    from ga_ray.atoms.io import gradient_files, gradients_bytes
 
     files = [str(f) for f in gradient_files(gradients_dir)]
     threads = num_threads or max(1, int(cpus_per_worker))
-    if not use_gpu and sum(os.path.getsize(f) for f in files) <= in_driver_max_bytes:
+    if not use_gpu and gradients_bytes(gradients_dir) <= in_driver_max_bytes:
         return _encode_in_driver(files, D, alpha, tol, max_iter, codes_path, batch_size, threads)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order

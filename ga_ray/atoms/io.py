@@ -51,6 +51,12 @@ class Piece:
     n_rows: int
 
 
+def gradients_bytes(gradients_dir: str | Path) -> int:
+    """Bytes on disk of the `gradients/` Parquet files: what decides whether the atoms stage codes them in
+    the driver (`dictionary.in_driver_mb`)."""
+    return sum(f.stat().st_size for f in gradient_files(gradients_dir))
+
+
 def list_pieces(gradients_dir: Path, max_piece_rows: int = 8192) -> list[Piece]:
     """All row groups (split to at most `max_piece_rows` rows) of the gradients files, in order."""
     out: list[Piece] = []

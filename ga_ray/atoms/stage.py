@@ -33,6 +33,7 @@ from ga_ray.atoms.io import (
     ParquetPieceReader,
     gradient_dim,
     gradient_files,
+    gradients_bytes,
     list_pieces,
     load_checkpoint,
     read_all,
@@ -146,9 +147,10 @@ def fit_torch(
         on_ckpt = save
 
     pool: LocalPool | RayPool
-    if workers.num_workers == 1 and not workers.use_gpu and sum(_file_sizes(pieces)) <= in_driver_bytes(cfg):
+    size = gradients_bytes(gradients_dir)
+    if workers.num_workers == 1 and not workers.use_gpu and size <= in_driver_bytes(cfg):
         # small gradients: the one coder in the driver (the same BlockCoder the actor would run), no actor to start
-        log.info("atoms: %.1f MB of gradients: the learner codes them in the driver (dictionary.in_driver_mb = %g)", sum(_file_sizes(pieces)) / 2**20, cfg.in_driver_mb)
+        log.info("atoms: %.1f MB of gradients: the learner codes them in the driver (dictionary.in_driver_mb = %g)", size / 2**20, cfg.in_driver_mb)
         coder = BlockCoder(ParquetPieceReader(pieces), plan, 0, 1, cfg.alpha, lasso_tol=cfg.lasso_tol, lasso_max_iter=cfg.lasso_max_iter)
         pool = LocalPool([coder])
     else:
@@ -177,9 +179,6 @@ def in_driver_bytes(cfg: DictionaryConfig) -> int:
     """Gradients up to this many bytes on disk are coded in the driver (`dictionary.in_driver_mb`)."""
     return int(cfg.in_driver_mb * 2**20)
 
-
-def _file_sizes(pieces: list) -> list[int]:
-    return [Path(f).stat().st_size for f in sorted({p.path for p in pieces})]
 
 
 def _last_heldout(history: list[dict[str, Any]]) -> float | None:
@@ -277,7 +276,7 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
         from ga_ray.atoms.kmeans import kmeans_clusters, write_kmeans
 
         t0 = time.perf_counter()
-        small = sum(f.stat().st_size for f in gradient_files(grad_dir)) <= in_driver_bytes(cfg)
+        small = gradients_bytes(grad_dir) <= in_driver_bytes(cfg)
         km = kmeans_clusters(grad_dir, cfg.kmeans_clusters, cfg.seed, cfg.max_piece_rows, in_driver=small)
         write_kmeans(out / KMEANS_FILE, km["doc_ids"], km["labels"])
         sizes = np.bincount(km["labels"], minlength=km["n_clusters"])
