@@ -162,6 +162,10 @@ class FinetuneConfig(Workers):
     storage_path: str | None = None
     """Ray Train storage for the checkpoint hand-off (None: a hidden folder in the run directory, removed after the
     stage). On a multi-node cluster set shared storage (NFS path or s3://...)."""
+    in_driver_max_docs: Annotated[int, Field(ge=0)] = 10_000
+    """With one CPU worker, up to this many documents are trained on in the driver process (the same loop and
+    rows, the same adapter bit for bit, no TorchTrainer to start: ~15 s of controller, worker and data-split
+    actors on 2 cores). A crash there fails the stage. 0: always Ray Train."""
 
 
 def _yaml_bool_to_word(v: Any) -> Any:
@@ -198,6 +202,10 @@ class FactorsConfig(Workers):
     save_from: Literal["worker", "driver"] = "worker"
     """Who writes factors/: rank 0 worker (run directory on a filesystem every node sees, as the other
     stages need too) or the driver (factors returned through Ray; for clusters without a shared filesystem)."""
+    in_driver_max_docs: Annotated[int, Field(ge=0)] = 10_000
+    """With one CPU worker, up to this many documents are computed in the driver process (the same passes over
+    the same rows, no TorchTrainer to start: ~15 s of controller, worker and data-split actors on 2 cores).
+    A crash there fails the stage. 0: always Ray Train."""
 
 
 class GradientsConfig(Workers):
@@ -751,7 +759,12 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-WHERE_ONLY_KEYS: dict[str, set[str]] = {"gradients": {"in_driver_max_docs"}, "dictionary": {"in_driver_mb"}}
+WHERE_ONLY_KEYS: dict[str, set[str]] = {
+    "finetune": {"in_driver_max_docs"},
+    "factors": {"in_driver_max_docs"},
+    "gradients": {"in_driver_max_docs"},
+    "dictionary": {"in_driver_mb"},
+}
 """Keys that choose only where the same computation runs (the driver or Ray actors, tested to give the
 same results): left out of the stages' fingerprints, so that changing them, or a run finished before
 they existed, redoes nothing."""

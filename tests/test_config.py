@@ -114,8 +114,9 @@ def test_where_only_keys_leave_the_fingerprints_alone():
     from ga_ray.config import WHERE_ONLY_KEYS, section_fingerprint_data
 
     base = load_config(None)
-    moved = load_config(None, ["gradients.in_driver_max_docs=0", "dictionary.in_driver_mb=0"])
-    assert section_fingerprint_data(base, "gradients", "dictionary") == section_fingerprint_data(moved, "gradients", "dictionary")
+    moved = load_config(None, ["finetune.in_driver_max_docs=0", "factors.in_driver_max_docs=0", "gradients.in_driver_max_docs=0", "dictionary.in_driver_mb=0"])
+    sections = ("finetune", "factors", "gradients", "dictionary")
+    assert section_fingerprint_data(base, *sections) == section_fingerprint_data(moved, *sections)
     assert "in_driver_max_docs" not in section_fingerprint_data(base, "gradients")["gradients"]
     # every such key exists, and a key that changes results still changes the fingerprint
     for section, keys in WHERE_ONLY_KEYS.items():

@@ -52,6 +52,7 @@ def test_one_and_two_workers_agree_with_in_process(tmp_path, ray_session, capsys
     printed = capsys.readouterr().out
     assert "Lambda kept" in printed and "layers.0.self_attn.q_proj.A" in printed, "the per-block table is printed"
     s2, out2 = _run(paths, "w2", [*common, "factors.num_workers=2", "factors.save_from=driver"])
+    assert s1["in_driver"] and not s2["in_driver"], "one CPU worker on few documents runs in the driver, two on Ray Train"
     f1, f2 = Factors.load(out1, covariances=True), Factors.load(out2, covariances=True)
     assert f1.meta["n_docs"] == f2.meta["n_docs"] == 24, "no document dropped by the split"
     assert f1.meta["n_docs_lambda"] == f2.meta["n_docs_lambda"] == 16

@@ -210,8 +210,9 @@ def test_finetune_stage_writes_a_peft_adapter_and_the_format_table(ray_session, 
 
 
 @pytest.mark.slow
-def test_finetune_is_reproducible(ray_session, tiny, tmp_path):
-    """Same data, config and seed: the same adapter, bit for bit (one worker), whatever order Ray Data reads in."""
+def test_finetune_is_reproducible_and_the_driver_path_equals_ray_train(ray_session, tiny, tmp_path):
+    """Same data, config and seed: the same adapter, bit for bit (one worker), whatever order Ray Data reads in,
+    and whether the loop runs in the driver (the default for small CPU runs) or in a Ray Train worker."""
     import shutil
 
     from safetensors.torch import load_file
@@ -220,12 +221,17 @@ def test_finetune_is_reproducible(ray_session, tiny, tmp_path):
     from ga_ray.rundir import RunDir
 
     world, root, n = tiny
-    adapters = []
-    for name in ("a", "b"):
+    adapters, summaries = [], []
+    threads = torch.get_num_threads()
+    for name, in_driver_max_docs in (("driver", 10_000), ("ray-train", 0)):
         run = RunDir(tmp_path / name)
         shutil.copytree(root / "run" / "data", run.stage_dir("data"))
-        run_pipeline(_config(world, epochs=1.0), _prepare_done(run), stages=["finetune"])
+        summaries.append(run_pipeline(_config(world, epochs=1.0, in_driver_max_docs=in_driver_max_docs), _prepare_done(run), stages=["finetune"])["finetune"])
         adapters.append(load_file(str(run.stage_dir("adapter") / "adapter_model.safetensors")))
+        assert sorted(p.name for p in run.stage_dir("adapter").iterdir() if p.name.startswith("adapter_")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [s["in_driver"] for s in summaries] == [True, False]
+    assert summaries[0]["steps"] == summaries[1]["steps"] and summaries[0]["loss_history"] == summaries[1]["loss_history"]
+    assert torch.get_num_threads() == threads, "the driver's torch threads are restored"
     assert adapters[0].keys() == adapters[1].keys()
     for k in adapters[0]:
         assert torch.equal(adapters[0][k], adapters[1][k]), k

@@ -11,12 +11,18 @@ workers. Where the result goes (`factors.save_from`): by default rank 0 writes `
 which assumes the run directory is on a filesystem every node sees (true locally, and required on
 a cluster anyway: the gradients actors read `factors/` from any node); with `driver`, rank 0
 returns the tensors through Ray Train's return value and the driver writes them.
+
+Small runs skip Ray Train: with one CPU worker and at most `factors.in_driver_max_docs` documents the same
+computation (`factors_of_windows`, one rank) runs in the driver on the data files' windows; tested equal to
+the one-worker Ray Train result. A TorchTrainer's start-up (controller, worker, data-split actors) was
+~15 s of a ~20 s stage on the tiny test worlds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
 import time
 import uuid
@@ -30,6 +36,7 @@ from ga_ray.data import io as data_io
 from ga_ray.errors import StageError
 
 _COLUMNS = ["doc_id", "input_ids", "loss_mask"]
+log = logging.getLogger("ga_ray")
 
 
 # ------------------------------------------------------------------------------------ driver side
@@ -87,15 +94,11 @@ def _worker_failure_message(exc: BaseException) -> str:
 
 def run_factors(ctx: StageContext) -> dict[str, Any]:
     """The factors stage (see the module docstring). Returns the summary (per-block table under `blocks`)."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ga_ray.tables import print_table
     from ga_ray.factors.compute import subsample_threshold
     from ga_ray.factors.factors import Factors
     from ga_ray.raycluster import init_ray, show_detail
-    from ga_ray.resources import fit_keeping_sigint, plan_workers
+    from ga_ray.resources import plan_workers
 
     init_ray(ctx.cfg.ray)
     fcfg = ctx.cfg.factors
@@ -107,15 +110,6 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     if len(doc_ids) == 0:
         raise StageError(f"{data_dir} holds no documents; check the prepare stage's output")
     threshold = subsample_threshold(doc_ids, fcfg.seed, fcfg.lambda_max_docs)
-
-    ds = ray.data.read_parquet(_parquet_files(data_dir)).select_columns(_COLUMNS)
-    if fcfg.num_workers > 1:
-        # small blocks, so that every worker gets documents (Parquet files are read whole, in one block)
-        rows_per_block = max(1, min(1024, -(-len(doc_ids) // (4 * fcfg.num_workers))))
-        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
-    datasets = {"train": ds}
-    if threshold is not None:
-        datasets["lambda"] = ds.map_batches(_SubsampleFilter(fcfg.seed, threshold), batch_format="numpy")
 
     # Train workers that take every CPU leave none to read the data (Ray Data would wait forever): the policy shrinks them
     workers = plan_workers("factors", fcfg)
@@ -129,29 +123,15 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         "has_lambda": threshold is not None,
         "n_docs_total": int(len(doc_ids)),
     }
-    storage = ctx.run_dir.root / ".ray_train"
-    name = f"factors-{uuid.uuid4().hex[:8]}"
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu, resources_per_worker=workers.train_resources()),
-        datasets=datasets,
-        dataset_config=_no_drop_data_config(),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=0)),
-    )
+    in_driver = workers.num_workers == 1 and not use_gpu and len(doc_ids) <= fcfg.in_driver_max_docs
     t0 = time.perf_counter()
-    try:
-        result = fit_keeping_sigint(trainer)
-    except Exception as exc:  # Ray Train wraps worker exceptions (TrainingFailedError)
-        raise StageError(f"factors job failed: {_worker_failure_message(exc)}") from exc
-    finally:
-        shutil.rmtree(storage / name, ignore_errors=True)
-        try:
-            storage.rmdir()
-        except OSError:  # another job's folder is still there
-            pass
+    if in_driver:
+        log.info("factors: %d documents on one CPU worker: computed in the driver (factors.in_driver_max_docs = %d)", len(doc_ids), fcfg.in_driver_max_docs)
+        rv = _in_driver(config, _parquet_files(data_dir), _SubsampleFilter(fcfg.seed, threshold) if threshold is not None else None)
+    else:
+        rv = _on_ray_train(config, data_dir, threshold, workers, ctx)
     wall = time.perf_counter() - t0
-    rv = result.return_value or {}
+    rv = rv or {}
     if rv.get("error"):
         raise StageError(rv["error"])
     if fcfg.save_from == "driver":
@@ -183,6 +163,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         "eigenvalues": factors.eigenvalues,
         "top_k": fcfg.top_k,
         "num_workers": fcfg.num_workers,
+        "in_driver": in_driver,
         "n_clamped_eigenvalues": meta.get("n_clamped_eigenvalues", 0),
         "padding_fraction": meta.get("padding_fraction"),
         "timings": timings,
@@ -190,23 +171,82 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def _on_ray_train(config: dict[str, Any], data_dir: Path, threshold: int | None, workers: Any, ctx: StageContext) -> dict[str, Any] | None:
+    """A Ray Train `TorchTrainer` over Ray Data's read of data/ (and the Λ subsample); rank 0's return value."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ga_ray.resources import fit_keeping_sigint
+
+    n_workers = workers.num_workers
+    seed = int(config["factors"]["seed"])
+    ds = ray.data.read_parquet(_parquet_files(data_dir)).select_columns(_COLUMNS)
+    if n_workers > 1:
+        # small blocks, so that every worker gets documents (Parquet files are read whole, in one block)
+        rows_per_block = max(1, min(1024, -(-int(config["n_docs_total"]) // (4 * n_workers))))
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    datasets = {"train": ds}
+    if threshold is not None:
+        datasets["lambda"] = ds.map_batches(_SubsampleFilter(seed, threshold), batch_format="numpy")
+    storage = ctx.run_dir.root / ".ray_train"
+    name = f"factors-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=workers.use_gpu, resources_per_worker=workers.train_resources()),
+        datasets=datasets,
+        dataset_config=_no_drop_data_config(),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        result = fit_keeping_sigint(trainer)
+    except Exception as exc:  # Ray Train wraps worker exceptions (TrainingFailedError)
+        raise StageError(f"factors job failed: {_worker_failure_message(exc)}") from exc
+    finally:
+        shutil.rmtree(storage / name, ignore_errors=True)
+        try:
+            storage.rmdir()
+        except OSError:  # another job's folder is still there
+            pass
+    return result.return_value
+
+
 # ------------------------------------------------------------------------------------ worker side
 def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """One Ray Train worker: load the model, compute the factors with the others, rank 0 saves."""
+    """One Ray Train worker: its shards' windows into `factors_of_windows` (rank 0 saves or returns them)."""
     import ray.train
     import ray.train.torch
+
+    from ga_ray.factors.distributed import get_comm
+
+    fcfg_batch = int(config["factors"]["batch_size"])
+    ctx = ray.train.get_context()
+    train_it = ray.train.get_dataset_shard("train")
+    lambda_it = ray.train.get_dataset_shard("lambda") if config["has_lambda"] else None
+
+    def windows_of(it):
+        return lambda: it.iter_batches(batch_size=16 * fcfg_batch, batch_format="numpy", prefetch_batches=1)
+
+    return factors_of_windows(config, windows_of(train_it), windows_of(lambda_it) if lambda_it is not None else None,
+                              rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                              comm_factory=get_comm)
+
+
+def factors_of_windows(config: dict[str, Any], train_windows: Any, lambda_windows: Any, *, rank: int, world: int, device: Any, comm_factory: Any) -> dict[str, Any] | None:
+    """Load the model, compute the factors with the other ranks (`comm_factory()`), rank 0 saves.
+
+    `train_windows` / `lambda_windows`: functions returning an iterable of numpy column windows (each pass
+    calls them again). Shared by the Ray Train workers and the in-driver path (one rank, `LocalComm`).
+    """
     import torch
 
     from ga_ray.config import FactorsConfig, ModelConfig
     from ga_ray.factors.compute import FactorSettings, NonFiniteFactorError, bucketed_batches, compute_factors
-    from ga_ray.factors.distributed import get_comm
     from ga_ray.kernel.loading import load_lora_model
     from ga_ray.kernel.lora_blocks import find_lora_blocks
 
     fcfg = FactorsConfig(**config["factors"])
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(fcfg.cpus_per_worker)))
     timings: dict[str, float] = {}
@@ -217,15 +257,8 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     pad_id = int(pad_id) if pad_id is not None else 0
     timings["load_model_s"] = time.perf_counter() - t0
 
-    train_it = ray.train.get_dataset_shard("train")
-    lambda_it = ray.train.get_dataset_shard("lambda") if config["has_lambda"] else None
-
-    def batches_of(it):
-        def gen():
-            windows = it.iter_batches(batch_size=16 * fcfg.batch_size, batch_format="numpy", prefetch_batches=1)
-            return bucketed_batches(windows, fcfg.batch_size, fcfg.max_tokens_per_batch, pad_id)
-
-        return gen
+    def batches_of(windows):
+        return lambda: bucketed_batches(windows(), fcfg.batch_size, fcfg.max_tokens_per_batch, pad_id)
 
     bar_total = max(1, config["n_docs_total"] // world)
 
@@ -247,14 +280,14 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         cov_dtype=torch.float64 if fcfg.covariance_dtype == "float64" else torch.float32,
         keep_covariances=fcfg.save_covariances,
     )
-    comm = get_comm()
+    comm = comm_factory()
     try:
         factors = compute_factors(
             model,
             blocks,
-            batches_of(train_it),
+            batches_of(train_windows),
             settings,
-            lambda_batches=batches_of(lambda_it) if lambda_it is not None else None,
+            lambda_batches=batches_of(lambda_windows) if lambda_windows is not None else None,
             comm=comm,
             device=device,
             timings=timings,
@@ -274,6 +307,35 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         out["payload"] = _factors_payload(factors)
     timings["save_s"] = time.perf_counter() - t0
     return out
+
+
+def _in_driver(config: dict[str, Any], files: list[str], subsample: _SubsampleFilter | None) -> dict[str, Any] | None:
+    """`factors_of_windows` in this process: the data files' windows (pyarrow, the columns as Ray Data's numpy
+    batches hold them), the Λ subsample by the same filter; torch's threads restored afterwards."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ga_ray.factors.distributed import LocalComm
+
+    rows = 16 * int(config["factors"]["batch_size"])
+
+    def windows():
+        for f in files:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=_COLUMNS):
+                yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
+
+    def lambda_windows():
+        for w in windows():
+            kept = subsample(w)
+            if len(kept["doc_id"]):
+                yield kept
+
+    threads = torch.get_num_threads()
+    try:
+        return factors_of_windows(config, windows, lambda_windows if subsample is not None else None, rank=0, world=1,
+                                  device=torch.device("cpu"), comm_factory=LocalComm)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _factors_payload(factors) -> dict[str, Any]:

@@ -11,6 +11,10 @@
   parameters, linear warm-up then cosine decay.
 - Output: rank 0 saves the PEFT adapter (`save_pretrained`) and hands it to the driver as a Ray Train
   checkpoint; the driver writes it into `adapter/` atomically, so the folder works across nodes.
+- Small runs skip Ray Train: with one CPU worker and at most `finetune.in_driver_max_docs` documents the
+  same loop (`train_adapter`) runs in the driver on the same rows, and gives the same adapter bit for
+  bit (tested). Starting a TorchTrainer (its controller, worker and data-split actors) cost ~15 s here,
+  more than the demo's tiny fine-tunes themselves.
 - With `finetune.format_eval_set` (a demo world's `eval/` folder) the stage ends with the FORMAT
   TABLE: batched greedy decoding on held-out prompts, format rates per deterministic family and the
   five behaviours' rates, printed and returned in the summary (so it lands in the manifest). With
@@ -21,6 +25,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -35,6 +40,8 @@ from ga_ray.context import StageContext
 from ga_ray.errors import StageError
 from ga_ray.finetune import io as finetune_io
 from ga_ray.rundir import atomic_dir, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("ga_ray")
 
 BUCKET_BATCHES = 16
 """Batches per length-sorted bucket (rows are shuffled, then sorted by length inside a bucket)."""
@@ -102,8 +109,13 @@ def load_shard(shard) -> list[dict]:
     finish, so the epoch order is made from the seed alone (`epoch_batches`): with one worker the fine-tune
     is reproducible bit for bit. The shard is held in memory (token ids only: 5,000 documents of 512 tokens
     are ~10 MB), which also gives every epoch a full shuffle instead of a shuffle buffer's."""
+    return rows_sorted(shard.iter_batches(batch_size=4096, batch_format="numpy"))
+
+
+def rows_sorted(batches) -> list[dict]:
+    """Rows of numpy column batches (doc_id, input_ids, loss_mask), sorted by doc_id."""
     rows: list[dict] = []
-    for cols in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+    for cols in batches:
         rows.extend({"doc_id": int(d), "input_ids": ids, "loss_mask": mask}
                     for d, ids, mask in zip(cols["doc_id"], cols["input_ids"], cols["loss_mask"]))
     rows.sort(key=lambda r: r["doc_id"])
@@ -121,8 +133,34 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, rank
 
 
 def _train_loop(conf: dict) -> None:
+    """One Ray Train worker: its shard, `train_adapter`, and rank 0 hands the adapter over as a checkpoint."""
     import ray.train
     import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rows_here = load_shard(ray.train.get_dataset_shard("train"))
+
+    def report_epoch(metrics: dict) -> None:  # every worker reports the same number of times (it is a barrier)
+        ray.train.report(metrics)
+
+    model, metrics = train_adapter(conf, rows_here, rank=rank, world=world, device=ray.train.torch.get_device(),
+                                   prepare_model=ray.train.torch.prepare_model, report_epoch=report_epoch)
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="ga-ray-adapter-") as tmp:
+            unwrapped = model.module if hasattr(model, "module") else model
+            unwrapped.save_pretrained(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def train_adapter(conf: dict, rows_here: list[dict], *, rank: int, world: int, device: Any, prepare_model: Any, report_epoch: Any) -> tuple[Any, dict]:
+    """The training loop of one worker on its rows (sorted by doc_id); returns (model, final metrics).
+
+    Shared by the Ray Train workers and the in-driver path (`prepare_model` identity, no reports), so
+    the two give the same adapter bit for bit with one worker.
+    """
     import torch
     from peft import get_peft_model
 
@@ -132,15 +170,14 @@ def _train_loop(conf: dict) -> None:
     ft = FinetuneConfig.model_validate(conf["finetune"])
     model_cfg = ModelConfig.model_validate(conf["model"])
     torch.set_num_threads(_torch_threads(ft))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    if not rows_here:
+        raise RuntimeError(f"finetune: the data shard of worker {rank} is empty")
 
     torch.manual_seed(ft.seed)  # identical LoRA initialisation on every worker (DDP also broadcasts it)
     base = load_base_model(model_cfg, device=device)
     model = get_peft_model(base, make_lora_config(ft.lora))
     model.train()
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
 
@@ -149,12 +186,7 @@ def _train_loop(conf: dict) -> None:
     steps_epoch = batches_per_epoch(rows_per_worker, per_worker)
     total = max(1, math.ceil(ft.epochs * steps_epoch))
     warmup = max(1, int(ft.warmup_fraction * total))
-    shard = ray.train.get_dataset_shard("train")
     pad_id = conf["pad_id"]
-
-    rows_here = load_shard(shard)
-    if not rows_here:
-        raise RuntimeError(f"finetune: the data shard of worker {rank} is empty")
 
     step, epoch, t0 = 0, 0, time.perf_counter()
     history: list[dict] = []
@@ -179,18 +211,12 @@ def _train_loop(conf: dict) -> None:
             step += 1
         epoch += 1
         history.append({"epoch": epoch, "step": step, "loss": sum(losses) / max(1, len(losses))})
-        if step < total:  # every worker reports the same number of times (it is a barrier)
-            ray.train.report({**history[-1], "total_steps": total})
+        if step < total:
+            report_epoch({**history[-1], "total_steps": total})
 
     metrics = {**history[-1], "total_steps": total, "history": history, "train_seconds": time.perf_counter() - t0,
                "tokens_per_worker": tokens, "world_size": world, "per_worker_batch": per_worker}
-    if rank == 0:
-        with tempfile.TemporaryDirectory(prefix="ga-ray-adapter-") as tmp:
-            unwrapped = model.module if hasattr(model, "module") else model
-            unwrapped.save_pretrained(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    return model, metrics
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -219,14 +245,9 @@ def _check_inputs(ctx: StageContext) -> tuple[Path, int]:
 
 
 def run_finetune(ctx: StageContext) -> dict[str, Any]:
-    import ray
-    import ray.data
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ga_ray.kernel.loading import load_tokenizer
     from ga_ray.raycluster import init_ray
-    from ga_ray.resources import fit_keeping_sigint, plan_workers
+    from ga_ray.resources import plan_workers
 
     cfg = ctx.cfg
     ft = cfg.finetune
@@ -237,29 +258,16 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     init_ray(cfg.ray)
     workers = plan_workers("finetune", ft)
     use_gpu = workers.use_gpu
-    # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
-    from ga_ray.data import io as data_io
-
-    ds = ray.data.read_parquet(data_io.parquet_paths(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
-    storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
-    name = f"finetune-{uuid.uuid4().hex[:8]}"
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_loop,
-        train_loop_config={"finetune": ft.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                           "n_rows": n_rows, "pad_id": pad_id},
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu, resources_per_worker=workers.train_resources()),
-        datasets={"train": ds},
-        run_config=RunConfig(name=name, storage_path=str(storage)),
-    )
+    conf = {"finetune": ft.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"), "n_rows": n_rows, "pad_id": pad_id}
+    in_driver = workers.num_workers == 1 and not use_gpu and n_rows <= ft.in_driver_max_docs
     t0 = time.perf_counter()
-    try:
-        result = fit_keeping_sigint(trainer)
-    except Exception as exc:  # Ray wraps worker errors; keep the cause readable
-        raise StageError(f"finetune: training failed: {type(exc).__name__}: {exc}") from exc
+    if in_driver:
+        log.info("finetune: %d documents on one CPU worker: trained in the driver (finetune.in_driver_max_docs = %d)", n_rows, ft.in_driver_max_docs)
+        model, metrics = _train_in_driver(conf, data_dir)
+        save_adapter = model.save_pretrained
+    else:
+        metrics, save_adapter = _train_on_ray(conf, workers, data_dir, ctx)
     train_s = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise StageError("finetune: training finished without an adapter checkpoint")
-    metrics = dict(result.metrics or {})
 
     summary: dict[str, Any] = {
         "documents": n_rows,
@@ -268,12 +276,13 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         "final_loss": metrics.get("loss"),
         "loss_history": metrics.get("history"),
         "num_workers": ft.num_workers,
+        "in_driver": in_driver,
         "use_gpu": use_gpu,
         "train_seconds": round(train_s, 2),
         "lora": ft.lora.model_dump(mode="json"),
     }
     with atomic_dir(ctx.out) as tmp:
-        result.checkpoint.to_directory(str(tmp))
+        save_adapter(str(tmp))
         n_trainable = _count_adapter_params(tmp)
         summary["trainable_parameters"] = n_trainable
         if ft.format_eval_set:
@@ -286,13 +295,6 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
                 summary["format_table_base"] = base_table
                 atomic_write_json(tmp / finetune_io.FORMAT_TABLE_BASE, base_table)
                 atomic_write_text(tmp / finetune_io.FORMAT_GENERATIONS_BASE, _jsonl(base_gens))
-    if not ft.storage_path:
-        shutil.rmtree(storage / name, ignore_errors=True)
-        try:
-            storage.rmdir()
-        except OSError:
-            pass
-
     loss = summary["final_loss"]
     line = (f"LoRA r={ft.lora.r} on {','.join(ft.lora.target_modules)}: {n_rows} docs x {ft.epochs:g} epochs, "
             f"{summary['steps']} steps, final loss {loss if loss is None else round(loss, 3)}, {train_s:.0f}s")
@@ -305,6 +307,69 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
             line += f" (base model: {b['families_ok']}/{len(b['families'])}, {b['behaviours_ok']}/{len(b['behaviours'])})"
     summary["line"] = line
     return summary
+
+
+def _train_in_driver(conf: dict, data_dir: Path) -> tuple[Any, dict]:
+    """`train_adapter` in this process on every row (pyarrow, the columns as Ray Data's numpy batches hold
+    them); torch's threads and global RNG state restored afterwards."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ga_ray.data import io as data_io
+
+    def batches():
+        for f in data_io.parquet_paths(data_dir):
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["doc_id", "input_ids", "loss_mask"]):
+                yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
+
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        return train_adapter(conf, rows_sorted(batches()), rank=0, world=1, device=torch.device("cpu"),
+                             prepare_model=lambda m: m, report_epoch=lambda metrics: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+
+
+def _train_on_ray(conf: dict, workers: Any, data_dir: Path, ctx: StageContext) -> tuple[dict, Any]:
+    """A Ray Train `TorchTrainer` over Ray Data's read of data/; returns (final metrics, a function that
+    writes the adapter into a folder)."""
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ga_ray.data import io as data_io
+    from ga_ray.resources import fit_keeping_sigint
+
+    ft = FinetuneConfig.model_validate(conf["finetune"])
+    # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
+    ds = ray.data.read_parquet(data_io.parquet_paths(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
+    storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
+    name = f"finetune-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config=conf,
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu, resources_per_worker=workers.train_resources()),
+        datasets={"train": ds},
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+    )
+    try:
+        result = fit_keeping_sigint(trainer)
+    except Exception as exc:  # Ray wraps worker errors; keep the cause readable
+        raise StageError(f"finetune: training failed: {type(exc).__name__}: {exc}") from exc
+    if result.checkpoint is None:
+        raise StageError("finetune: training finished without an adapter checkpoint")
+
+    def save_adapter(folder: str) -> None:
+        result.checkpoint.to_directory(folder)
+        if not ft.storage_path:
+            shutil.rmtree(storage / name, ignore_errors=True)
+            try:
+                storage.rmdir()
+            except OSError:
+                pass
+
+    return dict(result.metrics or {}), save_adapter
 
 
 def _jsonl(rows: list[dict]) -> str:
