@@ -778,6 +778,8 @@ def test_bench_quick_reports_both_methods_on_the_same_judge():
     assert len(r["step_cost"]["rows"]) == 4
     f = p["floor"]
     assert f["gemm_gflops"] > 0 and f["floor_s"] > 0 and f["over_floor"] == pytest.approx(f["s_per_epoch"] / f["floor_s"])
+    assert f["gemm_gflops_one_core"] > 0 and f["floor_cpu_s"] == pytest.approx(f["floor_s"] * f["gemm_gflops"] / f["gemm_gflops_one_core"])
+    assert f["over_floor_cpu"] == pytest.approx(f["cpu_s_per_epoch"] / f["floor_cpu_s"])
     c = p["ceiling"]["to_sklearn_objective"]
     steps = p["ours_until_sklearn_objective"]["steps"]
     assert c["epochs"] == pytest.approx(steps / math.ceil(300 / 256)) and c["ratio"] == pytest.approx(p["sklearn"]["cpu_s"] / c["floor_cpu_s"])
