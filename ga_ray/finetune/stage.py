@@ -155,11 +155,13 @@ def _train_loop(conf: dict) -> None:
         ray.train.report(metrics)
 
 
-def train_adapter(conf: dict, rows_here: list[dict], *, rank: int, world: int, device: Any, prepare_model: Any, report_epoch: Any) -> tuple[Any, dict]:
+def train_adapter(conf: dict, rows_here: list[dict], *, rank: int, world: int, device: Any, prepare_model: Any, report_epoch: Any,
+                  on_step: Any = None) -> tuple[Any, dict]:
     """The training loop of one worker on its rows (sorted by doc_id); returns (model, final metrics).
 
     Shared by the Ray Train workers and the in-driver path (`prepare_model` identity, no reports), so
-    the two give the same adapter bit for bit with one worker.
+    the two give the same adapter bit for bit with one worker. `on_step(step, total, loss)`, if given, is
+    called after every optimiser step (the driver's progress bar).
     """
     import torch
     from peft import get_peft_model
@@ -209,6 +211,8 @@ def train_adapter(conf: dict, rows_here: list[dict], *, rank: int, world: int, d
             losses.append(float(loss.detach()))
             tokens += int(batch.attention_mask.sum())
             step += 1
+            if on_step is not None:
+                on_step(step, total, losses[-1])
         epoch += 1
         history.append({"epoch": epoch, "step": step, "loss": sum(losses) / max(1, len(losses))})
         if step < total:
@@ -322,11 +326,23 @@ def _train_in_driver(conf: dict, data_dir: Path) -> tuple[Any, dict]:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["doc_id", "input_ids", "loss_mask"]):
                 yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="finetune", unit="step")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(step - bar.n)
+        if step % 10 == 0 or step == total:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     try:
         return train_adapter(conf, rows_sorted(batches()), rank=0, world=1, device=torch.device("cpu"),
-                             prepare_model=lambda m: m, report_epoch=lambda metrics: None)
+                             prepare_model=lambda m: m, report_epoch=lambda metrics: None, on_step=on_step)
     finally:
+        bar.close()
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
 
