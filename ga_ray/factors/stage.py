@@ -14,7 +14,7 @@ returns the tensors through Ray Train's return value and the driver writes them.
 
 Small runs skip Ray Train: with one CPU worker and at most `factors.in_driver_max_docs` documents the same
 computation (`factors_of_windows`, one rank) runs in the driver on the data files' windows; tested equal to
-the one-worker Ray Train result. A TorchTrainer's start-up (controller, worker, data-split actors) was
+the two-worker Ray Train result and to the in-process reference (rtol 1e-6). A TorchTrainer's start-up (controller, worker, data-split actors) was
 ~15 s of a ~20 s stage on the tiny test worlds.
 """
 
