@@ -271,9 +271,12 @@ def prepare_cmd(
     _run(run_cfg, run_dir, ["prepare"], "prepare" if force else None, saved=cfg)
 
 
-_stage_command("finetune", "LoRA fine-tune the base model on data/ with Ray Train (writes adapter/, a PEFT folder).")
-_stage_command("factors", "EKFAC factors of every LoRA block with Ray Train (writes factors/).")
-_stage_command("gradients", "Per-document projected gradients with a Ray Data actor pool (writes gradients/).")
+_stage_command("finetune", "LoRA fine-tune the base model on data/ with Ray Train (writes adapter/, a PEFT folder). "
+               "One CPU worker on at most finetune.in_driver_max_docs documents trains in the driver instead: the same adapter.")
+_stage_command("factors", "EKFAC factors of every LoRA block with Ray Train (writes factors/). "
+               "One CPU worker on at most factors.in_driver_max_docs documents computes in the driver instead.")
+_stage_command("gradients", "Per-document projected gradients with a Ray Data actor pool (writes gradients/). "
+               "One CPU worker on at most gradients.in_driver_max_docs documents computes in the driver instead.")
 
 
 @app.command("atoms")
