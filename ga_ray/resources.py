@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +99,11 @@ class WorkerPlan:
     @property
     def device(self) -> str:
         return "cuda" if self.use_gpu else "cpu"
+
+    def runs_in_driver(self, size: float, limit: float) -> bool:
+        """Whether a stage runs its work in the driver instead of Ray workers: one CPU worker and an input of
+        `size` at most `limit` (the stage's `in_driver_*` key), where starting workers costs more than the work."""
+        return self.num_workers == 1 and not self.use_gpu and size <= limit
 
     def actor_options(self) -> dict[str, float]:
         """Keyword arguments for `.options(...)` / `map_batches(...)`."""
@@ -193,3 +199,15 @@ def fit_keeping_sigint(trainer: Any) -> Any:
         return trainer.fit()
     finally:
         signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
+
+
+@contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """For work a stage runs in the driver with a worker's thread count: the driver's count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -39,6 +39,17 @@ def test_reads_equal_plain_pyarrow_over_the_parts(tmp_path):
     assert data_io.read_prepare_report(d) == {"documents": 30}
 
 
+def test_token_windows_hold_every_row_in_order_as_numpy_columns(tmp_path):
+    d, t = _data(tmp_path)
+    windows = list(data_io.iter_token_windows(d, 4))
+    assert [len(w["doc_id"]) for w in windows] == [4, 4, 2] * 3  # windows never cross a part file
+    assert all(sorted(w) == sorted(data_io.TOKEN_COLUMNS) for w in windows)
+    assert np.concatenate([w["doc_id"] for w in windows]).tolist() == t.column("doc_id").to_pylist()
+    ids = [a for w in windows for a in w["input_ids"]]
+    assert all(isinstance(a, np.ndarray) for a in ids)
+    assert [a.tolist() for a in ids] == t.column("input_ids").to_pylist()
+
+
 def test_no_prepared_data_says_run_prepare(tmp_path):
     assert not data_io.exists(tmp_path / "data")
     with pytest.raises(StageError, match="ga-ray prepare"):

@@ -130,3 +130,25 @@ def test_fit_keeping_sigint_restores_the_handler_a_trainer_installs():
         assert signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_runs_in_driver_only_for_one_cpu_worker_on_a_small_input():
+    from ga_ray.resources import WorkerPlan
+
+    one_cpu = WorkerPlan("gradients", num_workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, torch_threads=1)
+    assert one_cpu.runs_in_driver(10, 10) and not one_cpu.runs_in_driver(11, 10)
+    assert not WorkerPlan("gradients", 2, 1.0, 0.0, 1).runs_in_driver(1, 10)
+    assert not WorkerPlan("gradients", 1, 1.0, 1.0, 1).runs_in_driver(1, 10)
+
+
+def test_torch_threads_restored_whatever_happens():
+    import torch
+
+    from ga_ray.resources import torch_threads_restored
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads_restored():
+            torch.set_num_threads(1 if before > 1 else 2)
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

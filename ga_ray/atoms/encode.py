@@ -259,8 +259,9 @@ def _encode(files, D, alpha, tol, max_iter, codes_path, num_workers, use_gpu, ba
 
 def _encode_in_driver(files, D, alpha, tol, max_iter, codes_path, batch_size, num_threads) -> dict[str, Any]:
     """The pass in this process, file by file in `gradients/` order, batches of `batch_size` rows."""
-    old_threads = torch.get_num_threads()
-    try:
+    from ga_ray.resources import torch_threads_restored
+
+    with torch_threads_restored():
         encoder = Encoder([D.detach().cpu().numpy()], alpha, tol, max_iter, num_threads=num_threads)
         acc = CodesAccumulator(D.shape[0], codes_path)
         try:
@@ -272,8 +273,6 @@ def _encode_in_driver(files, D, alpha, tol, max_iter, codes_path, batch_size, nu
             raise
         acc.close()
         return acc.metrics()
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def encode_local(Z: np.ndarray, doc_ids: np.ndarray, D: torch.Tensor, alpha: float, *, tol: float, max_iter: int, codes_path: Path | None, batch_size: int = 2048) -> dict[str, Any]:

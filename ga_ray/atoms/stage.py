@@ -148,7 +148,7 @@ def fit_torch(
 
     pool: LocalPool | RayPool
     size = gradients_bytes(gradients_dir)
-    if workers.num_workers == 1 and not workers.use_gpu and size <= in_driver_bytes(cfg):
+    if workers.runs_in_driver(size, in_driver_bytes(cfg)):
         # small gradients: the one coder in the driver (the same BlockCoder the actor would run), no actor to start
         log.info("atoms: %.1f MB of gradients: the learner codes them in the driver (dictionary.in_driver_mb = %g)", size / 2**20, cfg.in_driver_mb)
         coder = BlockCoder(ParquetPieceReader(pieces), plan, 0, 1, cfg.alpha, lasso_tol=cfg.lasso_tol, lasso_max_iter=cfg.lasso_max_iter)
@@ -178,7 +178,6 @@ def fit_torch(
 def in_driver_bytes(cfg: DictionaryConfig) -> int:
     """Gradients up to this many bytes on disk are coded in the driver (`dictionary.in_driver_mb`)."""
     return int(cfg.in_driver_mb * 2**20)
-
 
 
 def _last_heldout(history: list[dict[str, Any]]) -> float | None:

@@ -10,7 +10,7 @@ int32, plus the source's sidecar columns (e.g. a label column that only the disc
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,15 @@ def read_documents(data_dir: str | Path, doc_ids: Sequence[int] | np.ndarray | N
 def read_doc_ids(data_dir: str | Path) -> np.ndarray:
     """Every doc_id (int64), in file order."""
     return read_documents(data_dir, columns=["doc_id"]).column("doc_id").to_numpy().astype(np.int64)
+
+
+def iter_token_windows(data_dir: str | Path, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """TOKEN_COLUMNS in windows of at most `rows` rows, file by file in doc_id order, as numpy columns the way
+    Ray Data's numpy batches hold them (list columns as object arrays of arrays): what the stages that run in
+    the driver feed the same code their Ray workers run."""
+    for f in part_files(data_dir):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=list(TOKEN_COLUMNS)):
+            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
 
 
 def count_documents(data_dir: str | Path) -> int:

@@ -123,11 +123,11 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         "has_lambda": threshold is not None,
         "n_docs_total": int(len(doc_ids)),
     }
-    in_driver = workers.num_workers == 1 and not use_gpu and len(doc_ids) <= fcfg.in_driver_max_docs
+    in_driver = workers.runs_in_driver(len(doc_ids), fcfg.in_driver_max_docs)
     t0 = time.perf_counter()
     if in_driver:
         log.info("factors: %d documents on one CPU worker: computed in the driver (factors.in_driver_max_docs = %d)", len(doc_ids), fcfg.in_driver_max_docs)
-        rv = _in_driver(config, _parquet_files(data_dir), _SubsampleFilter(fcfg.seed, threshold) if threshold is not None else None)
+        rv = _in_driver(config, data_dir, _SubsampleFilter(fcfg.seed, threshold) if threshold is not None else None)
     else:
         rv = _on_ray_train(config, data_dir, threshold, workers, ctx)
     wall = time.perf_counter() - t0
@@ -309,20 +309,18 @@ def factors_of_windows(config: dict[str, Any], train_windows: Any, lambda_window
     return out
 
 
-def _in_driver(config: dict[str, Any], files: list[str], subsample: _SubsampleFilter | None) -> dict[str, Any] | None:
-    """`factors_of_windows` in this process: the data files' windows (pyarrow, the columns as Ray Data's numpy
-    batches hold them), the Λ subsample by the same filter; torch's threads restored afterwards."""
-    import pyarrow.parquet as pq
+def _in_driver(config: dict[str, Any], data_dir: Path, subsample: _SubsampleFilter | None) -> dict[str, Any] | None:
+    """`factors_of_windows` in this process: the data files' windows (`data_io.iter_token_windows`), the Λ
+    subsample by the same filter; torch's threads restored afterwards."""
     import torch
 
     from ga_ray.factors.distributed import LocalComm
+    from ga_ray.resources import torch_threads_restored
 
     rows = 16 * int(config["factors"]["batch_size"])
 
     def windows():
-        for f in files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=_COLUMNS):
-                yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
+        return data_io.iter_token_windows(data_dir, rows)
 
     def lambda_windows():
         for w in windows():
@@ -330,12 +328,9 @@ def _in_driver(config: dict[str, Any], files: list[str], subsample: _SubsampleFi
             if len(kept["doc_id"]):
                 yield kept
 
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads_restored():
         return factors_of_windows(config, windows, lambda_windows if subsample is not None else None, rank=0, world=1,
                                   device=torch.device("cpu"), comm_factory=LocalComm)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _factors_payload(factors) -> dict[str, Any]:

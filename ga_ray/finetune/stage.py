@@ -263,14 +263,14 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     workers = plan_workers("finetune", ft)
     use_gpu = workers.use_gpu
     conf = {"finetune": ft.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"), "n_rows": n_rows, "pad_id": pad_id}
-    in_driver = workers.num_workers == 1 and not use_gpu and n_rows <= ft.in_driver_max_docs
+    in_driver = workers.runs_in_driver(n_rows, ft.in_driver_max_docs)
     t0 = time.perf_counter()
     if in_driver:
         log.info("finetune: %d documents on one CPU worker: trained in the driver (finetune.in_driver_max_docs = %d)", n_rows, ft.in_driver_max_docs)
         model, metrics = _train_in_driver(conf, data_dir)
         save_adapter = model.save_pretrained
     else:
-        metrics, save_adapter = _train_on_ray(conf, workers, data_dir, ctx)
+        metrics, save_adapter = _train_on_ray(conf, ft, workers, data_dir, ctx)
     train_s = time.perf_counter() - t0
 
     summary: dict[str, Any] = {
@@ -314,19 +314,13 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
 
 
 def _train_in_driver(conf: dict, data_dir: Path) -> tuple[Any, dict]:
-    """`train_adapter` in this process on every row (pyarrow, the columns as Ray Data's numpy batches hold
-    them); torch's threads and global RNG state restored afterwards."""
-    import pyarrow.parquet as pq
+    """`train_adapter` in this process on every row (`data_io.iter_token_windows`); torch's threads and global
+    RNG state restored afterwards."""
     import torch
+    from tqdm.auto import tqdm
 
     from ga_ray.data import io as data_io
-
-    def batches():
-        for f in data_io.parquet_paths(data_dir):
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["doc_id", "input_ids", "loss_mask"]):
-                yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
-
-    from tqdm.auto import tqdm
+    from ga_ray.resources import torch_threads_restored
 
     bar = tqdm(desc="finetune", unit="step")
 
@@ -337,17 +331,17 @@ def _train_in_driver(conf: dict, data_dir: Path) -> tuple[Any, dict]:
         if step % 10 == 0 or step == total:
             bar.set_postfix(loss=f"{loss:.3f}")
 
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    rng = torch.get_rng_state()
     try:
-        return train_adapter(conf, rows_sorted(batches()), rank=0, world=1, device=torch.device("cpu"),
-                             prepare_model=lambda m: m, report_epoch=lambda metrics: None, on_step=on_step)
+        with torch_threads_restored():
+            return train_adapter(conf, rows_sorted(data_io.iter_token_windows(data_dir, 4096)), rank=0, world=1, device=torch.device("cpu"),
+                                 prepare_model=lambda m: m, report_epoch=lambda metrics: None, on_step=on_step)
     finally:
         bar.close()
-        torch.set_num_threads(threads)
         torch.set_rng_state(rng)
 
 
-def _train_on_ray(conf: dict, workers: Any, data_dir: Path, ctx: StageContext) -> tuple[dict, Any]:
+def _train_on_ray(conf: dict, ft: FinetuneConfig, workers: Any, data_dir: Path, ctx: StageContext) -> tuple[dict, Any]:
     """A Ray Train `TorchTrainer` over Ray Data's read of data/; returns (final metrics, a function that
     writes the adapter into a folder)."""
     import ray.data
@@ -357,9 +351,8 @@ def _train_on_ray(conf: dict, workers: Any, data_dir: Path, ctx: StageContext) -
     from ga_ray.data import io as data_io
     from ga_ray.resources import fit_keeping_sigint
 
-    ft = FinetuneConfig.model_validate(conf["finetune"])
     # only the Parquet parts: data/ also holds prepare.json and rejected.jsonl
-    ds = ray.data.read_parquet(data_io.parquet_paths(data_dir)).select_columns(["doc_id", "input_ids", "loss_mask"])
+    ds = ray.data.read_parquet(data_io.parquet_paths(data_dir)).select_columns(list(data_io.TOKEN_COLUMNS))
     storage = Path(ft.storage_path) if ft.storage_path else ctx.run_dir.root / ".ray_train"
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(

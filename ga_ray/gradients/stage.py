@@ -37,7 +37,7 @@ from ga_ray.context import StageContext
 from ga_ray.data import io as data_io
 from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
-from ga_ray.resources import WorkerPlan, plan_workers
+from ga_ray.resources import WorkerPlan, plan_workers, torch_threads_restored
 from ga_ray.rundir import atomic_dir, atomic_write_json
 
 log = logging.getLogger("ga_ray")
@@ -114,25 +114,14 @@ def _collect(ds: Any, n_docs: int) -> dict[str, np.ndarray]:
     return _gather(ds.iter_batches(batch_format="numpy", batch_size=None), n_docs)
 
 
-def _in_driver(files: list[str], gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan, n_docs: int) -> dict[str, np.ndarray]:
+def _in_driver(data_dir: Path, gc: Any, cfg: Any, adapter: Path, factors_dir: Path, out_dir: Path, workers: WorkerPlan, n_docs: int) -> dict[str, np.ndarray]:
     """The same pass in this process: one `GradientsActor`, fed the data files' windows of `window_docs`
-    rows in order (pyarrow, the columns as Ray Data's numpy batches hold them); torch's threads restored."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
+    rows in order (`data_io.iter_token_windows`); torch's threads restored."""
+    with torch_threads_restored():
         # no fault injection here: it tests the actor pool's restarts, and would end this process
         kwargs = {**_actor_kwargs(gc, cfg, adapter, factors_dir, out_dir, workers), "fault": None}
         actor = GradientsActor(**kwargs, in_driver=True)
-
-        def windows():
-            for f in files:
-                for rb in pq.ParquetFile(f).iter_batches(batch_size=gc.window_docs, columns=["doc_id", "input_ids", "loss_mask"]):
-                    yield actor({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
-
-        return _gather(windows(), n_docs)
-    finally:
-        torch.set_num_threads(threads)
+        return _gather((actor(w) for w in data_io.iter_token_windows(data_dir, gc.window_docs)), n_docs)
 
 
 def _gather(batches: Any, n_docs: int) -> dict[str, np.ndarray]:
@@ -250,11 +239,11 @@ def run_gradients(ctx: StageContext) -> dict[str, Any]:
     workers = plan_workers("gradients", gc)
     device = workers.device
     t0 = time.perf_counter()
-    in_driver = workers.num_workers == 1 and device == "cpu" and n_docs <= gc.in_driver_max_docs
+    in_driver = workers.runs_in_driver(n_docs, gc.in_driver_max_docs)
     with atomic_dir(ctx.out) as tmp:
         if in_driver:
             log.info("gradients: %d documents on one CPU worker: computed in the driver (gradients.in_driver_max_docs = %d)", n_docs, gc.in_driver_max_docs)
-            meta = _in_driver(files, gc, cfg, adapter, factors_dir, tmp, workers, n_docs)
+            meta = _in_driver(ctx.data_dir, gc, cfg, adapter, factors_dir, tmp, workers, n_docs)
         else:
             # Blocks of one window each (a streaming split): a prepared data/ file is often one block,
             # and one block feeds one actor task, so without it a pool of several actors sits idle.
