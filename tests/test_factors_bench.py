@@ -24,3 +24,22 @@ def test_bench_factors_quick(capsys):
     assert {"covariance_pass_s", "eigendecomposition_s", "lambda_pass_s"} <= set(out["factors_in_process"])
     printed = capsys.readouterr().out
     assert "one backward per doc (paper)" in printed and "EKFAC factors over 24 docs" in printed
+
+
+def test_bench_factors_stage_rows_say_where_the_stage_ran(ray_session, capsys):
+    """With one worker the stage's default runs in the driver; the bench then measures Ray Train at one
+    worker too (`factors.in_driver_max_docs=0`) and labels each row with where it ran."""
+    from ga_ray.bench.factors import main
+
+    threads = torch.get_num_threads()
+    try:
+        out = main(quick=True, threads=1, n_docs=12, loop_docs=2, workers=[1])
+    finally:
+        torch.set_num_threads(threads)
+    stage = out["factors_stage"]
+    assert set(stage) == {"1_driver", "1_train"}
+    assert stage["1_driver"]["in_driver"] is True and stage["1_train"]["in_driver"] is False
+    for t in stage.values():
+        assert t["fit_wall_s"] > 0 and t["covariance_pass_s"] > 0
+    printed = capsys.readouterr().out
+    assert "stage, in the driver" in printed and "stage, Ray Train" in printed

@@ -119,10 +119,14 @@ def paper_loop_gradients(model, blocks, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, max_tokens: int, top_k: int) -> dict[str, Any]:
+def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, cpus_per_worker: float, batch_size: int, max_tokens: int, top_k: int, ray_train: bool = False) -> dict[str, Any]:
+    """One run of the real stage. With one CPU worker and few documents it computes in the driver
+    (`factors.in_driver_max_docs`); `ray_train=True` forces the Ray Train `TorchTrainer` (`=0`)."""
     from ga_ray.factors.stage import run_factors
 
-    ctx = scratch_stage(root, f"run_w{workers}", "factors", world, {"data": data_dir}, [
+    tag = f"w{workers}" + ("_train" if ray_train else "")
+    ctx = scratch_stage(root, f"run_{tag}", "factors", world, {"data": data_dir}, [
+        *(["factors.in_driver_max_docs=0"] if ray_train else []),
         f"factors.num_workers={workers}",
         f"factors.cpus_per_worker={cpus_per_worker}",
         f"factors.batch_size={batch_size}",
@@ -224,20 +228,26 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
         timings["total_s"] = time.perf_counter() - t0
         factor_rows = [{"run": "in-process (no Ray)", "workers": 1, **{k: round(v, 3) for k, v in timings.items()}}]
 
-        # -- the stage on Ray Train
+        # -- the real stage: defaults (one worker and few documents: in the driver), then Ray Train
         stage = {}
         if workers:
             from ga_ray.config import RayConfig
             from ga_ray.raycluster import init_ray
 
             init_ray(RayConfig(address=opts.get("address")))
-            for w in workers:
-                s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, max_tokens, top_k)
+            runs = [(w, False) for w in workers]
+            if 1 in workers:  # the one-worker default may run in the driver: measure Ray Train at one worker too
+                runs.insert(workers.index(1) + 1, (1, True))
+            for w, ray_train in runs:
+                s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, max_tokens, top_k, ray_train=ray_train)
+                if s.get("in_driver") and ray_train:
+                    raise RuntimeError("factors.in_driver_max_docs=0 did not force Ray Train")
                 t = s["timings"]
-                stage[w] = t
+                where = "in the driver" if s.get("in_driver") else "Ray Train"
+                stage[f"{w}_{'driver' if s.get('in_driver') else 'train'}"] = {**t, "in_driver": bool(s.get("in_driver"))}
                 factor_rows.append(
                     {
-                        "run": f"Ray Train stage ({cpus_per_worker:g} CPU/worker)",
+                        "run": f"stage, {where} ({cpus_per_worker:g} CPU/worker)",
                         "workers": w,
                         "covariance_pass_s": t.get("covariance_pass_s"),
                         "eigendecomposition_s": t.get("eigendecomposition_s"),
