@@ -243,11 +243,10 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
                 if s.get("in_driver") and ray_train:
                     raise RuntimeError("factors.in_driver_max_docs=0 did not force Ray Train")
                 t = s["timings"]
-                where = "in the driver" if s.get("in_driver") else "Ray Train"
                 stage[f"{w}_{'driver' if s.get('in_driver') else 'train'}"] = {**t, "in_driver": bool(s.get("in_driver"))}
                 factor_rows.append(
                     {
-                        "run": f"stage, {where} ({cpus_per_worker:g} CPU/worker)",
+                        "run": "stage, in the driver" if s.get("in_driver") else f"stage, Ray Train ({cpus_per_worker:g} CPU/worker)",
                         "workers": w,
                         "covariance_pass_s": t.get("covariance_pass_s"),
                         "eigendecomposition_s": t.get("eigendecomposition_s"),
