@@ -26,6 +26,7 @@ def test_bench_quick_returns_figures(ray_session):
     a_b = r["1 worker, in the driver, steady"]["ours/loop (goal>=1.5)"]
     assert np.isclose(a_b, a["steady_docs_per_s"] / result["b_paper"]["docs_per_s"])
     assert np.isclose(a["startup_s"], a["wall_s"] - a["compute_s"]) and a["compute_s"] > 0
+    assert result["imports_s"] >= 0  # transformers and peft, imported before the stage (0 when already imported)
 
 
 def test_bench_in_process_part_without_ray():
