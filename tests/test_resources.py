@@ -137,6 +137,7 @@ def test_runs_in_driver_only_for_one_cpu_worker_on_a_small_input():
 
     one_cpu = WorkerPlan("gradients", num_workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, torch_threads=1)
     assert one_cpu.runs_in_driver(10, 10) and not one_cpu.runs_in_driver(11, 10)
+    assert not one_cpu.runs_in_driver(1, 0), "a limit of 0 forces the Ray path (what `<stage>.in_driver_max_docs=0` means)"
     assert not WorkerPlan("gradients", 2, 1.0, 0.0, 1).runs_in_driver(1, 10)
     assert not WorkerPlan("gradients", 1, 1.0, 1.0, 1).runs_in_driver(1, 10)
 

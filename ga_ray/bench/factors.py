@@ -139,6 +139,20 @@ def _run_stage(world: dict[str, Any], data_dir: Path, root: Path, workers: int, 
     return summary
 
 
+def stage_runs(workers: list[int]) -> list[tuple[int, bool]]:
+    """(workers, force Ray Train) for each stage run: every requested worker count with the stage's
+    defaults, and with one worker (whose default may run in the driver) also Ray Train forced."""
+    runs = [(w, False) for w in workers]
+    if 1 in workers:
+        runs.insert(workers.index(1) + 1, (1, True))
+    return runs
+
+
+def stage_label(in_driver: bool, cpus_per_worker: float) -> str:
+    """The table's name for a stage run: where it computed (a driver run has no worker CPU share)."""
+    return "stage, in the driver" if in_driver else f"stage, Ray Train ({cpus_per_worker:g} CPU/worker)"
+
+
 def _interleaved_medians(fns: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, float]:
     """Median wall time of each function, repetitions interleaved (a busy machine slows all alike)."""
     for f in fns.values():
@@ -235,10 +249,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
             from ga_ray.raycluster import init_ray
 
             init_ray(RayConfig(address=opts.get("address")))
-            runs = [(w, False) for w in workers]
-            if 1 in workers:  # the one-worker default may run in the driver: measure Ray Train at one worker too
-                runs.insert(workers.index(1) + 1, (1, True))
-            for w, ray_train in runs:
+            for w, ray_train in stage_runs(workers):
                 s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, max_tokens, top_k, ray_train=ray_train)
                 if s.get("in_driver") and ray_train:
                     raise RuntimeError("factors.in_driver_max_docs=0 did not force Ray Train")
@@ -246,7 +257,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
                 stage[f"{w}_{'driver' if s.get('in_driver') else 'train'}"] = {**t, "in_driver": bool(s.get("in_driver"))}
                 factor_rows.append(
                     {
-                        "run": "stage, in the driver" if s.get("in_driver") else f"stage, Ray Train ({cpus_per_worker:g} CPU/worker)",
+                        "run": stage_label(bool(s.get("in_driver")), cpus_per_worker),
                         "workers": w,
                         "covariance_pass_s": t.get("covariance_pass_s"),
                         "eigendecomposition_s": t.get("eigendecomposition_s"),
