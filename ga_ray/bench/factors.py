@@ -6,7 +6,8 @@ On the same documents, in the same process and run:
   reading `param.grad`). Throughput in docs/s and the ratio (goal ≥ 10×); the two are checked to
   agree on a few documents.
 - EKFAC factors in this process (no Ray: the kernel cost of the passes), then the real stage
-  (`run_factors`, a Ray Train `TorchTrainer`) with 1 and 2 workers: covariance pass,
+  (`run_factors`) with 1 and 2 workers, where one worker on few documents computes in the driver
+  (`factors.in_driver_max_docs`), so one worker is also run on a Ray Train `TorchTrainer`: covariance pass,
   eigendecomposition and Λ pass times (measured inside the workers, slowest worker), and the job's
   wall time (worker start and model loading included).
 
