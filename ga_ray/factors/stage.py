@@ -49,7 +49,8 @@ def read_doc_ids(data_dir: Path) -> np.ndarray:
 
 
 class _SubsampleFilter:
-    """Ray Data batch filter keeping the seeded Λ subsample (depends only on seed and doc_id)."""
+    """Batch filter keeping the seeded Λ subsample (depends only on seed and doc_id): a Ray Data `map_batches`
+    function on Ray Train, applied to each window in the driver."""
 
     def __init__(self, seed: int, threshold: int):
         self.seed = seed
@@ -124,12 +125,13 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
         "n_docs_total": int(len(doc_ids)),
     }
     in_driver = workers.runs_in_driver(len(doc_ids), fcfg.in_driver_max_docs)
+    subsample = _SubsampleFilter(fcfg.seed, threshold) if threshold is not None else None  # the Λ pass's documents
     t0 = time.perf_counter()
     if in_driver:
         log.info("factors: %d documents on one CPU worker: computed in the driver (factors.in_driver_max_docs = %d)", len(doc_ids), fcfg.in_driver_max_docs)
-        rv = _in_driver(config, data_dir, _SubsampleFilter(fcfg.seed, threshold) if threshold is not None else None)
+        rv = _in_driver(config, data_dir, subsample)
     else:
-        rv = _on_ray_train(config, data_dir, threshold, workers, ctx)
+        rv = _on_ray_train(config, data_dir, subsample, workers, ctx)
     wall = time.perf_counter() - t0
     rv = rv or {}
     if rv.get("error"):
@@ -171,7 +173,7 @@ def run_factors(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _on_ray_train(config: dict[str, Any], data_dir: Path, threshold: int | None, workers: Any, ctx: StageContext) -> dict[str, Any] | None:
+def _on_ray_train(config: dict[str, Any], data_dir: Path, subsample: _SubsampleFilter | None, workers: Any, ctx: StageContext) -> dict[str, Any] | None:
     """A Ray Train `TorchTrainer` over Ray Data's read of data/ (and the Λ subsample); rank 0's return value."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -180,15 +182,14 @@ def _on_ray_train(config: dict[str, Any], data_dir: Path, threshold: int | None,
     from ga_ray.resources import fit_keeping_sigint
 
     n_workers = workers.num_workers
-    seed = int(config["factors"]["seed"])
     ds = ray.data.read_parquet(_parquet_files(data_dir)).select_columns(_COLUMNS)
     if n_workers > 1:
         # small blocks, so that every worker gets documents (Parquet files are read whole, in one block)
         rows_per_block = max(1, min(1024, -(-int(config["n_docs_total"]) // (4 * n_workers))))
         ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     datasets = {"train": ds}
-    if threshold is not None:
-        datasets["lambda"] = ds.map_batches(_SubsampleFilter(seed, threshold), batch_format="numpy")
+    if subsample is not None:
+        datasets["lambda"] = ds.map_batches(subsample, batch_format="numpy")
     storage = ctx.run_dir.root / ".ray_train"
     name = f"factors-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(

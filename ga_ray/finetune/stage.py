@@ -343,7 +343,8 @@ def _train_in_driver(conf: dict, data_dir: Path) -> tuple[Any, dict]:
 
 def _train_on_ray(conf: dict, ft: FinetuneConfig, workers: Any, data_dir: Path, ctx: StageContext) -> tuple[dict, Any]:
     """A Ray Train `TorchTrainer` over Ray Data's read of data/; returns (final metrics, a function that
-    writes the adapter into a folder)."""
+    writes the adapter into a folder and then removes the trainer's storage, unless `finetune.storage_path`
+    names it: the checkpoint lives there until it is copied)."""
     import ray.data
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
