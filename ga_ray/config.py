@@ -243,8 +243,13 @@ class DictionaryConfig(Workers):
     """Dictionary size K."""
     alpha: Positive = 0.1
     """L1 penalty α of scikit-learn's objective."""
-    batch_size: PositiveInt = 256
-    """Rows per online step."""
+    batch_size: PositiveInt | Literal["auto"] = "auto"
+    """Rows per online step. `auto`: for our learner 2·K, at least 256 and at most a quarter of the rows
+    (each step's Gram matrix and atom sweep cost 3·K²·D whatever the batch, so small batches spend most
+    of an epoch there: with K 500 and the stopping rule, 1,024 rows per step took 2.2× less CPU time than
+    256 on planted atoms at D 6,800 and 1.9× less on the demo gradients, at objectives 3.4% and 0.4% higher,
+    both below scikit-learn's; `ga_ray.atoms.trainer.auto_batch_size`); with `backend: sklearn`, 256,
+    the paper's."""
     max_epochs: Positive = 20.0
     """Upper bound on passes over the data."""
     stop_on: Literal["train", "heldout"] = "train"

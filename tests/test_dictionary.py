@@ -818,12 +818,55 @@ def test_forget_exponent_reaches_the_learner_and_the_stage_fingerprint(tmp_path)
     from ga_ray.config import DictionaryConfig
 
     c = DictionaryConfig()
-    assert FitSettings(n_atoms=3, alpha=0.1).forget_exponent == c.forget_exponent == fit_settings(c, 0).forget_exponent
+    assert FitSettings(n_atoms=3, alpha=0.1).forget_exponent == c.forget_exponent == fit_settings(c, 0, 100).forget_exponent
     assert dict_settings(DictSizes(n_atoms=3, dim=4, n_rows=5))[0].forget_exponent == c.forget_exponent
     two = c.model_copy(update={"forget_exponent": 2.0})
-    assert fit_settings(two, 0).forget_exponent == 2.0
+    assert fit_settings(two, 0, 100).forget_exponent == 2.0
     f = tmp_path / "z.parquet"
     f.write_bytes(b"x")
     pieces = [SimpleNamespace(path=str(f), row_group=0, start=0, n_rows=1)]
     assert _fingerprint(c, 0, pieces, 4) != _fingerprint(two, 0, pieces, 4)
     assert _fingerprint(c, 0, pieces, 4) == _fingerprint(c.model_copy(), 0, pieces, 4)
+
+
+def test_auto_batch_size_is_two_k_within_its_bounds():
+    """`batch_size: auto` is 2·K rows, at least 256 and at most a quarter of the rows (never below 256)."""
+    from ga_ray.atoms.trainer import auto_batch_size, resolve_batch_size
+
+    assert auto_batch_size(500, 5000) == 1000
+    assert auto_batch_size(500, 3000) == 750  # a quarter of the rows
+    assert auto_batch_size(100, 100_000) == 256  # 2·K under the floor
+    assert auto_batch_size(500, 800) == 256  # the quarter under the floor
+    assert auto_batch_size(2000, 100_000) == 4000
+    assert resolve_batch_size("auto", 500, 5000) == 1000
+    assert resolve_batch_size(48, 500, 5000) == 48
+    for bad in ("big", 0, -3):
+        with pytest.raises(ValueError, match="batch_size"):
+            resolve_batch_size(bad, 500, 5000)
+
+
+def test_the_stage_resolves_auto_batches_per_backend_and_fingerprints_the_rows(tmp_path):
+    """The sklearn backend keeps the paper's 256 under `auto`; ours gets `auto_batch_size`; an explicit size
+    is used by both; the plan clamps to the rows; the checkpoint fingerprint holds the resolved rows, so
+    `auto` and the same explicit number resume each other's fits."""
+    from types import SimpleNamespace
+
+    from ga_ray.atoms.stage import _fingerprint, batch_rows, fit_settings, make_plan
+    from ga_ray.bench.gpu import DictSizes, dict_settings
+    from ga_ray.config import DictionaryConfig
+
+    c = DictionaryConfig(n_atoms=500)
+    assert c.batch_size == "auto"
+    assert batch_rows(c, 5000) == 1000 == fit_settings(c, 0, 5000).batch_size
+    assert batch_rows(c.model_copy(update={"backend": "sklearn"}), 5000) == 256
+    fixed = c.model_copy(update={"batch_size": 300})
+    assert batch_rows(fixed, 5000) == 300 == batch_rows(fixed.model_copy(update={"backend": "sklearn"}), 5000)
+    assert make_plan(c, [2000, 3000], 8, 0).batch_size == 1000
+    assert make_plan(fixed, [100], 8, 0).batch_size == 100  # clamped to the rows there are
+    assert dict_settings(DictSizes(n_atoms=500, dim=4, n_rows=5000))[0].batch_size == 1000
+    f = tmp_path / "z.parquet"
+    f.write_bytes(b"x")
+    pieces = [SimpleNamespace(path=str(f), row_group=0, start=0, n_rows=5000)]
+    same = c.model_copy(update={"batch_size": 1000})
+    assert _fingerprint(c, 0, pieces, 4) == _fingerprint(same, 0, pieces, 4)
+    assert _fingerprint(c, 0, pieces, 4) != _fingerprint(fixed, 0, pieces, 4)

@@ -43,7 +43,7 @@ from ga_ray.atoms.io import (
 )
 from ga_ray.atoms.online import OnlineState, mutual_coherence
 from ga_ray.atoms.stream import BlockCoder, StreamPlan
-from ga_ray.atoms.trainer import FitResult, FitSettings, LocalPool, TrainerState, fit
+from ga_ray.atoms.trainer import AUTO_BATCH_MIN, FitResult, FitSettings, LocalPool, TrainerState, fit, resolve_batch_size
 from ga_ray.context import StageContext
 from ga_ray.errors import StageError
 from ga_ray.raycluster import init_ray
@@ -60,12 +60,21 @@ def seeds_override(seeds: int) -> list[str]:
     return [f"dictionary.n_seeds={int(seeds)}"]
 
 
+def batch_rows(cfg: DictionaryConfig, n_rows: int) -> int:
+    """The configured batch in rows for `n_rows` documents (`auto`: 256 for the sklearn backend, the
+    paper's; `auto_batch_size` for ours), before the plan clamps it to the rows there are."""
+    if cfg.batch_size == "auto" and cfg.backend == "sklearn":
+        return AUTO_BATCH_MIN
+    return resolve_batch_size(cfg.batch_size, cfg.n_atoms, n_rows)
+
+
 def make_plan(cfg: DictionaryConfig, piece_rows: list[int], dim: int, seed: int) -> StreamPlan:
     n = int(sum(piece_rows))
-    window_rows = max(cfg.batch_size, int(cfg.shuffle_buffer_mb * 2**20 / (4 * max(dim, 1))))
+    batch = batch_rows(cfg, n)
+    window_rows = max(batch, int(cfg.shuffle_buffer_mb * 2**20 / (4 * max(dim, 1))))
     return StreamPlan(
         piece_rows=tuple(int(r) for r in piece_rows),
-        batch_size=max(1, min(cfg.batch_size, n)),
+        batch_size=max(1, min(batch, n)),
         window_rows=window_rows,
         seed=seed,
         heldout_fraction=cfg.heldout_fraction,
@@ -73,11 +82,11 @@ def make_plan(cfg: DictionaryConfig, piece_rows: list[int], dim: int, seed: int)
     )
 
 
-def fit_settings(cfg: DictionaryConfig, seed: int) -> FitSettings:
+def fit_settings(cfg: DictionaryConfig, seed: int, n_rows: int) -> FitSettings:
     return FitSettings(
         n_atoms=cfg.n_atoms,
         alpha=cfg.alpha,
-        batch_size=cfg.batch_size,
+        batch_size=batch_rows(cfg, n_rows),
         max_epochs=cfg.max_epochs,
         tol=cfg.tol,
         patience=cfg.patience,
@@ -98,6 +107,7 @@ def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int) -> st
         "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold stop_on warm_start forget_exponent"
     ).split()
     data = {k: getattr(cfg, k) for k in keys}
+    data["batch_size"] = batch_rows(cfg, sum(p.n_rows for p in pieces))  # `auto` as the rows it resolves to
     files = sorted({p.path for p in pieces})
     data.update(seed=seed, dim=dim, pieces=[(Path(p.path).name, p.row_group, p.start, p.n_rows) for p in pieces])
     data["sizes"] = [Path(f).stat().st_size for f in files]
@@ -123,7 +133,7 @@ def fit_torch(
     pieces = list_pieces(gradients_dir, cfg.max_piece_rows)
     dim = gradient_dim(gradients_dir)
     plan = make_plan(cfg, [p.n_rows for p in pieces], dim, seed)
-    settings = fit_settings(cfg, seed)
+    settings = fit_settings(cfg, seed, plan.n_rows)
     workers = plan_workers("dictionary", cfg)
     # the driver sums the workers' statistics and updates the atoms on ITS device: a GPU cluster's head node
     # often has none (the actors get theirs from the plan)
@@ -217,7 +227,7 @@ def _fit_one(gradients_dir: Path, cfg: DictionaryConfig, seed: int, out_dir: Pat
         _, Z = read_all(gradients_dir)
         X = normalise(Z)
         read_s = time.perf_counter() - t0
-        res = fit_sklearn(X, cfg.n_atoms, cfg.alpha, min(cfg.batch_size, X.shape[0]), seed, cfg.sklearn_max_iter)
+        res = fit_sklearn(X, cfg.n_atoms, cfg.alpha, min(batch_rows(cfg, X.shape[0]), X.shape[0]), seed, cfg.sklearn_max_iter)
         return res["dictionary"], {"steps": res["n_steps"], "epochs": res["n_iter"], "stop_reason": "sklearn"}, {"read_s": read_s, "fit_s": res["fit_s"]}
     t0 = time.perf_counter()
     r, plan = fit_torch(gradients_dir, cfg, seed, out_dir=out_dir, checkpoint_name=ckpt)

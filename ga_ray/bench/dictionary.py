@@ -64,15 +64,14 @@ def exact_scores(X: np.ndarray, D: np.ndarray, alpha: float, tol: float = 1e-6, 
     return {"objective": total / X.shape[0], "dead_atoms": int((~used).sum()), "l0_mean": l0 / X.shape[0]}
 
 
-def _settings(n_atoms: int, alpha: float, **kw: Any) -> FitSettings:
-    """The stage's default settings (one place defines them), at this benchmark's K and alpha."""
-    from dataclasses import replace
-
+def _settings(n_atoms: int, alpha: float, n_rows: int, **kw: Any) -> FitSettings:
+    """The stage's default settings (one place defines them, the batch included) at this benchmark's K,
+    alpha and rows."""
     from ga_ray.config import DictionaryConfig
     from ga_ray.atoms.stage import fit_settings
 
-    c = DictionaryConfig()
-    return replace(fit_settings(c, c.seed), n_atoms=n_atoms, alpha=alpha, **kw)
+    c = DictionaryConfig().model_copy(update={"n_atoms": n_atoms, "alpha": alpha})
+    return FitSettings(**{**fit_settings(c, c.seed, n_rows).__dict__, **kw})
 
 
 def _heldout_fraction() -> float:
@@ -187,7 +186,7 @@ def _gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
 
 def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float, threads: int, reps: int, label: str, skip_sklearn: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"data": label, "n": int(X.shape[0]), "dim": int(X.shape[1]), "n_atoms": n_atoms, "alpha": alpha}
-    s = _settings(n_atoms, alpha)
+    s = _settings(n_atoms, alpha, X.shape[0])
     # warm-up (threads, MKL, allocator) on a slice, untimed
     learn_dictionary(X[: min(len(X), 4 * s.batch_size)], FitSettings(**{**s.__dict__, "max_epochs": 1.0}), heldout_fraction=_heldout_fraction())
     times, cpus, runs = [], [], []
@@ -204,6 +203,7 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         "cpu_s": statistics.median(cpus),
         "steps": r.steps,
         "epochs": round(r.epochs, 3),
+        "batch_size": s.batch_size,
         "stop_reason": r.stop_reason,
         **ours,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
@@ -315,7 +315,7 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
             k_large = 24 if quick else int(opts.get("large_k", 1000))
             p_large = 64 if quick else 6800
             XL, TL, _ = planted_atoms(n_large, p_large, k_large, seed=2)
-            s = _settings(k_large, 0.1, max_epochs=float(opts.get("large_epochs", 3)))
+            s = _settings(k_large, 0.1, n_large, max_epochs=float(opts.get("large_epochs", 3)))
             t, c, r = _run_ours(XL, s)
             result["large"] = {
                 "cpu_s": c,
@@ -355,7 +355,8 @@ def _print(res: dict[str, Any]) -> None:
         if "ours_until_sklearn_objective" in c:
             u = c["ours_until_sklearn_objective"]
             rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "cpu_s": u["cpu_s"], "cpu_ratio": c.get("cpu_ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
-        print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']} (ratio = sklearn time / ours)", rows)
+        print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']}; batch: ours {o['batch_size']} "
+                    f"(the stage's auto), scikit-learn 256 (ratio = sklearn time / ours)", rows)
         f = c["floor"]
         print(f"  epoch floor: {f['s_per_epoch']:.2f} s per epoch against {f['floor_s']:.2f} s of GEMM work at {f['gemm_gflops']:.1f} GFLOP/s "
               f"measured now: {f['over_floor']:.1f}x the floor (goal <= 3x); in cpu time {f['cpu_s_per_epoch']:.2f} s against "

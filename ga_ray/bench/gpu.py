@@ -344,14 +344,15 @@ def gemm_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype =
 def dict_settings(d: DictSizes) -> tuple[Any, dict[str, Any], str]:
     """The atoms stage's default settings (from ga_ray.config when importable) at this K and alpha:
     (FitSettings, learn_dictionary keyword arguments, where they came from)."""
-    from ga_ray.atoms.trainer import FitSettings
+    from ga_ray.atoms.trainer import FitSettings, auto_batch_size, resolve_batch_size
 
     try:  # pydantic may be absent on a borrowed GPU machine: then FitSettings' and learn_dictionary's own defaults
         from ga_ray.config import DictionaryConfig
     except Exception:
-        return FitSettings(n_atoms=d.n_atoms, alpha=d.alpha), {}, "FitSettings defaults (ga_ray.config not importable)"
+        s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=auto_batch_size(d.n_atoms, d.n_rows))
+        return s, {}, "FitSettings defaults, batch auto (ga_ray.config not importable)"
     c = DictionaryConfig()
-    s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=c.batch_size, tol=c.tol, patience=c.patience, eval_every=c.eval_every,
+    s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=resolve_batch_size(c.batch_size, d.n_atoms, d.n_rows), tol=c.tol, patience=c.patience, eval_every=c.eval_every,
                     init=c.init, seed=c.seed, dup_threshold=c.dup_threshold, stop_on=c.stop_on, warm_start=c.warm_start,
                     forget_exponent=c.forget_exponent)
     kw = {"heldout_fraction": c.heldout_fraction, "heldout_max_rows": c.heldout_max_rows, "lasso_tol": c.lasso_tol, "lasso_max_iter": c.lasso_max_iter}
