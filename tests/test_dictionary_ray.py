@@ -200,3 +200,23 @@ def test_kmeans_in_the_driver_equals_kmeans_on_ray(ray_session, tmp_path):
     np.testing.assert_array_equal(local["labels"], on_ray["labels"])
     assert local["inertia"] == on_ray["inertia"] and local["n_iter"] == on_ray["n_iter"]
     assert len(np.unique(local["labels"])) == 5
+
+
+def test_kmeans_in_the_driver_keeps_blas_off_scikit_learns_openmp_threads(tmp_path):
+    """In a fresh process (scikit-learn and scipy's BLAS not loaded yet) the in-driver k-means runs BLAS
+    single-threaded inside scikit-learn's OpenMP loops: OpenBLAS warned "Detect OpenMP Loop and this
+    application may hang" hundreds of times per demo run before."""
+    import os
+    import subprocess
+    import sys
+
+    g, _, _ = write_gradients(tmp_path, n=2000, dim=200, n_atoms=12, files=2, row_group=500)
+    code = (
+        "from pathlib import Path; from ga_ray.atoms.kmeans import kmeans_clusters; "
+        f"r = kmeans_clusters(Path({str(g)!r}), 15, 42, in_driver=True); print(r['n_clusters'])"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "15"
+    assert "Detect OpenMP Loop" not in r.stdout + r.stderr
