@@ -96,7 +96,7 @@ def auto_batch_size(n_atoms: int, n_rows: int) -> int:
     (but never below 256; the plan then clamps to the rows there are).
 
     Why 2·K: whatever the batch, each step costs the Gram matrix and the sweep's B − A·D, 3·K²·D
-    multiply-adds, against 2·B·K·D for the batch's correlations X·Dᵀ, so at B = 256 and K = 500 the
+    flop, against 2·B·K·D for the batch's correlations X·Dᵀ, so at B = 256 and K = 500 the
     per-step part is 2.9× the per-row part, and at B = 2·K it is 0.75×, for any K and D. The objective per
     epoch barely moves with B while steps are many per epoch, hence the cap (at least 4 steps per epoch).
     Measured with the stage's stopping rule (2-core AMD EPYC, K 500, `docs/benchmarks.md`): on planted atoms
