@@ -11,10 +11,11 @@ the dictionary, so the sweep and the Gram matrix cost 3·K²·D/r instead of 3·
   averaged per row over its visits, as in the paper's SOMF.
 
 The statistics A and B are updated in full (sparse codes make that cheap) with the stage's forgetting
-weights (ρ = 4). CPU seconds exclude the exact objective computed after each epoch. Measured on planted
-atoms (N 4,750, D 6,800, K 500, batch 256, 2-core AMD EPYC, 2026-12-03; docs/benchmarks.md): neither
-variant reached scikit-learn's objective (0.1652) sooner in CPU time than the full update, which got
-there in one epoch.
+weights (ρ = 4). CPU seconds exclude the exact objective computed after each epoch; the per-atom Python
+loop of the sweep makes them slower than the learner's, so compare epochs. Measured on planted atoms
+(N 4,750, D 6,800, K 500, batch 256, 2026-12-03; docs/benchmarks.md): the full update passed
+scikit-learn's objective (0.1652) in one epoch, exact codes with a quarter of the columns in two to
+three, the SOMF variant not in six.
 
     PYTHONPATH=. python docs/experiments/feature_subsampling.py --ratios 1 4 8 [--exact-codes]
 """
@@ -69,12 +70,16 @@ def fit(X: np.ndarray, n_atoms: int, alpha: float, ratio: int, epochs: int, *, e
             Bt *= w
             used = np.flatnonzero(np.abs(C).sum(0))
             Bt[used] += C[:, used].T @ xb / n
-            DM = D[:, cols].copy()
-            outside = (np.einsum("kp,kp->k", D, D) - np.einsum("kq,kq->k", DM, DM)).clip(0)
-            G_old_cols = DM @ DM.T
-            _sweep_columns(DM, A, Bt[:, cols], outside)
-            D[:, cols] = DM
-            G = G - G_old_cols + DM @ DM.T
+            if q == P:  # the full update: the sweep in place, the Gram matrix anew
+                _sweep_columns(D, A, Bt, np.zeros(K, np.float32))
+                G = D @ D.T
+            else:
+                DM = D[:, cols].copy()
+                outside = (np.einsum("kp,kp->k", D, D) - np.einsum("kq,kq->k", DM, DM)).clip(0)
+                G_old_cols = DM @ DM.T
+                _sweep_columns(DM, A, Bt[:, cols], outside)
+                D[:, cols] = DM
+                G = G - G_old_cols + DM @ DM.T
             step += 1
             cpu += time.process_time() - c0
         history.append({"epoch": epoch + 1, "steps": step, "cpu_s": round(cpu, 2), "objective": exact_scores(X, D, alpha)["objective"]})

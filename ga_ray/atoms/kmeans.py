@@ -55,8 +55,8 @@ def kmeans_clusters(gradients_dir: Path, n_clusters: int, seed: int, max_piece_r
     n = X.shape[0]
     k = int(min(n_clusters, n))
     # dask's threads run scikit-learn's OpenMP loops, which call BLAS: with BLAS's own threads inside them
-    # OpenBLAS printed "Detect OpenMP Loop and this application may hang" 861 times in a demo run, and the
-    # nested threads oversubscribed the cores. One BLAS thread per call in this process (a limit set before
+    # OpenBLAS printed "Detect OpenMP Loop and this application may hang" 861 times in a demo run. One BLAS
+    # thread per call in this process (a limit set before
     # scipy's BLAS is loaded would miss it): the same clusters in the same time (5.4-5.7 s against 4.9-5.8 s on
     # the demo's gradients, imports included, 3 runs each).
     with dask.config.set(scheduler=scheduler), threadpool_limits(limits=1, user_api="blas"):
