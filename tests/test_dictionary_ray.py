@@ -123,6 +123,7 @@ def test_stage_writes_dictionary_codes_metrics_kmeans_and_stability(ray_session,
     for key in ("objective", "fvu", "l0_per_doc", "docs_per_atom_median", "dead_atoms", "mutual_coherence", "timings_s", "training"):
         assert key in m
     assert m["n_docs"] == 480 and 0 < m["fvu"] < 1
+    assert f"{m['training']['steps']} steps of {m['training']['batch_size']} rows" in summary["line"]  # the resolved batch
     assert m["l0_per_doc"]["mean"] == pytest.approx(codes.num_rows / 480)
     # the stored codes reproduce the objective: ½‖x − cD‖² + α‖c‖₁ averaged over documents
     X = Z / np.linalg.norm(Z, axis=1, keepdims=True)

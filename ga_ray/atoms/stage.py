@@ -332,8 +332,9 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(out / METRICS_FILE, metrics)
     for i in range(len(seeds)):
         remove_checkpoint(out, "checkpoint" if i == 0 else f"checkpoint_seed{i}")
+    fit = f"{cfg.backend}, {training['steps']} steps of {training['batch_size']} rows" if "batch_size" in training else cfg.backend
     line = (
-        f"{D.shape[0]} atoms over {enc['n_docs']} docs (D={dim}, {cfg.backend}): objective {enc['objective']:.4f}, "
+        f"{D.shape[0]} atoms over {enc['n_docs']} docs (D={dim}, {fit}): objective {enc['objective']:.4f}, "
         f"FVU {enc['fvu']:.3f}, L0 {enc['l0_mean']:.1f}/doc, {enc['dead_atoms']} dead, coherence max {coh['max']:.3f}"
     )
     if stability:
