@@ -872,12 +872,13 @@ def test_the_stage_resolves_auto_batches_per_backend_and_fingerprints_the_rows(t
     assert _fingerprint(c, 0, pieces, 4) != _fingerprint(fixed, 0, pieces, 4)
 
 
-def _feature_subsampling_experiment():
+def _experiment(name: str):
+    """A script of docs/experiments/ as a module (they sit outside the package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "feature_subsampling.py"
-    spec = importlib.util.spec_from_file_location("feature_subsampling", path)
+    path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -889,7 +890,7 @@ def test_feature_subsampling_experiment_sweep_is_the_atom_by_atom_loop_and_it_ru
     variants fit a small planted set and lower the objective."""
     from ga_ray.atoms.online import update_dictionary_reference
 
-    exp = _feature_subsampling_experiment()
+    exp = _experiment("feature_subsampling")
     rng = np.random.default_rng(0)
     K, P = 20, 30
     D = rng.standard_normal((K, P)).astype(np.float32)
@@ -915,13 +916,7 @@ def test_feature_subsampling_experiment_sweep_is_the_atom_by_atom_loop_and_it_ru
 def test_screening_potential_experiment_runs_and_its_exact_bound_is_the_tighter():
     """The measurement behind the screening lever in docs/benchmarks.md runs on a small planted set; the
     exact-drift bound certifies at least what the summed-drift bound does (triangle inequality)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "screening_potential.py"
-    spec = importlib.util.spec_from_file_location("screening_potential", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("screening_potential")
     X, _, _ = planted_atoms(400, 48, 12, seed=0)
     shares = mod.screenable_shares(X, 12, 0.1, 100, 3)
     assert [r["epoch"] for r in shares] == [2, 3]

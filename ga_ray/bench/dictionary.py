@@ -67,11 +67,13 @@ def exact_scores(X: np.ndarray, D: np.ndarray, alpha: float, tol: float = 1e-6, 
 def _settings(n_atoms: int, alpha: float, n_rows: int, **kw: Any) -> FitSettings:
     """The stage's default settings (one place defines them, the batch included) at this benchmark's K,
     alpha and rows."""
+    from dataclasses import replace
+
     from ga_ray.config import DictionaryConfig
     from ga_ray.atoms.stage import fit_settings
 
     c = DictionaryConfig().model_copy(update={"n_atoms": n_atoms, "alpha": alpha})
-    return FitSettings(**{**fit_settings(c, c.seed, n_rows).__dict__, **kw})
+    return replace(fit_settings(c, c.seed, n_rows), **kw)
 
 
 def _heldout_fraction() -> float:

@@ -252,13 +252,14 @@ def main(quick: bool = False, **opts: Any) -> dict[str, Any]:
             init_ray(RayConfig(address=opts.get("address")))
             for w, ray_train in stage_runs(workers):
                 s = _run_stage(world, data_dir, tmp, w, cpus_per_worker, batch_size, max_tokens, top_k, ray_train=ray_train)
-                if s.get("in_driver") and ray_train:
+                in_driver = bool(s.get("in_driver"))
+                if in_driver and ray_train:
                     raise RuntimeError("factors.in_driver_max_docs=0 did not force Ray Train")
                 t = s["timings"]
-                stage[f"{w}_{'driver' if s.get('in_driver') else 'train'}"] = {**t, "in_driver": bool(s.get("in_driver"))}
+                stage[f"{w}_{'driver' if in_driver else 'train'}"] = {**t, "in_driver": in_driver}
                 factor_rows.append(
                     {
-                        "run": stage_label(bool(s.get("in_driver")), cpus_per_worker),
+                        "run": stage_label(in_driver, cpus_per_worker),
                         "workers": w,
                         "covariance_pass_s": t.get("covariance_pass_s"),
                         "eigendecomposition_s": t.get("eigendecomposition_s"),
