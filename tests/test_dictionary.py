@@ -778,21 +778,29 @@ def test_bench_quick_reports_both_methods_on_the_same_judge():
     assert len(r["step_cost"]["rows"]) == 4
     f = p["floor"]
     assert f["gemm_gflops"] > 0 and f["floor_s"] > 0 and f["over_floor"] == pytest.approx(f["s_per_epoch"] / f["floor_s"])
-    assert f["gemm_gflops_one_core"] > 0 and f["floor_cpu_s"] == pytest.approx(f["floor_s"] * f["gemm_gflops"] / f["gemm_gflops_one_core"])
+    from ga_ray.bench.dictionary import epoch_floor_s
+
+    low1 = f["bf16_gemm_gflops_one_core"] * 1e9 if f["bf16_gemm_gflops_one_core"] else None
+    assert (low1 is not None) == (p["ours"]["matmul_precision"] == "bfloat16")  # the floor at the rates of the products as run
+    assert f["gemm_gflops_one_core"] > 0 and f["floor_cpu_s"] == pytest.approx(epoch_floor_s(300, 64, 12, 256, f["gemm_gflops_one_core"] * 1e9, low1))
     assert f["over_floor_cpu"] == pytest.approx(f["cpu_s_per_epoch"] / f["floor_cpu_s"])
+    if p["ours"]["matmul_precision"] == "bfloat16":  # the float32 control, judged the same way
+        assert p["ours_float32"]["objective"] > 0 and p["cpu_ratio_float32"] == pytest.approx(p["sklearn"]["cpu_s"] / p["ours_float32"]["cpu_s"])
     c = p["ceiling"]["to_sklearn_objective"]
     steps = p["ours_until_sklearn_objective"]["steps"]
     assert c["epochs"] == pytest.approx(steps / math.ceil(300 / 256)) and c["ratio"] == pytest.approx(p["sklearn"]["cpu_s"] / c["floor_cpu_s"])
 
 
 def test_cpu_ceiling_counts_the_dense_products_our_learner_runs():
-    from ga_ray.bench.dictionary import cpu_ceiling, dense_products_flop
+    from ga_ray.bench.dictionary import cpu_ceiling, dense_products_cpu_s
 
     # N=1000 rows in batches of 256: 4 steps. X·Dᵀ: 2·N·K·D flop; per step the Gram as a symmetric
-    # rank-k update (K²·D, half a GEMM's) and the sweep's A·D (2·K²·D).
+    # rank-k update (K²·D, half a GEMM's, always float32) and the sweep's A·D (2·K²·D).
     N, D, K = 1000, 30, 7
     by_hand = 2 * N * K * D + 4 * (K * K * D + 2 * K * K * D)
-    assert dense_products_flop(N, D, K, 256) == by_hand
+    assert dense_products_cpu_s(N, D, K, 256, 1.0) == by_hand
+    # bfloat16 products at 3 flop/s: X·Dᵀ and A·D at that rate, the Gram at float32's 1
+    assert dense_products_cpu_s(N, D, K, 256, 1.0, 3.0) == pytest.approx((2 * N * K * D + 4 * 2 * K * K * D) / 3.0 + 4 * K * K * D)
     c = cpu_ceiling(10.0, 2.5, N, D, K, 256, 4.0)  # 2.5 epochs at 4 flop/s against 10 s
     assert c["floor_cpu_s"] == pytest.approx(2.5 * by_hand / 4.0) and c["ratio"] == pytest.approx(10.0 / (2.5 * by_hand / 4.0))
 
@@ -806,6 +814,8 @@ def test_epoch_floor_counts_every_gemm_of_an_epoch():
     by_hand = 2 * (2 * N * K * D) + 4 * 2 * (2 * K * K * D)
     assert epoch_floor_s(N, D, K, 256, 1.0) == by_hand
     assert epoch_floor_s(N, D, K, 256, 2.0) == by_hand / 2
+    # bfloat16 products at 4 flop/s: all but the Gram at that rate
+    assert epoch_floor_s(N, D, K, 256, 1.0, 4.0) == pytest.approx((by_hand - 4 * 2 * K * K * D) / 4.0 + 4 * 2 * K * K * D)
 
 
 def test_forget_exponent_reaches_the_learner_and_the_stage_fingerprint(tmp_path):

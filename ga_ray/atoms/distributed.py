@@ -62,6 +62,7 @@ class RayPool:
         use_gpu: bool = False,
         cpus_per_worker: float = 1.0,
         num_threads: int | None = None,
+        matmul_precision: str = "float32",
     ):
         import ray
 
@@ -72,6 +73,7 @@ class RayPool:
             "lasso_max_iter": lasso_max_iter,
             "device": "cuda" if use_gpu else "cpu",
             "num_threads": num_threads or max(1, int(cpus_per_worker)),
+            "matmul_precision": matmul_precision,
         }
         self.actors = [
             actor_cls.options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0).remote(pieces, plan, r, world, alpha, dict(opts))

@@ -185,7 +185,13 @@ def _scale_and_add_sparse_stats(A: np.ndarray, Bt: np.ndarray, C: np.ndarray, X:
 
 
 def update_dictionary(
-    D: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, block: int = 16, super_block: int = 128, skip: torch.Tensor | None = None
+    D: torch.Tensor,
+    A: torch.Tensor,
+    Bt: torch.Tensor,
+    block: int = 16,
+    super_block: int = 128,
+    skip: torch.Tensor | None = None,
+    precision: torch.dtype | None = None,
 ) -> None:
     """One Gauss–Seidel BCD sweep over the atoms, in place (scikit-learn's `_update_dict` with A, B).
 
@@ -199,6 +205,9 @@ def update_dictionary(
     2|J| with norms from the small Gram matrix V Vᵀ (float64), and the block's new atoms are
     materialised by one more GEMM. V is one buffer, so each of the two is a single product. Same result as the atom-by-atom loop up to rounding, without K
     passes over P-long vectors.
+
+    `precision` (bfloat16; `ga_ray.atoms.precision`): each R_S's large product in that type
+    (`_rounded_residual`); the rest of the sweep, and D itself, stay in D's dtype.
     """
     K = D.shape[0]
     diag = A.diagonal().double().cpu().numpy()
@@ -218,11 +227,15 @@ def update_dictionary(
     dS = np.empty((min(super_block, K), P), Dw.dtype) if on_numpy else torch.empty(min(super_block, K), P, dtype=D.dtype, device=D.device)
     V = np.empty((2 * block, P), Dw.dtype) if on_numpy else torch.empty(2 * block, P, dtype=D.dtype, device=D.device)
     recurrence = _block_recurrence if HAVE_NUMBA else _block_recurrence_numpy
+    D_low = D.to(precision) if precision is not None else None  # rows refreshed as their super-block changes
     for s0 in range(0, K, super_block):
         s1 = min(K, s0 + super_block)
         if not live_all[s0:s1].any():
             continue
-        RS = Bw[s0:s1] - large(Aw[s0:s1], Dw, macs=(s1 - s0) * K * P)  # B_S − A_S D with the current D
+        if D_low is None:
+            RS = Bw[s0:s1] - large(Aw[s0:s1], Dw, macs=(s1 - s0) * K * P)  # B_S − A_S D with the current D
+        else:
+            RS = _rounded_residual(Bw, Aw, Dw, D_low, diag, s0, s1)
         for j0 in range(s0, s1, block):
             j1 = min(s1, j0 + block)
             b = j1 - j0
@@ -245,6 +258,23 @@ def update_dictionary(
             dSJ = dS[j0 - s0 : j1 - s0]
             dSJ[...] = dt @ Vb  # the new atoms' changes: delta · V
             DJ += dSJ
+        if D_low is not None:
+            D_low[s0:s1] = torch.as_tensor(Dw[s0:s1]).to(D_low.dtype)
+
+
+def _rounded_residual(B, A, D, D_low: torch.Tensor, diag: np.ndarray, s0: int, s1: int):
+    """B_S − A_S·D with the off-diagonal part of A_S and D rounded to D_low's type (one product), and
+    the diagonal term A_kk·d_k in D's own type. That term is most of A_S·D and near convergence nearly
+    cancels B_S, so rounding it would put noise of 2⁻⁹ of each atom into each update; the off-diagonal
+    part (co-used atoms) is much smaller, and so is its rounding error. Arrays or tensors, like the sweep's."""
+    As = torch.as_tensor(A[s0:s1])
+    A_off = As.to(D_low.dtype)
+    A_off[:, s0:s1].diagonal().zero_()
+    Dt = torch.as_tensor(D)
+    with gemm(A_off.shape[0] * A_off.shape[1] * Dt.shape[1]):
+        R = torch.as_tensor(B[s0:s1]) - (A_off @ D_low).to(Dt.dtype)
+    R -= torch.as_tensor(diag[s0:s1], dtype=Dt.dtype, device=Dt.device)[:, None] * Dt[s0:s1]
+    return R.numpy() if isinstance(D, np.ndarray) else R
 
 
 @njit(cache=True, nogil=True)
@@ -436,12 +466,14 @@ def online_step(
     block: int = 16,
     dup_threshold: float | None = 0.99,
     forget_exponent: float = 1.0,
+    precision: torch.dtype | None = None,
 ) -> tuple[StepResult, torch.Tensor]:
     """Update statistics and dictionary from one coded batch; returns (result, new Gram matrix).
 
     X: the batch rows (normalised), C: their codes against `state.D`, rec/l1: per-row ½‖x − cD‖² and
     α‖c‖₁. Order: statistics (forgetting weights, `update_stats`), dead atoms (A_kk ≤ 1e-6) replaced by the worst
     reconstructed rows, one BCD sweep, then atoms duplicating another (|cos| > dup_threshold) replaced.
+    `precision`: the sweep's large products (`update_dictionary`); the Gram matrix is always exact.
     """
     n = X.shape[0]
     cost = float((rec.sum() + l1.sum()) / n)
@@ -449,7 +481,7 @@ def online_step(
     used: set[int] = set()
     dead = torch.nonzero(state.A.diagonal() <= DEAD_THRESHOLD).squeeze(1)
     dead_done = resample_atoms(state, dead, X, rec, used)
-    update_dictionary(state.D, state.A, state.Bt, block=block)
+    update_dictionary(state.D, state.A, state.Bt, block=block, precision=precision)
     G = gram(state.D)
     dup_done: list[int] = []
     if dup_threshold is not None:

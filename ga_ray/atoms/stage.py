@@ -42,6 +42,7 @@ from ga_ray.atoms.io import (
     write_dictionary,
 )
 from ga_ray.atoms.online import OnlineState, mutual_coherence
+from ga_ray.atoms.precision import precision_name, product_dtype
 from ga_ray.atoms.stream import BlockCoder, StreamPlan
 from ga_ray.atoms.trainer import AUTO_BATCH_MIN, FitResult, FitSettings, LocalPool, TrainerState, fit, resolve_batch_size
 from ga_ray.context import StageContext
@@ -98,16 +99,20 @@ def fit_settings(cfg: DictionaryConfig, seed: int, n_rows: int) -> FitSettings:
         stop_on=cfg.stop_on,
         warm_start=cfg.warm_start,
         forget_exponent=cfg.forget_exponent,
+        matmul_precision=cfg.matmul_precision,
     )
 
 
-def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int) -> str:
+def _fingerprint(cfg: DictionaryConfig, seed: int, pieces: list, dim: int, device: str = "cpu") -> str:
     keys = (
         "n_atoms alpha batch_size max_epochs tol patience heldout_fraction lasso_tol lasso_max_iter init "
         "eval_every heldout_max_rows shuffle_buffer_mb max_piece_rows dup_threshold stop_on warm_start forget_exponent"
     ).split()
     data = {k: getattr(cfg, k) for k in keys}
     data["batch_size"] = batch_rows(cfg, sum(p.n_rows for p in pieces))  # `auto` as the rows it resolves to
+    # `auto` as the type it resolves to on the driver's device (a checkpoint moved to other hardware is
+    # resumed only when the products run alike)
+    data["matmul_precision"] = precision_name(product_dtype(cfg.matmul_precision, device))
     files = sorted({p.path for p in pieces})
     data.update(seed=seed, dim=dim, pieces=[(Path(p.path).name, p.row_group, p.start, p.n_rows) for p in pieces])
     data["sizes"] = [Path(f).stat().st_size for f in files]
@@ -138,7 +143,7 @@ def fit_torch(
     # the driver sums the workers' statistics and updates the atoms on ITS device: a GPU cluster's head node
     # often has none (the actors get theirs from the plan)
     device = workers.device if cuda_available() else "cpu"
-    fp = _fingerprint(cfg, seed, pieces, dim)
+    fp = _fingerprint(cfg, seed, pieces, dim, device)
     resume = None
     on_ckpt: Callable[[OnlineState, TrainerState], None] | None = None
     if out_dir is not None:
@@ -161,7 +166,9 @@ def fit_torch(
     if workers.runs_in_driver(size, in_driver_bytes(cfg)):
         # small gradients: the one coder in the driver (the same BlockCoder the actor would run), no actor to start
         log.info("atoms: %.1f MB of gradients: the learner codes them in the driver (dictionary.in_driver_mb = %g)", size / 2**20, cfg.in_driver_mb)
-        coder = BlockCoder(ParquetPieceReader(pieces), plan, 0, 1, cfg.alpha, lasso_tol=cfg.lasso_tol, lasso_max_iter=cfg.lasso_max_iter)
+        coder = BlockCoder(
+            ParquetPieceReader(pieces), plan, 0, 1, cfg.alpha, lasso_tol=cfg.lasso_tol, lasso_max_iter=cfg.lasso_max_iter, matmul_precision=cfg.matmul_precision
+        )
         pool = LocalPool([coder])
     else:
         pool = RayPool(
@@ -174,6 +181,7 @@ def fit_torch(
             use_gpu=workers.use_gpu,
             cpus_per_worker=workers.cpus_per_worker,
             num_threads=workers.torch_threads,
+            matmul_precision=cfg.matmul_precision,
         )
     bar = tqdm(desc=f"atoms (seed {seed})", unit="step", disable=not progress)
     try:
@@ -208,6 +216,7 @@ def _training_summary(r: FitResult, plan: StreamPlan) -> dict[str, Any]:
         "heldout_rows": int(len(plan.heldout)),
         "train_rows": int(plan.n_train),
         "batch_size": plan.batch_size,
+        "matmul_precision": r.matmul_precision,
         "dead_atoms_resampled": r.state.n_dead_resampled,
         "duplicate_atoms_resampled": r.state.n_dup_resampled,
         "unconverged_coder_rows": r.n_unconverged_rows,
@@ -333,6 +342,8 @@ def run_atoms(ctx: StageContext) -> dict[str, Any]:
     for i in range(len(seeds)):
         remove_checkpoint(out, "checkpoint" if i == 0 else f"checkpoint_seed{i}")
     fit = f"{cfg.backend}, {training['steps']} steps of {training['batch_size']} rows" if "batch_size" in training else cfg.backend
+    if training.get("matmul_precision") == "bfloat16":
+        fit += ", bfloat16 products"
     line = (
         f"{D.shape[0]} atoms over {enc['n_docs']} docs (D={dim}, {fit}): objective {enc['objective']:.4f}, "
         f"FVU {enc['fvu']:.3f}, L0 {enc['l0_mean']:.1f}/doc, {enc['dead_atoms']} dead, coherence max {coh['max']:.3f}"

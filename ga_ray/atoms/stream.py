@@ -30,6 +30,7 @@ import torch
 from ga_ray.atoms import warm as warm_codes
 from ga_ray.atoms.compiled import HAVE_NUMBA, njit
 from ga_ray.atoms.lasso import lasso_gram, row_objective
+from ga_ray.atoms.precision import product_dtype
 from ga_ray.atoms.threads import matmul
 
 # A piece reader: piece index → (doc_ids int64 [n], Z float32 [n, P]) of that piece, in stored order.
@@ -184,6 +185,7 @@ class BlockCoder:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         num_threads: int | None = None,
+        matmul_precision: str = "float32",
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -196,6 +198,8 @@ class BlockCoder:
         self.max_iter = lasso_max_iter
         self.device = torch.device(device)
         self.dtype = dtype
+        # the correlations X·Dᵀ in bfloat16 where that is native (`ga_ray.atoms.precision`)
+        self.product_dtype = product_dtype(matmul_precision, self.device)
         self._windows: dict[tuple[int, int], tuple[Window, np.ndarray, torch.Tensor]] = {}
         self._spare: np.ndarray | None = None
         self._epoch_windows: dict[int, list[Window]] = {}
@@ -308,7 +312,7 @@ class BlockCoder:
 
     def _code(self, X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, init: torch.Tensor | None = None):
         # no float64 G here: the compiled coder reads G as it is, the batched one converts it itself
-        Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1])
+        Bx = matmul(X, D.T, macs=X.shape[0] * D.shape[0] * D.shape[1], precision=self.product_dtype)
         C, info = lasso_gram(G, Bx, self.alpha, tol=self.tol, max_iter=self.max_iter, init=init)
         sq = (X * X).sum(1)
         rec, l1 = row_objective(C, G, Bx, sq, self.alpha, quad=info.quad)

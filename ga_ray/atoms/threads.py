@@ -75,8 +75,11 @@ def parallel(macs: float | None) -> bool:
     return _gemm_threads > 1 and (macs is None or macs >= GEMM_PARALLEL_MIN)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None, precision: torch.dtype | None = None) -> torch.Tensor:
     """a @ b for the learner's large products.
+
+    `precision` (bfloat16, from `ga_ray.atoms.precision.product_dtype`): both operands rounded to it,
+    the product in torch (`rounded_matmul`). Otherwise:
 
     Inside `small_ops()` on CPU: numpy's BLAS (views, no copies; `a @ a.T` becomes a symmetric rank-k
     update), on all threads when `parallel(macs)`. Measured on a 2-core AMD EPYC against torch's MKL at
@@ -84,10 +87,19 @@ def matmul(a: torch.Tensor, b: torch.Tensor, macs: float | None = None) -> torch
     torch's is not (256×800·800×500: 0.96 vs 5.3 ms). torch is then single-threaded throughout, so the
     two libraries' thread pools never run side by side. Elsewhere: torch, under `gemm(macs)`.
     """
+    if precision is not None and precision != a.dtype:
+        return rounded_matmul(a, b, precision, macs)
     if uses_numpy(a) and b.dtype == a.dtype and b.device == a.device:
         return torch.from_numpy(blas_matmul(a.detach().numpy(), b.detach().numpy(), macs))
     with gemm(macs):
         return a @ b
+
+
+def rounded_matmul(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype, macs: float | None = None) -> torch.Tensor:
+    """a @ b with both operands rounded to `precision`, the result (rounded to `precision` by torch's
+    kernels) returned in a's dtype; on all threads for a large product (`gemm`)."""
+    with gemm(macs):
+        return (a.to(precision) @ b.to(precision)).to(a.dtype)
 
 
 def blas_matmul(a: np.ndarray, b: np.ndarray, macs: float | None = None) -> np.ndarray:

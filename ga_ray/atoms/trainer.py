@@ -40,6 +40,7 @@ from ga_ray.atoms.online import (
     init_dictionary_svd,
     online_step,
 )
+from ga_ray.atoms.precision import precision_name, product_dtype
 from ga_ray.atoms.stream import BlockCoder, CodedPart, StreamPlan
 from ga_ray.atoms.threads import small_ops
 
@@ -142,6 +143,10 @@ class FitSettings:
     forget_exponent: float = 4.0
     """ρ of the statistics' forgetting weights (`online.update_stats`; 1: scikit-learn's exactly; the
     default is the stage's, `DictionaryConfig.forget_exponent`)."""
+    matmul_precision: str = "float32"
+    """The driver's sweep products and (through `learn_dictionary`) the coders' correlations:
+    `float32`, `bfloat16`, or `auto` (bfloat16 where native; `ga_ray.atoms.precision`). Float32 here, the
+    exact reference; the stage's default is `auto` (`DictionaryConfig.matmul_precision`)."""
 
 
 @dataclass
@@ -154,6 +159,8 @@ class FitResult:
     steps: int
     epochs: float
     n_unconverged_rows: int = 0
+    matmul_precision: str = "float32"
+    """The driver's sweep products as run (`auto` resolved on its device)."""
 
 
 @dataclass
@@ -222,6 +229,7 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         width = warm_codes.store_width(plan.n_rows, s.n_atoms)
         state.warm = warm_codes.empty_store(plan.n_rows, width) if width else None
     G = gram(state.D)
+    precision = product_dtype(s.matmul_precision, device)
     timings["init_s"] += time.perf_counter() - t0
     spe = plan.steps_per_epoch
     max_steps = max(1, math.ceil(s.max_epochs * spe))
@@ -252,7 +260,7 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         if state.warm is not None:
             warm_codes.put(*state.warm, ids, C.cpu().numpy())
         ts.n_unconverged_rows += unconv
-        result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold, forget_exponent=s.forget_exponent)
+        result, G = online_step(state, X, C, rec, l1, block=s.block, dup_threshold=s.dup_threshold, forget_exponent=s.forget_exponent, precision=precision)
         ts.cost_sum += result.batch_cost * result.n_rows
         ts.cost_rows += result.n_rows
         ts.recent.append([result.batch_cost * result.n_rows, float(result.n_rows)])
@@ -319,6 +327,7 @@ def _fit(pool, plan, s, *, dtype, device, resume, on_checkpoint, on_step, progre
         steps=state.step,
         epochs=state.step / spe,
         n_unconverged_rows=ts.n_unconverged_rows,
+        matmul_precision=precision_name(precision),
     )
 
 
@@ -398,7 +407,9 @@ def learn_dictionary(
     )
     reader = tensor_reader(Z, pieces)
     coders = [
-        BlockCoder(reader, plan, r, world, s.alpha, lasso_tol=lasso_tol, lasso_max_iter=lasso_max_iter, device=device, dtype=dtype)
+        BlockCoder(
+            reader, plan, r, world, s.alpha, lasso_tol=lasso_tol, lasso_max_iter=lasso_max_iter, device=device, dtype=dtype, matmul_precision=s.matmul_precision
+        )
         for r in range(world)
     ]
     return fit(LocalPool(coders), plan, s, dtype=dtype, device=device, **fit_kwargs)

@@ -137,19 +137,23 @@ def _ours_until(X: np.ndarray, s: FitSettings, target: float, alpha: float) -> d
     }
 
 
-def epoch_floor_s(n_rows: int, dim: int, n_atoms: int, batch: int, rate: float) -> float:
-    """Seconds of one epoch's GEMM work at `rate` flop/s (see the module docstring for the terms)."""
+def epoch_floor_s(n_rows: int, dim: int, n_atoms: int, batch: int, rate: float, rate_low: float | None = None) -> float:
+    """Seconds of one epoch's GEMM work at `rate` flop/s (see the module docstring for the terms);
+    `rate_low`: the rate of the products that ran in bfloat16 (the correlations and the sweep's A·D)."""
     steps = math.ceil(n_rows / batch)
-    return (2 * 2.0 * n_rows * n_atoms * dim + steps * 2 * 2.0 * n_atoms * n_atoms * dim) / rate
+    low = rate_low or rate
+    return (2 * 2.0 * n_rows * n_atoms * dim + steps * 2.0 * n_atoms * n_atoms * dim) / low + steps * 2.0 * n_atoms * n_atoms * dim / rate
 
 
-def dense_products_flop(n_rows: int, dim: int, n_atoms: int, batch: int) -> float:
-    """flop of one epoch of the dense products our learner cannot skip, as it runs them: X·Dᵀ for the
-    coder (2·N·K·D), and per step the Gram matrix as a symmetric rank-k update (K²·D) and the sweep's
-    B − A·D (2·K²·D). The statistics' sparse products and the sweep's small in-block products are left
-    out, so time at this count is a lower bound on any run of the same algorithm."""
+def dense_products_cpu_s(n_rows: int, dim: int, n_atoms: int, batch: int, rate: float, rate_low: float | None = None) -> float:
+    """CPU seconds of one epoch of the dense products our learner cannot skip, as it runs them: X·Dᵀ for
+    the coder (2·N·K·D) and the sweep's A·D (2·K²·D per step), at `rate_low` when they ran in bfloat16,
+    and the Gram matrix as a symmetric rank-k update (K²·D per step, float32) at `rate`. The statistics'
+    sparse products and the sweep's small in-block products are left out, so time at this count is a
+    lower bound on any run of the same algorithm."""
     steps = math.ceil(n_rows / batch)
-    return 2.0 * n_rows * n_atoms * dim + steps * 3.0 * n_atoms * n_atoms * dim
+    low = rate_low or rate
+    return (2.0 * n_rows * n_atoms * dim + steps * 2.0 * n_atoms * n_atoms * dim) / low + steps * n_atoms * n_atoms * dim / rate
 
 
 def numpy_gemm_rate(n_rows: int, dim: int, n_atoms: int, threads: int) -> float:
@@ -170,11 +174,23 @@ def numpy_gemm_rate(n_rows: int, dim: int, n_atoms: int, threads: int) -> float:
     return 2.0 * a.shape[0] * dim * n_atoms / statistics.median(times)
 
 
-def cpu_ceiling(sklearn_cpu_s: float, epochs: float, n_rows: int, dim: int, n_atoms: int, batch: int, rate_one_core: float) -> dict[str, float]:
+def cpu_ceiling(sklearn_cpu_s: float, epochs: float, n_rows: int, dim: int, n_atoms: int, batch: int, rate_one_core: float, rate_low_one_core: float | None = None) -> dict[str, float]:
     """The best CPU-time ratio against scikit-learn our algorithm could reach in `epochs` on this CPU:
-    scikit-learn's CPU seconds over `epochs` × one epoch's unavoidable dense products at one core's rate."""
-    floor_cpu_s = epochs * dense_products_flop(n_rows, dim, n_atoms, batch) / rate_one_core
+    scikit-learn's CPU seconds over `epochs` × one epoch's unavoidable dense products at one core's rates."""
+    floor_cpu_s = epochs * dense_products_cpu_s(n_rows, dim, n_atoms, batch, rate_one_core, rate_low_one_core)
     return {"epochs": epochs, "floor_cpu_s": floor_cpu_s, "ratio": sklearn_cpu_s / floor_cpu_s if floor_cpu_s > 0 else float("inf")}
+
+
+def bf16_gemm_rate(n_rows: int, dim: int, n_atoms: int, threads: int) -> float:
+    """torch's bfloat16 GEMM rate (flop/s) at the correlations' shape on `threads` threads."""
+    from ga_ray.bench.gpu import gemm_rate
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return gemm_rate(min(n_rows, 4096), dim, n_atoms, torch.device("cpu"), torch.bfloat16)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _gemm_rate(n_rows: int, dim: int, n_atoms: int) -> float:
@@ -206,6 +222,7 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         "steps": r.steps,
         "epochs": round(r.epochs, 3),
         "batch_size": s.batch_size,
+        "matmul_precision": r.matmul_precision,
         "stop_reason": r.stop_reason,
         **ours,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
@@ -221,17 +238,32 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         **exact_scores(X, r1.state.D.cpu().numpy(), alpha),
         "recovery_0.9": recovery(r1.state.D.cpu().numpy(), truth) if truth is not None else None,
     }
+    if r.matmul_precision == "bfloat16":
+        # the control: the same settings with float32 products (what `matmul_precision: float32` runs)
+        t32, c32, r32 = _run_ours(X, FitSettings(**{**s.__dict__, "matmul_precision": "float32"}))
+        out["ours_float32"] = {
+            "wall_s": t32,
+            "cpu_s": c32,
+            "steps": r32.steps,
+            "epochs": round(r32.epochs, 3),
+            **exact_scores(X, r32.state.D.cpu().numpy(), alpha),
+            "recovery_0.9": recovery(r32.state.D.cpu().numpy(), truth) if truth is not None else None,
+        }
     rate = _gemm_rate(*X.shape, n_atoms)
     rate1 = numpy_gemm_rate(*X.shape, n_atoms, threads=1)
+    low = r.matmul_precision == "bfloat16"
+    rate_low = bf16_gemm_rate(*X.shape, n_atoms, torch.get_num_threads()) if low else None
+    rate_low1 = bf16_gemm_rate(*X.shape, n_atoms, 1) if low else None
     s_per_epoch = statistics.median(t / max(x.epochs, 1e-9) for t, x in zip(times, runs))
     cpu_s_per_epoch = statistics.median(c / max(x.epochs, 1e-9) for c, x in zip(cpus, runs))
-    floor = epoch_floor_s(X.shape[0], X.shape[1], n_atoms, s.batch_size, rate)
+    floor = epoch_floor_s(X.shape[0], X.shape[1], n_atoms, s.batch_size, rate, rate_low)
     # the same work in CPU seconds, at one core's rate: products under threads.GEMM_PARALLEL_MIN multiply-adds
     # run on one thread by design, so on small D an epoch's wall time sits near this floor, not the one above
-    floor_cpu = epoch_floor_s(X.shape[0], X.shape[1], n_atoms, s.batch_size, rate1)
+    floor_cpu = epoch_floor_s(X.shape[0], X.shape[1], n_atoms, s.batch_size, rate1, rate_low1)
     out["floor"] = {"gemm_gflops": rate / 1e9, "s_per_epoch": s_per_epoch, "floor_s": floor, "over_floor": s_per_epoch / floor,
                     "gemm_gflops_one_core": rate1 / 1e9, "cpu_s_per_epoch": cpu_s_per_epoch, "floor_cpu_s": floor_cpu,
-                    "over_floor_cpu": cpu_s_per_epoch / floor_cpu}
+                    "over_floor_cpu": cpu_s_per_epoch / floor_cpu,
+                    "bf16_gemm_gflops": rate_low / 1e9 if low else None, "bf16_gemm_gflops_one_core": rate_low1 / 1e9 if low else None}
     if not skip_sklearn:
         t_sk, c_sk, D_sk, steps_sk = _run_sklearn(X, n_atoms, alpha, threads)
         sk = exact_scores(X, D_sk, alpha)
@@ -239,6 +271,8 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         out["ratio_default"] = t_sk / out["ours"]["wall_s"]
         out["cpu_ratio_default"] = c_sk / out["ours"]["cpu_s"]
         out["cpu_ratio_forget_1"] = c_sk / c1
+        if "ours_float32" in out:
+            out["cpu_ratio_float32"] = c_sk / out["ours_float32"]["cpu_s"]
         until = _ours_until(X, s, sk["objective"], alpha)
         out["ours_until_sklearn_objective"] = until
         out["ratio_to_sklearn_objective"] = t_sk / until["wall_s"] if until["reached"] else None
@@ -247,8 +281,9 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         n_train = int(X.shape[0] * (1 - _heldout_fraction()))
         out["ceiling"] = {
             "gemm_gflops_one_core": rate1 / 1e9,
-            "default_stop": cpu_ceiling(c_sk, out["ours"]["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1),
-            "to_sklearn_objective": cpu_ceiling(c_sk, until["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1) if until["reached"] else None,
+            "bf16_gemm_gflops_one_core": rate_low1 / 1e9 if low else None,
+            "default_stop": cpu_ceiling(c_sk, out["ours"]["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1, rate_low1),
+            "to_sklearn_objective": cpu_ceiling(c_sk, until["epochs"], n_train, X.shape[1], n_atoms, s.batch_size, rate1, rate_low1) if until["reached"] else None,
         }
     return out
 
@@ -354,15 +389,19 @@ def _print(res: dict[str, Any]) -> None:
         rows.append({"method": "ours (default stop)", "wall_s": o["wall_s"], "ratio": c.get("ratio_default"), "cpu_s": o["cpu_s"], "cpu_ratio": c.get("cpu_ratio_default"), "steps": o["steps"], "objective": o["objective"], "dead": o["dead_atoms"], "recovery": o["recovery_0.9"]})
         f1 = c["ours_forget_1"]
         rows.append({"method": "ours, rho = 1 (sklearn's weights)", "wall_s": f1["wall_s"], "ratio": c["sklearn"]["wall_s"] / f1["wall_s"] if "sklearn" in c else None, "cpu_s": f1["cpu_s"], "cpu_ratio": c.get("cpu_ratio_forget_1"), "steps": f1["steps"], "objective": f1["objective"], "dead": f1["dead_atoms"], "recovery": f1["recovery_0.9"]})
+        if "ours_float32" in c:
+            f32 = c["ours_float32"]
+            rows.append({"method": "ours, float32 products", "wall_s": f32["wall_s"], "ratio": c["sklearn"]["wall_s"] / f32["wall_s"] if "sklearn" in c else None, "cpu_s": f32["cpu_s"], "cpu_ratio": c.get("cpu_ratio_float32"), "steps": f32["steps"], "objective": f32["objective"], "dead": f32["dead_atoms"], "recovery": f32["recovery_0.9"]})
         if "ours_until_sklearn_objective" in c:
             u = c["ours_until_sklearn_objective"]
             rows.append({"method": "ours to sklearn's objective", "wall_s": u["wall_s"], "ratio": c.get("ratio_to_sklearn_objective"), "cpu_s": u["cpu_s"], "cpu_ratio": c.get("cpu_ratio_to_sklearn_objective"), "steps": u["steps"], "objective": u["objective"], "dead": "", "recovery": ""})
         print_table(f"dictionary learning, {c['data']}: N={c['n']}, D={c['dim']}, K={c['n_atoms']}, alpha={c['alpha']}; batch: ours {o['batch_size']} "
-                    f"(the stage's auto), scikit-learn 256 (ratio = sklearn time / ours)", rows)
+                    f"(the stage's auto), scikit-learn 256; our products: {o['matmul_precision']} (the stage's auto) (ratio = sklearn time / ours)", rows)
         f = c["floor"]
         print(f"  epoch floor: {f['s_per_epoch']:.2f} s per epoch against {f['floor_s']:.2f} s of GEMM work at {f['gemm_gflops']:.1f} GFLOP/s "
               f"measured now: {f['over_floor']:.1f}x the floor (goal <= 3x); in cpu time {f['cpu_s_per_epoch']:.2f} s against "
-              f"{f['floor_cpu_s']:.2f} s at one core's {f['gemm_gflops_one_core']:.0f} GFLOP/s: {f['over_floor_cpu']:.1f}x")
+              f"{f['floor_cpu_s']:.2f} s at one core's {f['gemm_gflops_one_core']:.0f} GFLOP/s: {f['over_floor_cpu']:.1f}x"
+              + (f" (bfloat16 products at {f['bf16_gemm_gflops']:.0f} GFLOP/s, {f['bf16_gemm_gflops_one_core']:.0f} on one core)" if f.get("bf16_gemm_gflops") else ""))
         if c.get("ceiling"):
             g, d, t = c["ceiling"], c["ceiling"]["default_stop"], c["ceiling"]["to_sklearn_objective"]
             line = (f"  cpu ceiling (sklearn's cpu over the epochs' unavoidable GEMM work at one core's {g['gemm_gflops_one_core']:.0f} GFLOP/s): "

@@ -349,12 +349,12 @@ def dict_settings(d: DictSizes) -> tuple[Any, dict[str, Any], str]:
     try:  # pydantic may be absent on a borrowed GPU machine: then FitSettings' and learn_dictionary's own defaults
         from ga_ray.config import DictionaryConfig
     except Exception:
-        s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=auto_batch_size(d.n_atoms, d.n_rows))
-        return s, {}, "FitSettings defaults, batch auto (ga_ray.config not importable)"
+        s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=auto_batch_size(d.n_atoms, d.n_rows), matmul_precision="auto")
+        return s, {}, "FitSettings defaults, batch auto, products auto (ga_ray.config not importable)"
     c = DictionaryConfig()
     s = FitSettings(n_atoms=d.n_atoms, alpha=d.alpha, batch_size=resolve_batch_size(c.batch_size, d.n_atoms, d.n_rows), tol=c.tol, patience=c.patience, eval_every=c.eval_every,
                     init=c.init, seed=c.seed, dup_threshold=c.dup_threshold, stop_on=c.stop_on, warm_start=c.warm_start,
-                    forget_exponent=c.forget_exponent)
+                    forget_exponent=c.forget_exponent, matmul_precision=c.matmul_precision)
     kw = {"heldout_fraction": c.heldout_fraction, "heldout_max_rows": c.heldout_max_rows, "lasso_tol": c.lasso_tol, "lasso_max_iter": c.lasso_max_iter}
     return s, kw, "ga_ray.config.DictionaryConfig defaults"
 
@@ -393,7 +393,8 @@ def bench_dictionary(d: DictSizes, device: torch.device, reps: int, budget_s: fl
         if i + 1 < reps and time.perf_counter() - start > budget_s:
             break
     r = runs[-1]
-    rate = gemm_rate(min(8192, d.n_rows), d.dim, d.n_atoms, device)
+    low = r.matmul_precision == "bfloat16"  # the correlations ran in bfloat16: the floor at that rate
+    rate = gemm_rate(min(8192, d.n_rows), d.dim, d.n_atoms, device, torch.bfloat16 if low else torch.float32)
     epoch_s = statistics.median(w / max(x.epochs, 1e-9) for w, x in zip(walls, runs))
     floor_s = 2.0 * d.n_rows * d.n_atoms * d.dim / rate
     return {
@@ -415,7 +416,8 @@ def bench_dictionary(d: DictSizes, device: torch.device, reps: int, budget_s: fl
         "timings": r.timings,
         "peak_mem_mb": max(peaks),
         "gemm_flops_per_s": rate,
-        "gemm_dtype": "float32" + (f" (allow_tf32={torch.backends.cuda.matmul.allow_tf32})" if device.type == "cuda" else ""),
+        "matmul_precision": r.matmul_precision,
+        "gemm_dtype": ("bfloat16" if low else "float32") + (f" (allow_tf32={torch.backends.cuda.matmul.allow_tf32})" if device.type == "cuda" and not low else ""),
         "epoch_floor_s": floor_s,
         "epoch_over_floor": epoch_s / floor_s,
         "sklearn": "not run: scikit-learn at this size takes hours on CPU; see `ga-ray bench dictionary`",
