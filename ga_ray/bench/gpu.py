@@ -499,6 +499,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 3; 2 with --quick)")
     ap.add_argument("--parts", default="gradients,dictionary", help="comma-separated: gradients, dictionary")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds per part after which no further repetition starts (default 150; 30 with --quick); "
+                    "a dictionary epoch projected past it runs as the fraction that fits")
     ap.add_argument("--no-compile", action="store_true", help="skip the extra timing of ours with compile=True (CUDA only; compiling takes ~1 minute)")
     ap.add_argument("--json", action="store_true", help="accepted for symmetry with `ga-ray bench`: the JSON line is always printed")
     a = ap.parse_args(argv)
@@ -507,6 +509,8 @@ def cli(argv: list[str] | None = None) -> int:
         opts["reps"] = a.reps
     if a.threads is not None:
         opts["threads"] = a.threads
+    if a.budget_s is not None:
+        opts["budget_s"] = a.budget_s
     res = main(quick=a.quick, **opts)
     print(json.dumps(res, default=float))
     return 0 if not any("error" in res.get(p, {}) for p in ("gradients", "dictionary")) else 1
