@@ -550,6 +550,29 @@ def test_next_epochs_window_reuses_the_last_ones_memory(compiled, monkeypatch):
     assert pointers[0] == pointers[1] == pointers[2]  # one window per epoch, its array recycled
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_buffers_are_recycled_when_windows_differ_in_size(dtype):
+    # windows hold different numbers of rows (pieces of uneven size, held-out rows removed), and a
+    # window whose rows are copied (float64 here, a GPU in the learner) frees its host buffer at once
+    rng = np.random.default_rng(14)
+    pieces = [37, 41, 29, 43, 33, 40]
+    Z = rng.standard_normal((sum(pieces), 6)).astype(np.float32)
+    plan = StreamPlan(tuple(pieces), batch_size=16, window_rows=60, seed=2, heldout_fraction=0.1)
+    coder = BlockCoder(tensor_reader(Z, pieces), plan, 0, 1, 0.1, dtype=dtype)
+    buffers, windows = set(), set()
+    for epoch in range(3):
+        for a in range(0, plan.n_train, 16):
+            b = min(a + 16, plan.n_train)
+            _, X = coder.rows_at(epoch, a, b)
+            Zi = Z[plan.row_ids(epoch, a, b)].astype(np.float64)
+            np.testing.assert_allclose(X.double().numpy(), Zi / np.linalg.norm(Zi, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+            windows.update(coder._windows)
+            held = list(coder._window_buffers.values()) + ([coder._spare] if coder._spare is not None else [])
+            buffers.update(h.__array_interface__["data"][0] for h in held)
+    assert len(windows) >= 9
+    assert len(buffers) <= 3, (len(buffers), len(windows))
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_warm_store_keeps_each_rows_codes_and_its_largest_when_too_many(compiled, monkeypatch):
     from ga_ray.atoms import warm

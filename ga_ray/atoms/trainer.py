@@ -66,7 +66,9 @@ class LocalPool:
 
     def code(self, handle: Any, epoch: int, start: int, stop: int, warm: tuple[np.ndarray, np.ndarray] | None = None) -> list[CodedPart]:
         D, G = handle
-        return [c.code(epoch, start, stop, D, G, warm) for c in self.coders]
+        # one coder: its part is the batch, so it stays on the device (several parts are merged as numpy)
+        on_device = len(self.coders) == 1
+        return [c.code(epoch, start, stop, D, G, warm, on_device=on_device) for c in self.coders]
 
     def heldout(self, handle: Any) -> tuple[float, float, int]:
         D, G = handle
@@ -370,7 +372,8 @@ def _merge_parts(parts: list[CodedPart], device: torch.device, dtype: torch.dtyp
             warnings.simplefilter("ignore")
             return torch.as_tensor(a).to(device, dtype)
 
-    return t(X), t(C), torch.as_tensor(rec, dtype=torch.float64), torch.as_tensor(l1, dtype=torch.float64), unconv
+    # the per-row costs on the host, as before (resample_atoms reads them row by row)
+    return t(X), t(C), torch.as_tensor(rec).to("cpu", torch.float64), torch.as_tensor(l1).to("cpu", torch.float64), unconv
 
 
 def learn_dictionary(

@@ -487,7 +487,7 @@ def _print(res: dict[str, Any]) -> None:
         sz = d["sizes"]
         print_table(
             f"dictionary learner: N={sz['n_rows']}, D={sz['dim']}, K={sz['n_atoms']} (scikit-learn not run at this size)",
-            [{"s_per_epoch": d["s_per_epoch"], "floor_s": d["epoch_floor_s"], "over_floor": d["epoch_over_floor"], "gemm_tflops": d["gemm_flops_per_s"] / 1e12,
+            [{"s_per_epoch": d["s_per_epoch"], "of_it_init_s": d["timings"].get("init_s", 0.0), "floor_s": d["epoch_floor_s"], "over_floor": d["epoch_over_floor"], "gemm_tflops": d["gemm_flops_per_s"] / 1e12,
               "heldout_objective": d["heldout_objective"], "recovery": d["recovery_0.9"], "peak_mem_mb": d["peak_mem_mb"]}],
         )
 
