@@ -48,11 +48,12 @@ def test_bench_gpu_quick_runs_without_ray_and_reports():
     d = res["dictionary"]
     assert "error" not in d, d
     assert d["sizes"] == {"n_rows": 2000, "dim": 256, "n_atoms": 32, "alpha": 0.1}
-    for f in ("s_per_epoch", "epoch_floor_s", "epoch_over_floor", "gemm_flops_per_s", "heldout_objective", "peak_mem_mb"):
+    for f in ("s_per_epoch", "epoch_floor_s", "epoch_over_floor", "gemm_flops_per_s", "objective", "peak_mem_mb"):
         assert _finite_positive(d[f]), (f, d[f])
     assert d["epochs"] == pytest.approx(1.0, abs=0.02)
     assert d["epoch_floor_s"] == pytest.approx(2 * 2000 * 32 * 256 / d["gemm_flops_per_s"])
-    assert d["heldout_objective"] < 0.5  # unit rows: the empty code costs 0.5; a learnt dictionary does better
+    assert d["objective"] < 0.5  # unit rows: the empty code costs 0.5; a learnt dictionary does better
+    assert d["heldout_objective"] is None or 0 < d["heldout_objective"] < 0.5
 
 
 def test_gpu_is_a_registered_benchmark():
