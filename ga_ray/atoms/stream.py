@@ -268,9 +268,9 @@ class BlockCoder:
     def _buffer(self, n_rows: int, dim: int) -> np.ndarray:
         """A float32 array of at least n_rows × dim for a window's rows: the last dropped window's when
         it is large enough. Writing fresh memory costs a page fault per 4 KiB: on the machines we
-        measured a new epoch's window took 30-60 ms that way against 3 ms in reused memory, and on a GPU
-        machine fresh buffers were 1.07 s of a 3.9 s epoch (N 50,000, D 6,800). Windows differ by a few
-        held-out rows, so a new buffer has a quarter more rows than asked (pages never written cost nothing)."""
+        measured a new epoch's window took 30-60 ms that way against 3 ms in reused memory. Windows differ
+        by a few held-out rows, so a new buffer has a quarter more rows than asked (pages never written
+        cost nothing) and later windows fit in it."""
         spare, self._spare = self._spare, None
         if spare is not None and spare.shape[1] == dim and spare.shape[0] >= n_rows:
             return spare
