@@ -227,28 +227,18 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         **ours,
         "recovery_0.9": recovery(r.state.D.cpu().numpy(), truth) if truth is not None else None,
     }
+    def control(settings: FitSettings) -> dict[str, Any]:
+        """Our learner under `settings`: times, steps, the exact objective and recovery."""
+        tc, cc, rc = _run_ours(X, settings)
+        D = rc.state.D.cpu().numpy()
+        return {"wall_s": tc, "cpu_s": cc, "steps": rc.steps, "epochs": round(rc.epochs, 3), **exact_scores(X, D, alpha),
+                "recovery_0.9": recovery(D, truth) if truth is not None else None}
+
     # the control: the same learner and stopping rule with scikit-learn's forgetting weights (ρ = 1)
-    sk_rule = FitSettings(**{**s.__dict__, "forget_exponent": 1.0})
-    t1, c1, r1 = _run_ours(X, sk_rule)
-    out["ours_forget_1"] = {
-        "wall_s": t1,
-        "cpu_s": c1,
-        "steps": r1.steps,
-        "epochs": round(r1.epochs, 3),
-        **exact_scores(X, r1.state.D.cpu().numpy(), alpha),
-        "recovery_0.9": recovery(r1.state.D.cpu().numpy(), truth) if truth is not None else None,
-    }
+    out["ours_forget_1"] = control(FitSettings(**{**s.__dict__, "forget_exponent": 1.0}))
     if r.matmul_precision == "bfloat16":
         # the control: the same settings with float32 products (what `matmul_precision: float32` runs)
-        t32, c32, r32 = _run_ours(X, FitSettings(**{**s.__dict__, "matmul_precision": "float32"}))
-        out["ours_float32"] = {
-            "wall_s": t32,
-            "cpu_s": c32,
-            "steps": r32.steps,
-            "epochs": round(r32.epochs, 3),
-            **exact_scores(X, r32.state.D.cpu().numpy(), alpha),
-            "recovery_0.9": recovery(r32.state.D.cpu().numpy(), truth) if truth is not None else None,
-        }
+        out["ours_float32"] = control(FitSettings(**{**s.__dict__, "matmul_precision": "float32"}))
     rate = _gemm_rate(*X.shape, n_atoms)
     rate1 = numpy_gemm_rate(*X.shape, n_atoms, threads=1)
     low = r.matmul_precision == "bfloat16"
@@ -270,7 +260,7 @@ def compare(X: np.ndarray, truth: np.ndarray | None, n_atoms: int, alpha: float,
         out["sklearn"] = {"wall_s": t_sk, "cpu_s": c_sk, "steps": steps_sk, **sk, "recovery_0.9": recovery(D_sk, truth) if truth is not None else None}
         out["ratio_default"] = t_sk / out["ours"]["wall_s"]
         out["cpu_ratio_default"] = c_sk / out["ours"]["cpu_s"]
-        out["cpu_ratio_forget_1"] = c_sk / c1
+        out["cpu_ratio_forget_1"] = c_sk / out["ours_forget_1"]["cpu_s"]
         if "ours_float32" in out:
             out["cpu_ratio_float32"] = c_sk / out["ours_float32"]["cpu_s"]
         until = _ours_until(X, s, sk["objective"], alpha)
